@@ -1,0 +1,139 @@
+"""``streampetr``: the toolbox (validate, show, schema, recipes, cp, plugins, data and evaluation tools)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import List, Optional
+
+from streampetr_plugin.cli.common import exit_on_recipe_error, setup_logging
+
+
+def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe file or shipped recipe name (see `streampetr recipes`)")
+    parser.add_argument("overrides", nargs="*", help="a.b=value to set, ~a.b to delete")
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from streampetr_plugin.config.loader import load_recipe
+
+    recipe = exit_on_recipe_error(lambda: load_recipe(args.recipe, args.overrides))
+    print(f"{recipe.source}: OK ({recipe.name})")
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from streampetr_plugin.config.loader import dump_recipe, load_recipe
+
+    recipe = exit_on_recipe_error(lambda: load_recipe(args.recipe, args.overrides))
+    sys.stdout.write(dump_recipe(recipe))
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from streampetr_plugin.config.schema import Recipe
+    from streampetr_plugin.plugins import REGISTRY_KINDS, get_registries
+
+    schema = Recipe.model_json_schema()
+    registries = get_registries()
+    schema["x-components"] = {
+        kind: {
+            entry.name: entry.params.model_json_schema() if entry.params is not None else {}
+            for entry in registries.kind(kind).entries()
+        }
+        for kind in REGISTRY_KINDS
+    }
+    print(json.dumps(schema, indent=2))
+    return 0
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    import yaml
+
+    from streampetr_plugin.config.loader import RECIPE_DIR, shipped_recipes
+
+    for name in shipped_recipes():
+        data = yaml.safe_load((RECIPE_DIR / f"{name}.yaml").read_text(encoding="utf-8")) or {}
+        print(f"{name:<16} {data.get('description', '')}")
+    return 0
+
+
+def _cmd_cp(args: argparse.Namespace) -> int:
+    from streampetr_plugin.config.loader import dump_recipe, load_recipe
+
+    recipe = exit_on_recipe_error(lambda: load_recipe(args.name))
+    dest = Path(args.dest)
+    if dest.is_dir():
+        dest = dest / f"{recipe.name}.yaml"
+    if dest.exists() and not args.force:
+        print(f"{dest}: exists (use --force to overwrite)", file=sys.stderr)
+        return 1
+    dest.write_text(f"# self-contained copy of the shipped recipe {recipe.name!r}\n" + dump_recipe(recipe))
+    print(dest)
+    return 0
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from streampetr_plugin.plugins import get_plugin_host
+
+    host = get_plugin_host()
+    infos = host.infos()
+    if args.json:
+        payload = {"plugins": [asdict(info) for info in infos], "failures": [asdict(f) for f in host.failures]}
+        print(json.dumps(payload, indent=2))
+        return 0
+    for info in infos:
+        print(f"{info.name} ({info.distribution} {info.version})")
+        print(f"  hooks: {', '.join(info.hooks) or '-'}")
+        for kind, names in info.components.items():
+            if args.all or len(names) <= 8:
+                print(f"  {kind}: {', '.join(names)}")
+            else:
+                print(f"  {kind}: {', '.join(names[:8])}, ... ({len(names)}; --all lists every one)")
+    for failure in host.failures:
+        print(f"FAILED {failure.entry_point} ({failure.distribution}): {failure.error}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streampetr", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    validate = commands.add_parser("validate", help="check a recipe (exit 2 with one line per problem)")
+    _add_recipe_arguments(validate)
+    validate.set_defaults(run=_cmd_validate)
+
+    show = commands.add_parser("show", help="print the resolved recipe as YAML")
+    _add_recipe_arguments(show)
+    show.set_defaults(run=_cmd_show)
+
+    schema = commands.add_parser("schema", help="print the recipe JSON schema (for editors)")
+    schema.set_defaults(run=_cmd_schema)
+
+    recipes = commands.add_parser("recipes", help="list the shipped recipes")
+    recipes.set_defaults(run=_cmd_recipes)
+
+    cp = commands.add_parser("cp", help="copy a shipped recipe, self-contained, to DEST")
+    cp.add_argument("name")
+    cp.add_argument("dest")
+    cp.add_argument("--force", action="store_true", help="overwrite DEST")
+    cp.set_defaults(run=_cmd_cp)
+
+    plugins = commands.add_parser("plugins", help="list plugins, their hooks and components")
+    plugins.add_argument("--all", action="store_true", help="list every component")
+    plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    plugins.set_defaults(run=_cmd_plugins)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

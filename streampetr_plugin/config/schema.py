@@ -1,0 +1,186 @@
+"""The recipe schema: pydantic models for every section of a recipe file.
+
+Structure is validated here (unknown keys are errors); the options of each registered component
+(``type: <name>`` sections) are validated afterwards by the ``params`` model its plugin registered
+(``streampetr_plugin.config.loader``), because plugins may add components with their own options.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+
+NUSCENES_CLASSES = [
+    "car",
+    "truck",
+    "construction_vehicle",
+    "bus",
+    "trailer",
+    "barrier",
+    "motorcycle",
+    "bicycle",
+    "pedestrian",
+    "traffic_cone",
+]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ComponentSpec(BaseModel):
+    """A registered component: ``type`` names it, the other keys are its options."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(description="Registered component name (see `streampetr plugins`).")
+
+    def options(self) -> Dict[str, object]:
+        return dict(self.model_extra or {})
+
+
+class ModelConfig(BaseModel):
+    """The detector. Keys other than the sub-components are the detector's own options."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field("streampetr", description="Registered detector name.")
+    backbone: ComponentSpec = Field(description="Image backbone (registry: backbones).")
+    neck: ComponentSpec = Field(description="Neck (registry: necks), sized from the backbone's output_shape().")
+    roi_head: Optional[ComponentSpec] = Field(
+        None, description="2D auxiliary head (registry: heads); null disables the 2D branch."
+    )
+    head: ComponentSpec = Field(description="3D detection head (registry: heads).")
+
+    def options(self) -> Dict[str, object]:
+        return dict(self.model_extra or {})
+
+
+class DataConfig(Section):
+    class_names: List[str] = Field(
+        default_factory=lambda: list(NUSCENES_CLASSES), min_length=1, description="Detection classes, in label order."
+    )
+    train: ComponentSpec = Field(description="Training dataset (registry: datasets).")
+    val: ComponentSpec = Field(description="Evaluation dataset (registry: datasets).")
+    batch_size_per_device: int = Field(2, ge=1, description="Training frames per device and step (streams per device).")
+    val_batch_size_per_device: int = Field(1, ge=1, description="Evaluation frames per device and step.")
+    num_workers: int = Field(4, ge=0, description="DataLoader worker processes per device.")
+    pin_memory: bool = Field(True, description="Pin host memory of batches (ignored on CPU).")
+    num_train_samples: Optional[int] = Field(
+        None,
+        ge=1,
+        description="Samples per epoch for iteration accounting (the reference uses 28130); null: the dataset's length.",
+    )
+
+
+class GradClipConfig(Section):
+    max_norm: float = Field(35.0, gt=0, description="Clip the global gradient norm to this value.")
+    norm_type: float = Field(2.0, gt=0, description="Norm type of the clipped norm.")
+
+
+class AmpConfig(Section):
+    enabled: bool = Field(True, description="Mixed precision on NPU/CUDA (always fp32 on CPU).")
+    dtype: Literal["fp16", "bf16"] = Field("fp16", description="Autocast dtype.")
+    scope: Literal["backbone_neck", "full"] = Field(
+        "backbone_neck",
+        description="What runs under autocast: the reference autocasts only backbone and neck; 'full' the whole model.",
+    )
+    loss_scale: Union[Literal["dynamic"], float] = Field(
+        "dynamic", description="'dynamic' (fp16 only) or a fixed scale factor."
+    )
+    init_scale: float = Field(65536.0, gt=0, description="Initial dynamic loss scale (GradScaler's default 2^16).")
+    growth_interval: int = Field(2000, ge=1, description="Steps without overflow before the scale doubles.")
+
+
+class OptimizationConfig(Section):
+    optimizer: ComponentSpec = Field(description="Optimiser (registry: optimizers), e.g. adamw with lr, weight_decay.")
+    lr_multipliers: Dict[str, float] = Field(
+        default_factory=lambda: {"img_backbone": 0.1},
+        description="Substring of a parameter name -> learning-rate multiplier (longest matching key wins, as mmcv).",
+    )
+    grad_clip: Optional[GradClipConfig] = Field(default_factory=GradClipConfig, description="Gradient clipping; null: off.")
+    amp: AmpConfig = Field(default_factory=AmpConfig, description="Mixed precision.")
+    lr_scheduler: ComponentSpec = Field(description="Learning-rate schedule (registry: lr_schedulers).")
+
+
+class RuntimeConfig(Section):
+    epochs: Optional[int] = Field(24, ge=1, description="Training length in epochs (iteration-based, as the reference).")
+    max_iters: Optional[int] = Field(None, ge=1, description="Training length in iterations; overrides epochs.")
+    iters_per_epoch: Optional[int] = Field(
+        None, ge=1, description="Iterations per epoch; null: num_train_samples // (devices x batch_size_per_device)."
+    )
+    eval_interval: int = Field(0, ge=0, description="Evaluate every N iterations; 0: only at the end.")
+    evaluate_at_end: bool = Field(True, description="Evaluate once training finished.")
+    checkpoint_interval: Optional[int] = Field(
+        None, ge=1, description="Save a checkpoint every N iterations; null: once per epoch."
+    )
+    keep_last: int = Field(3, ge=1, description="Checkpoints kept on disk (older ones are deleted).")
+    resume: str = Field(
+        "auto", description="'auto': continue from the newest complete checkpoint in work_dir; 'none'; or a path."
+    )
+    load_from: Optional[str] = Field(
+        None, description="Pretrained or reference weights (.pth, mmcv layout or backbone-only) loaded before training."
+    )
+    log_interval: int = Field(50, ge=1, description="Log metrics every N iterations.")
+    seed: int = Field(0, ge=0, description="Random seed (all ranks).")
+    work_dir: str = Field(
+        "work_dirs/{recipe}", description="Run directory; '{recipe}' is replaced by the recipe's name."
+    )
+    tensorboard: bool = Field(False, description="Also write TensorBoard scalars (needs the tensorboard extra).")
+    progress_bar: Literal["auto", "on", "off"] = Field("auto", description="Rank-0 progress bar; 'auto': on a TTY.")
+    max_consecutive_nonfinite: int = Field(
+        20, ge=1, description="Stop with an error after this many non-finite losses in a row."
+    )
+
+
+class AdapterSwitch(BaseModel):
+    """Turn one adapter on or off; other keys are the adapter's options."""
+
+    model_config = ConfigDict(extra="allow")
+
+    enabled: bool = Field(True, description="Apply this adapter when its precheck passes.")
+
+    def options(self) -> Dict[str, object]:
+        return dict(self.model_extra or {})
+
+
+class AcceleratorConfig(Section):
+    device: Literal["auto", "npu", "cuda", "cpu"] = Field(
+        "auto", description="Device kind; 'auto' checks NPU, then CUDA, then falls back to CPU."
+    )
+    distributed_backend: Literal["auto", "hccl", "nccl", "gloo"] = Field(
+        "auto", description="torch.distributed backend; 'auto': hccl on NPU, nccl on CUDA, gloo on CPU."
+    )
+    adapters: Dict[str, AdapterSwitch] = Field(
+        default_factory=dict, description="Per-adapter switches and options (see `streampetr plugins`)."
+    )
+
+
+class Recipe(Section):
+    """A complete, validated StreamPETR recipe."""
+
+    name: str = Field(description="Recipe name (used in the run directory).")
+    description: str = Field("", description="What this recipe is for.")
+    model: ModelConfig = Field(description="The detector.")
+    data: DataConfig = Field(description="Datasets and loading.")
+    optimization: OptimizationConfig = Field(description="Optimiser, schedule, precision, clipping.")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Length, evaluation, checkpoints, logging.")
+    accelerator: AcceleratorConfig = Field(
+        default_factory=AcceleratorConfig, description="Device, distributed backend and adapters."
+    )
+
+    _source: Optional[str] = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _length_is_defined(self) -> "Recipe":
+        if self.runtime.max_iters is None and self.runtime.epochs is None:
+            raise ValueError("runtime: set either epochs or max_iters")
+        return self
+
+    @property
+    def source(self) -> Optional[str]:
+        """The recipe file this was loaded from."""
+        return self._source
+
+    def work_dir(self) -> str:
+        return self.runtime.work_dir.replace("{recipe}", self.name)

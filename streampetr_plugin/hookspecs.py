@@ -1,0 +1,102 @@
+"""Hook specifications of the ``streampetr`` plugin system.
+
+A plugin is any object or module with functions marked ``@hookimpl`` (``from streampetr_plugin
+import hookimpl``), published through the ``streampetr`` entry-point group. Registration hooks
+receive a ``register(name, factory, *, params=None)`` callback: ``factory(**options, **context)``
+builds the component, ``params`` is an optional pydantic model that validates ``options`` from a
+recipe. The built-in StreamPETR components are registered by the built-in plugin through these
+same hooks.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional
+
+import pluggy
+
+PROJECT_NAME = "streampetr"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+Register = Callable[..., None]
+
+
+@hookspec
+def streampetr_register_backbones(register: Register) -> None:
+    """Register image backbones. ``factory(**options)`` returns an ``nn.Module`` following the
+    backbone contract: ``forward(images) -> dict[str, Tensor]`` and ``output_shape() ->
+    dict[str, ShapeSpec]``."""
+
+
+@hookspec
+def streampetr_register_necks(register: Register) -> None:
+    """Register necks. ``factory(**options, input_shape=dict[str, ShapeSpec])`` returns an
+    ``nn.Module`` mapping the backbone's feature dict to a list of levels and exposing
+    ``output_shape(input_shape) -> list[ShapeSpec]``."""
+
+
+@hookspec
+def streampetr_register_heads(register: Register) -> None:
+    """Register detection heads (the 3D head and the 2D auxiliary head).
+    ``factory(**options, input_shape=ShapeSpec, num_classes=int)`` returns an ``nn.Module``."""
+
+
+@hookspec
+def streampetr_register_detectors(register: Register) -> None:
+    """Register detectors. ``factory(**options, img_backbone=..., img_neck=..., img_roi_head=...,
+    pts_bbox_head=...)`` assembles the modules built from the recipe's ``model`` section."""
+
+
+@hookspec
+def streampetr_register_datasets(register: Register) -> None:
+    """Register datasets. ``factory(**options, training=bool)`` returns a map-style dataset whose
+    items collate into the batch contract of ``streampetr_plugin.data.batch``."""
+
+
+@hookspec
+def streampetr_register_losses(register: Register) -> None:
+    """Register loss modules. ``factory(**options)`` returns an ``nn.Module``."""
+
+
+@hookspec
+def streampetr_register_optimizers(register: Register) -> None:
+    """Register optimisers. ``factory(**options, param_groups=list[dict])`` returns a
+    ``torch.optim.Optimizer``; per-group ``lr`` is already scaled by the lr multipliers."""
+
+
+@hookspec
+def streampetr_register_lr_schedulers(register: Register) -> None:
+    """Register learning-rate schedules. ``factory(**options, max_iters=int)`` returns a callable
+    ``iteration -> factor`` applied to every group's base learning rate."""
+
+
+@hookspec
+def streampetr_register_adapters(register: Register) -> None:
+    """Register accelerator adapters. ``factory(**options)`` returns an object with ``name``,
+    ``conflicts``, ``precheck(context)`` and ``apply(context)`` (see ``streampetr_plugin.adapters``)."""
+
+
+@hookspec
+def streampetr_configure(recipe: Any) -> None:
+    """Inspect the validated recipe before anything is built (may log or raise)."""
+
+
+@hookspec
+def streampetr_post_model_build(model: Any, recipe: Any) -> None:
+    """Called with the freshly built detector (on CPU, before adapters and device placement)."""
+
+
+@hookspec
+def streampetr_pre_train(context: Any) -> None:
+    """Called once before the first training step with the trainer's context."""
+
+
+@hookspec
+def streampetr_post_train(context: Any) -> None:
+    """Called once after training finished (also after an early stop)."""
+
+
+@hookspec(firstresult=True)
+def streampetr_select_accelerator(env: Mapping[str, Any]) -> Optional[str]:
+    """Return ``"npu"``, ``"cuda"`` or ``"cpu"`` to override automatic device selection, or None.
+    ``env`` holds ``requested`` (the recipe's ``accelerator.device``) and ``environ``."""

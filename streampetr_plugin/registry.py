@@ -1,0 +1,93 @@
+"""A small typed registry: name -> factory (+ the pydantic model that validates its options)."""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Generic, Iterator, List, Mapping, Optional, Type, TypeVar
+
+from pydantic import BaseModel
+
+T = TypeVar("T")
+
+
+class RegistryError(LookupError):
+    """A duplicate or unknown component name."""
+
+
+@dataclass(frozen=True)
+class Entry(Generic[T]):
+    """One registered component."""
+
+    name: str
+    factory: Callable[..., T]
+    params: Optional[Type[BaseModel]]
+    provider: str
+
+
+class Registry(Generic[T]):
+    """Components of one kind (``backbones``, ``necks``, ...), keyed by name.
+
+    ``register(name, factory, params=...)`` is the callback handed to the registration hooks;
+    ``provider`` (the plugin's name) is filled in by the plugin manager so errors can say who
+    registered what.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: Dict[str, Entry[T]] = {}
+
+    def register(
+        self,
+        name: str,
+        factory: Callable[..., T],
+        *,
+        params: Optional[Type[BaseModel]] = None,
+        provider: str = "<unknown>",
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise RegistryError(f"{self.kind}: component names must be non-empty strings, got {name!r}")
+        if name in self._entries:
+            first = self._entries[name].provider
+            raise RegistryError(
+                f"{self.kind}: {name!r} is registered twice, by plugin {first!r} and by plugin {provider!r}"
+            )
+        self._entries[name] = Entry(name=name, factory=factory, params=params, provider=provider)
+
+    def get(self, name: str) -> Entry[T]:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise RegistryError(self.unknown_message(name)) from None
+
+    def unknown_message(self, name: str) -> str:
+        available = ", ".join(sorted(self._entries)) or "none"
+        close = difflib.get_close_matches(name, list(self._entries), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"unknown {self.kind[:-1] if self.kind.endswith('s') else self.kind} {name!r} (available: {available}){hint}"
+
+    def validate_options(self, name: str, options: Mapping[str, Any]) -> Dict[str, Any]:
+        """Options checked (and defaulted) by the component's params model; raises pydantic's error."""
+        entry = self.get(name)
+        if entry.params is None:
+            return dict(options)
+        return entry.params.model_validate(dict(options)).model_dump()
+
+    def build(self, name: str, options: Mapping[str, Any], **context: Any) -> T:
+        """Instantiate ``name`` with validated options plus context (shapes from other modules)."""
+        entry = self.get(name)
+        return entry.factory(**self.validate_options(name, options), **context)
+
+    def names(self) -> List[str]:
+        return sorted(self._entries)
+
+    def entries(self) -> List[Entry[T]]:
+        return [self._entries[name] for name in self.names()]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,184 @@
+import re
+import textwrap
+
+import pytest
+
+from streampetr_plugin import load_recipe
+from streampetr_plugin.cli.main import main as streampetr_main
+from streampetr_plugin.config.loader import RECIPE_DIR, RecipeError, shipped_recipes
+
+DEMO = RECIPE_DIR / "demo_cpu.yaml"
+
+
+def write(path, text):
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def errors_of(path, overrides=()):
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, overrides)
+    return info.value.errors
+
+
+@pytest.mark.parametrize("name", shipped_recipes())
+def test_every_shipped_recipe_validates(name):
+    recipe = load_recipe(name)
+    assert recipe.name == name
+    assert recipe.source == str(RECIPE_DIR / f"{name}.yaml")
+
+
+def test_vov_recipe_has_the_reference_values():
+    recipe = load_recipe("vov_8p")
+    head = recipe.model.head.options()
+    assert recipe.model.backbone.type == "vovnet" and recipe.model.backbone.options()["spec_name"] == "V-99-eSE"
+    assert (head["num_query"], head["memory_len"], head["num_propagated"], head["topk_proposals"]) == (644, 1024, 256, 256)
+    assert recipe.optimization.optimizer.options()["lr"] == 4e-4
+    assert recipe.optimization.optimizer.options()["weight_decay"] == 0.01
+    assert recipe.optimization.lr_multipliers == {"img_backbone": 0.1}
+    assert recipe.optimization.grad_clip.max_norm == 35
+    assert recipe.optimization.amp.dtype == "fp16" and recipe.optimization.amp.loss_scale == "dynamic"
+    schedule = recipe.optimization.lr_scheduler.options()
+    assert (schedule["warmup_iters"], schedule["min_lr_ratio"]) == (500, 1e-3)
+    assert abs(schedule["warmup_ratio"] - 1 / 3) < 1e-9
+    assert recipe.runtime.epochs == 24 and recipe.data.num_train_samples == 28130
+    assert recipe.data.batch_size_per_device == 2
+
+
+def test_base_inheritance_merges_deeply_and_child_wins(tmp_path):
+    child = write(tmp_path / "child.yaml", f"""
+        _base_: {DEMO}
+        name: child
+        runtime:
+          seed: 7
+        model:
+          head:
+            num_query: 12
+    """)
+    base = load_recipe(DEMO)
+    recipe = load_recipe(child)
+    assert recipe.runtime.seed == 7
+    assert recipe.model.head.options()["num_query"] == 12
+    # untouched siblings come from the base
+    assert recipe.model.head.options()["memory_len"] == base.model.head.options()["memory_len"]
+    assert recipe.runtime.log_interval == base.runtime.log_interval
+
+
+def test_delete_replaces_a_section_instead_of_merging(tmp_path):
+    child = write(tmp_path / "child.yaml", f"""
+        _base_: {DEMO}
+        accelerator:
+          _delete_: true
+          device: cpu
+    """)
+    base_yaml = write(tmp_path / "with_adapter.yaml", f"""
+        _base_: {DEMO}
+        accelerator:
+          adapters:
+            cpu:
+              enabled: false
+    """)
+    assert load_recipe(base_yaml).accelerator.adapters["cpu"].enabled is False
+    grandchild = write(tmp_path / "grandchild.yaml", f"""
+        _base_: {base_yaml.name}
+        accelerator:
+          _delete_: true
+          device: cpu
+    """)
+    assert load_recipe(grandchild).accelerator.adapters == {}
+    assert load_recipe(child).accelerator.device == "cpu"
+
+
+def test_inheritance_cycle_is_an_error(tmp_path):
+    write(tmp_path / "a.yaml", "_base_: b.yaml\nname: a\n")
+    write(tmp_path / "b.yaml", "_base_: a.yaml\n")
+    (line,) = errors_of(tmp_path / "a.yaml")
+    assert "cycle" in line and "a.yaml -> " in line and "b.yaml" in line
+
+
+def test_missing_base_file_names_file_and_line(tmp_path):
+    child = write(tmp_path / "child.yaml", "name: x\n_base_: nowhere.yaml\n")
+    (line,) = errors_of(child)
+    assert line.startswith(f"{child}:2: _base_: ") and "nowhere.yaml" in line
+
+
+def test_overrides_set_parse_and_delete():
+    recipe = load_recipe(DEMO, ["runtime.seed=5", "optimization.grad_clip.max_norm=10.5", "runtime.load_from=a.pth",
+                                "~optimization.grad_clip"])
+    assert recipe.runtime.seed == 5 and recipe.runtime.load_from == "a.pth"
+    assert recipe.optimization.grad_clip is None
+
+
+def test_bad_override_is_reported_as_command_line():
+    errors = errors_of(DEMO, ["runtime.seed=-1", "~runtime.nonexistent"])
+    assert any(e.startswith("<command line>: runtime.nonexistent: ") for e in errors)
+    assert any(e.startswith("<command line>: runtime.seed: ") for e in errors)
+
+
+LINE = re.compile(r"^(?P<file>[^:]+):(?P<line>\d+): (?P<key>[\w.]+): (?P<msg>.+)$")
+
+
+def test_bad_recipe_reports_every_problem_with_file_line_and_key(tmp_path):
+    bad = write(tmp_path / "bad.yaml", f"""
+        _base_: {DEMO}
+        runtime:
+          sed: 3
+          log_interval: often
+        data:
+          batch_size_per_device: 0
+        model:
+          backbone:
+            type: vovnte
+    """)
+    errors = errors_of(bad)
+    parsed = {LINE.match(e).group("key"): LINE.match(e).groupdict() for e in errors}
+    assert set(parsed) == {"runtime.sed", "runtime.log_interval", "data.batch_size_per_device",
+                           "model.backbone.type"}, errors
+    assert parsed["runtime.sed"]["line"] == "4" and "unknown key" in parsed["runtime.sed"]["msg"]
+    assert "seed" in parsed["runtime.sed"]["msg"]  # lists what is allowed
+    assert parsed["runtime.log_interval"]["line"] == "5"
+    assert parsed["data.batch_size_per_device"]["line"] == "7"
+    assert parsed["model.backbone.type"]["line"] == "10" and "did you mean 'vovnet'" in parsed["model.backbone.type"]["msg"]
+    assert all(p["file"] == str(bad) for p in parsed.values())
+
+
+def test_unknown_component_suggests_the_closest_name(tmp_path):
+    bad = write(tmp_path / "bad.yaml", f"""
+        _base_: {DEMO}
+        model:
+          backbone:
+            type: vovnte
+    """)
+    (line,) = errors_of(bad)
+    assert line.startswith(f"{bad}:5: model.backbone.type: ") and "did you mean 'vovnet'" in line
+
+
+def test_component_options_are_validated_by_the_registered_params(tmp_path):
+    bad = write(tmp_path / "bad.yaml", f"""
+        _base_: {DEMO}
+        model:
+          head:
+            num_qeury: 3
+        optimization:
+          optimizer:
+            lr: -1
+    """)
+    errors = errors_of(bad)
+    assert any(e.startswith(f"{bad}:5: model.head.num_qeury: unknown key") for e in errors), errors
+    assert any(e.startswith(f"{bad}:8: optimization.optimizer.lr: ") for e in errors), errors
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    bad = write(tmp_path / "bad.yaml", "name: x\nruntime: [1, 2\n")
+    (line,) = errors_of(bad)
+    assert line.startswith(f"{bad}:") and "<yaml>" in line
+
+
+def test_validate_command_exit_code_and_one_line_per_error(tmp_path, capsys):
+    bad = write(tmp_path / "bad.yaml", f"_base_: {DEMO}\nruntime:\n  sed: 1\n")
+    with pytest.raises(SystemExit) as info:
+        streampetr_main(["validate", str(bad)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{bad}:3: runtime.sed: unknown key")
+    assert streampetr_main(["validate", "vov_8p"]) == 0
