@@ -1,0 +1,55 @@
+"""Small stateless helpers shared by the heads and losses (mmdet / mmcv semantics)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+
+def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Logit of ``x`` after clamping it to [0, 1]; both ``x`` and ``1 - x`` are floored at ``eps``.
+
+    This is mmdet's version: the clamp to [0, 1] comes first, so values slightly outside the unit
+    range (e.g. frustum points beyond ``position_range``) map to +-log(1 / eps - ...) = +-11.51.
+    """
+    x = x.clamp(min=0, max=1)
+    numerator = x.clamp(min=eps)
+    denominator = (1 - x).clamp(min=eps)
+    return torch.log(numerator / denominator)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of ``tensor`` over all ranks (all-reduce of ``tensor / world_size``).
+
+    Identity when no process group is initialised.
+    """
+    if not _distributed():
+        return tensor
+    tensor = tensor.clone()
+    dist.all_reduce(tensor.div_(dist.get_world_size()), op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def mean_count_over_ranks(count: float, device: torch.device) -> float:
+    """``max(reduce_mean(count), 1)`` as a Python float.
+
+    Without a process group this never touches the device, so a loss normaliser costs no host sync.
+    """
+    if not _distributed():
+        return max(float(count), 1.0)
+    return torch.clamp(reduce_mean(torch.tensor([float(count)], device=device)), min=1).item()
+
+
+def bias_init_with_prob(prior_prob: float) -> float:
+    """Bias that makes ``sigmoid(bias) == prior_prob`` (focal-loss prior initialisation)."""
+    return float(-math.log((1 - prior_prob) / prior_prob))
+
+
+def clip_sigmoid(x: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """``sigmoid(x)`` clamped to ``[eps, 1 - eps]`` (mmdet3d's, without its in-place side effect)."""
+    return torch.clamp(x.sigmoid(), min=eps, max=1 - eps)

@@ -1,0 +1,62 @@
+"""NMS-free decoding: top-k over (query, class) pairs, box decoding, range and score filters."""
+import math
+
+import pytest
+import torch
+
+from streampetr_plugin.models.coders.nms_free_coder import NMSFreeCoder, NMSFreeCoderParams
+
+
+def _code(x, y, z, yaw=0.0, size=(4.0, 2.0, 1.5), velocity=(0.0, 0.0)):
+    return [x, y, z, *[math.log(s) for s in size], math.sin(yaw), math.cos(yaw), *velocity]
+
+
+def test_top_k_is_query_major_with_label_modulo_classes():
+    logits = torch.full((1, 4, 3), -10.0)
+    logits[0, 2, 1] = 3.0  # best pair: query 2, class 1
+    logits[0, 0, 2] = 2.0
+    logits[0, 2, 0] = 1.0  # the same query again with another class
+    codes = torch.tensor([[_code(1, 1, 0), _code(2, 2, 0), _code(3, 3, 0, yaw=2.0), _code(4, 4, 0)]])
+    coder = NMSFreeCoder(max_num=3, num_classes=3)
+    decoded = coder.decode(logits, codes)[0]
+    assert decoded["query_index"].tolist() == [2, 0, 2]
+    assert decoded["labels"].tolist() == [1, 2, 0]
+    expected_scores = [1 / (1 + math.exp(-v)) for v in (3.0, 2.0, 1.0)]
+    assert decoded["scores"].tolist() == pytest.approx(expected_scores)
+    box = decoded["bboxes"][0]
+    assert box.shape == (9,)
+    assert box.tolist() == pytest.approx([3, 3, 0, 4.0, 2.0, 1.5, 2.0, 0.0, 0.0], abs=1e-6)  # gravity z kept
+
+
+def test_post_center_range_and_score_threshold_filter():
+    logits = torch.tensor([[[4.0], [3.0], [2.0], [-3.0]]])
+    codes = torch.tensor([[_code(0, 0, 0), _code(70, 0, 0), _code(0, 0, -11), _code(1, 1, 0)]])
+    coder = NMSFreeCoder(post_center_range=[-61.2, -61.2, -10.0, 61.2, 61.2, 10.0], max_num=4, num_classes=1)
+    assert coder.decode(logits, codes)[0]["query_index"].tolist() == [0, 3]
+    thresholded = NMSFreeCoder(max_num=4, num_classes=1, score_threshold=0.5).decode(logits, codes)[0]
+    assert thresholded["query_index"].tolist() == [0]
+    unfiltered = NMSFreeCoder(post_center_range=None, max_num=4, num_classes=1).decode(logits, codes)[0]
+    assert unfiltered["query_index"].tolist() == [0, 1, 2, 3]
+
+
+def test_batch_rows_are_decoded_independently():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 3, generator=generator)
+    centres = torch.rand(2, 6, 3, generator=generator) * 10
+    codes = torch.cat([centres, torch.randn(2, 6, 7, generator=generator)], -1)
+    coder = NMSFreeCoder(max_num=5, num_classes=3)
+    batched = coder.decode(logits, codes)
+    for b in range(2):
+        single = coder.decode(logits[b : b + 1], codes[b : b + 1])[0]
+        for key in ("bboxes", "scores", "labels", "query_index"):
+            assert torch.equal(batched[b][key], single[key])
+        expected_scores, _ = torch.sigmoid(logits[b]).flatten().sort(descending=True)
+        assert torch.equal(batched[b]["scores"], expected_scores[:5])
+
+
+def test_params_defaults_are_the_recipe():
+    params = NMSFreeCoderParams()
+    assert params.max_num == 300 and params.num_classes == 10 and params.score_threshold is None
+    assert params.post_center_range == [-61.2, -61.2, -10.0, 61.2, 61.2, 10.0]
+    coder = NMSFreeCoder(**params.model_dump())
+    assert coder.max_num == 300
