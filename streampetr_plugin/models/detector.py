@@ -1,0 +1,222 @@
+"""The StreamPETR detector: image backbone + neck, 2D auxiliary head, StreamPETR head, streaming logic.
+
+Submodule names equal the reference ``Petr3D``'s (``img_backbone``, ``img_neck``, ``img_roi_head``,
+``pts_bbox_head``), so ``state_dict()`` keys are the reference's. One call of :meth:`forward` processes
+one frame of each of B streams (the batch contract of :mod:`streampetr_plugin.data.batch`); the memory
+queue inside the head carries every stream from one call to the next:
+
+* training: ``prev_exists`` comes from the batch (0 at the first frame of a stream), the memory is
+  written detached, so no gradient crosses iterations; :meth:`forward` returns named losses;
+* inference: ``prev_exists`` of row b is 0 when its ``scene_token`` differs from the previous call's
+  (a new scene resets that row); :meth:`forward` returns the decoded boxes of every row.
+
+:meth:`reset_memory` forgets every stream. The backbone and neck run under whatever autocast the caller
+enables (features are handed to the head in float32); the head runs in full precision unless
+``head_autocast`` is set, and its geometry, poses and float64 timestamps never follow autocast.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, ContextManager, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field
+
+from streampetr_plugin.models.heads.streampetr_head import StreamPETRHead, full_precision
+from streampetr_plugin.models.layers.grid_mask import GridMask
+
+
+def token_locations(
+    height: int, width: int, *, stride: int, pad_hw: Tuple[int, int], device: torch.device
+) -> torch.Tensor:
+    """Normalised centres of the (height, width) feature cells: ``((stride j + stride // 2) / pad_w,
+    (stride i + stride // 2) / pad_h)`` -> (height, width, 2), x first."""
+    pad_h, pad_w = pad_hw
+    def centres(count: int, pad: int) -> torch.Tensor:
+        cells = torch.arange(0, stride * count, step=stride, dtype=torch.float32, device=device)
+        return (cells + stride // 2) / pad
+
+    shifts_x, shifts_y = centres(width, pad_w), centres(height, pad_h)
+    grid_y, grid_x = torch.meshgrid(shifts_y, shifts_x, indexing="ij")
+    return torch.stack((grid_x, grid_y), dim=-1)
+
+
+@dataclass
+class FrameOutputs:
+    """Everything one inference call produces.
+
+    Fields:
+        all_cls_scores: (layers, B, Q, num_classes) logits of every decoder layer.
+        all_bbox_preds: (layers, B, Q, 10) box codes of every decoder layer.
+        detections: per row ``{"boxes_3d": (K, 9) bottom-centre z, "scores_3d": (K,), "labels_3d": (K,)}``.
+    """
+
+    all_cls_scores: torch.Tensor
+    all_bbox_preds: torch.Tensor
+    detections: List[Dict[str, torch.Tensor]]
+
+
+class StreamPETRDetector(nn.Module):
+    """StreamPETR (see the module docstring).
+
+    Args:
+        img_backbone: image backbone, ``forward(images) -> dict`` of feature maps, fine to coarse.
+        img_neck: neck, ``forward(features) -> list`` of levels.
+        pts_bbox_head: the StreamPETR head.
+        img_roi_head: the 2D auxiliary head (FocalHead) or None.
+        use_grid_mask: GridMask the images in training.
+        stride: input pixels per cell of the neck level used by the heads.
+        position_level: which neck level the heads read.
+        aux_2d_only: run the 2D head in training only (the reference's default).
+        head_autocast: let the heads run under the caller's autocast (the reference runs them in fp32).
+    """
+
+    def __init__(
+        self,
+        *,
+        img_backbone: nn.Module,
+        img_neck: nn.Module,
+        pts_bbox_head: StreamPETRHead,
+        img_roi_head: Optional[nn.Module] = None,
+        use_grid_mask: bool = True,
+        stride: int = 16,
+        position_level: int = 0,
+        aux_2d_only: bool = True,
+        head_autocast: bool = False,
+    ) -> None:
+        super().__init__()
+        self.img_backbone = img_backbone
+        self.img_neck = img_neck
+        self.img_roi_head = img_roi_head
+        self.pts_bbox_head = pts_bbox_head
+        self.grid_mask = GridMask(use_h=True, use_w=True, rotate=1, offset=False, ratio=0.5, mode=1, prob=0.7)
+        self.use_grid_mask = use_grid_mask
+        self.stride = stride
+        self.position_level = position_level
+        self.aux_2d_only = aux_2d_only
+        self.head_autocast = head_autocast
+        self._prev_scene_tokens: Optional[List[str]] = None
+        self._inference_ran = False
+
+    def reset_memory(self) -> None:
+        """Forget every stream (memory and remembered scene tokens)."""
+        self.pts_bbox_head.reset_memory()
+        self._prev_scene_tokens = None
+
+    def extract_img_feats(self, img: torch.Tensor) -> torch.Tensor:
+        """``img`` (B, N, 3, H, W) -> the neck level the heads use, (B, N, C, h, w) float32."""
+        batch, num_cams = img.shape[:2]
+        images = img.flatten(0, 1)  # (B N, 3, H, W)
+        if self.use_grid_mask and self.training:
+            images = self.grid_mask(images)
+        levels = self.img_neck(self.img_backbone(images))
+        features = levels[self.position_level].float()
+        return features.view(batch, num_cams, *features.shape[1:])
+
+    def _head_precision(self, device: torch.device) -> ContextManager[None]:
+        return contextlib.nullcontext() if self.head_autocast else full_precision(device)
+
+    def _run_heads(
+        self, batch: Dict[str, Any], prev_exists: torch.Tensor, with_targets: bool
+    ) -> Tuple[Dict[str, Any], Optional[Dict[str, torch.Tensor]], Tuple[int, int]]:
+        img = batch["img"]
+        pad_hw = (int(img.shape[-2]), int(img.shape[-1]))
+        img_feats = self.extract_img_feats(img)
+        batch_size, num_cams, _, height, width = img_feats.shape
+        if self.pts_bbox_head.memory.batch_size not in (None, batch_size):
+            # A different number of streams (e.g. a smaller last batch): start them all afresh.
+            self.pts_bbox_head.reset_memory()
+            prev_exists = torch.zeros_like(prev_exists)
+        location = token_locations(height, width, stride=self.stride, pad_hw=pad_hw, device=img.device)
+        location = location.unsqueeze(0).expand(batch_size * num_cams, -1, -1, -1)  # (B N, h, w, 2)
+        with self._head_precision(img.device):
+            outs_roi = None
+            if self.img_roi_head is not None and (self.training or not self.aux_2d_only):
+                outs_roi = self.img_roi_head(location, img_feats)
+            outs = self.pts_bbox_head(
+                img_feats=img_feats,
+                location=location,
+                pad_shape=pad_hw,
+                intrinsics=batch["intrinsics"],
+                lidar2img=batch["lidar2img"],
+                timestamp=batch["timestamp"],
+                ego_pose=batch["ego_pose"],
+                ego_pose_inv=batch["ego_pose_inv"],
+                prev_exists=prev_exists,
+                gt_bboxes_3d=batch.get("gt_bboxes_3d") if with_targets else None,
+                gt_labels_3d=batch.get("gt_labels_3d") if with_targets else None,
+                topk_indexes=None if outs_roi is None else outs_roi.get("topk_indexes"),
+            )
+        return outs, outs_roi, pad_hw
+
+    def forward(self, batch: Dict[str, Any]) -> Any:
+        """Training: ``Dict[str, Tensor]`` of named losses. Inference: per row ``{"boxes_3d" (K, 9)
+        (x, y, z_bottom, dx, dy, dz, yaw, vx, vy), "scores_3d" (K,), "labels_3d" (K,)}``."""
+        if self.training:
+            return self.forward_train(batch)
+        return self.infer(batch).detections
+
+    def forward_train(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        """Losses of one training frame per stream: ``loss_cls``, ``loss_bbox``, ``d0..d4.loss_*``,
+        ``dn_loss_*`` / ``d*.dn_loss_*`` and, with the 2D head, ``enc_loss_cls``, ``enc_loss_bbox``,
+        ``enc_loss_iou``, ``centers2d_losses``, ``centerness_losses``."""
+        if self._inference_ran:
+            # Inference left the memory in its own streams (the reference resets after an evaluation).
+            self.reset_memory()
+            self._inference_ran = False
+        prev_exists = batch["prev_exists"].to(batch["img"].device)
+        outs, outs_roi, pad_hw = self._run_heads(batch, prev_exists, with_targets=True)
+        losses = self.pts_bbox_head.loss(batch["gt_bboxes_3d"], batch["gt_labels_3d"], outs)
+        if outs_roi is not None:
+            losses.update(
+                self.img_roi_head.loss(
+                    outs_roi, batch["gt_bboxes_2d"], batch["gt_labels_2d"], batch["centers_2d"], pad_hw
+                )
+            )
+        return losses
+
+    @torch.no_grad()
+    def infer(self, batch: Dict[str, Any], prev_exists: Optional[torch.Tensor] = None) -> FrameOutputs:
+        """One inference frame per stream. ``prev_exists`` (B,) overrides the scene-token rule."""
+        self._inference_ran = True
+        if prev_exists is None:
+            prev_exists = self._prev_exists_from_scenes(batch["scene_token"], batch["img"])
+        outs, _, _ = self._run_heads(batch, prev_exists.to(batch["img"].device), with_targets=False)
+        return FrameOutputs(
+            all_cls_scores=outs["all_cls_scores"],
+            all_bbox_preds=outs["all_bbox_preds"],
+            detections=self.pts_bbox_head.get_bboxes(outs),
+        )
+
+    def _prev_exists_from_scenes(self, scene_tokens: Sequence[str], img: torch.Tensor) -> torch.Tensor:
+        tokens = list(scene_tokens)
+        previous = self._prev_scene_tokens
+        if previous is None or len(previous) != len(tokens):
+            continues = [False] * len(tokens)
+        else:
+            continues = [now == before for now, before in zip(tokens, previous)]
+        self._prev_scene_tokens = tokens
+        return torch.tensor(continues, dtype=torch.float32, device=img.device)
+
+
+class StreamPETRDetectorParams(BaseModel):
+    """User settings of :class:`StreamPETRDetector` (the submodules are configured on their own)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    use_grid_mask: bool = Field(default=True, description="GridMask the input images in training.")
+    stride: int = Field(
+        default=16, gt=0, description="Input pixels per cell of the neck level the heads read."
+    )
+    position_level: int = Field(default=0, ge=0, description="Neck level used by the heads.")
+    aux_2d_only: bool = Field(
+        default=True,
+        description="Run the 2D auxiliary head only in training (at inference all tokens are used).",
+    )
+    head_autocast: bool = Field(
+        default=False,
+        description="Let the heads run under the trainer's autocast; off keeps them in float32 "
+        "(the reference).",
+    )

@@ -1,0 +1,553 @@
+"""The StreamPETR 3D detection head: 3D position embedding, memory queue, temporal decoder, predictions.
+
+Per frame (batch-first shapes, B streams, N cameras, feature map h x w, L = N h w image tokens,
+Q learnable queries, P propagated, M memory rows kept, D depth bins, C channels):
+
+1. the memory is brought into the current frame (:class:`StreamingMemory.pre_update`);
+2. image tokens (B, L, C) get a 3D position embedding from frustum points through the inverse of
+   ``lidar2img`` at D LID depths (normalised by ``position_range``), are embedded and modulated by the
+   camera "cone" (MLN), and gate the position embedding (``featurized_pe``);
+3. learnable reference points (and, in training, denoising copies of the GT) become queries; queries
+   and memory rows are modulated by their ego-motion codes (MLN) and get a time embedding; the P most
+   recent memory rows are appended as queries, the other M - P are extra self-attention keys;
+4. the 6-layer decoder runs; one classification branch and one regression branch, **shared by all
+   layers** (the reference's modules), predict per layer logits and boxes
+   ``(cx, cy, cz, log dx, log dy, log dz, sin, cos, vx, vy)`` with centres in metres (gravity z), every
+   layer refining the same initial reference points;
+5. the top-k queries of the last layer are written to the memory (:meth:`StreamingMemory.post_update`).
+
+State-dict keys equal the reference's ``pts_bbox_head.*``; the memory is not part of the state dict.
+Geometry (inverses, frustum points, memory transforms) always runs in float32 and timestamps in
+float64, whatever autocast the caller enables.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field
+
+from streampetr_plugin.models.coders.nms_free_coder import NMSFreeCoder
+from streampetr_plugin.models.layers.denoising import build_denoising_queries
+from streampetr_plugin.models.layers.functional import bias_init_with_prob, inverse_sigmoid
+from streampetr_plugin.models.layers.memory import StreamingMemory
+from streampetr_plugin.models.layers.positional_encoding import (
+    MLN,
+    SELayerLinear,
+    nerf_positional_encoding,
+    pos2posemb1d,
+    pos2posemb3d,
+)
+from streampetr_plugin.models.layers.transformer import PETRTemporalTransformer
+from streampetr_plugin.models.losses.streampetr_criterion import StreamPETRCriterion
+
+PC_RANGE = [-51.2, -51.2, -5.0, 51.2, 51.2, 3.0]
+POSITION_RANGE = [-61.2, -61.2, -10.0, 61.2, 61.2, 10.0]
+CODE_WEIGHTS = [2.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+CODE_SIZE = 10
+CONE_BIN_FROM_END = 30  # the reference's cone takes coords3d[..., -90:-87]: bin D - 30 (34 of 64)
+EGO_MOTION_CODE_SIZE = 15  # (vx, vy, age, 3x4 pose)
+NERF_OCTAVES = 6
+
+
+@contextlib.contextmanager
+def full_precision(device: torch.device) -> Iterator[None]:
+    """Disable autocast inside (geometry and memory algebra must stay float32 / float64)."""
+    with torch.autocast(device_type=device.type, enabled=False):
+        yield
+
+
+def lid_depth_bins(*, depth_num: int, depth_start: float, depth_max: float, lid: bool) -> torch.Tensor:
+    """Depth of every bin (depth_num,) float32: LID ``start + (max - start) i (i + 1) / (n (n + 1))`` or
+    uniform ``start + (max - start) i / n``."""
+    index = torch.arange(depth_num, dtype=torch.float32)
+    depth_max_t = torch.tensor(depth_max, dtype=torch.float32)  # the reference reads it from a float32 tensor
+    if lid:
+        bin_size = (depth_max_t - depth_start) / (depth_num * (1 + depth_num))
+        return depth_start + bin_size * index * (index + 1)
+    bin_size = (depth_max_t - depth_start) / depth_num
+    return depth_start + bin_size * index
+
+
+class StreamPETRHead(nn.Module):
+    """StreamPETR head (see the module docstring). Arguments are those of :class:`StreamPETRHeadParams`
+    plus ``in_channels`` (channels of the neck level fed to the head) and an optional ``criterion``
+    (default: :class:`StreamPETRCriterion` configured from these arguments)."""
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 256,
+        num_classes: int = 10,
+        embed_dims: int = 256,
+        num_query: int = 644,
+        memory_len: int = 1024,
+        topk_proposals: int = 256,
+        num_propagated: int = 256,
+        num_reg_fcs: int = 2,
+        with_dn: bool = True,
+        with_ego_pos: bool = True,
+        match_with_velo: bool = False,
+        scalar: int = 10,
+        noise_scale: float = 1.0,
+        noise_trans: float = 0.0,
+        dn_weight: float = 1.0,
+        split: float = 0.75,
+        LID: bool = True,
+        depth_num: int = 64,
+        depth_start: float = 1.0,
+        position_range: Sequence[float] = tuple(POSITION_RANGE),
+        pc_range: Sequence[float] = tuple(PC_RANGE),
+        code_weights: Sequence[float] = tuple(CODE_WEIGHTS),
+        match_costs: Optional[Sequence[float]] = None,
+        num_layers: int = 6,
+        num_heads: int = 8,
+        feedforward_channels: int = 2048,
+        dropout: float = 0.1,
+        with_cp: bool = True,
+        attention_backend: str = "sdpa",
+        post_center_range: Sequence[float] = tuple(POSITION_RANGE),
+        max_num: int = 300,
+        score_threshold: Optional[float] = None,
+        per_camera_focal: bool = False,
+        criterion: Optional[nn.Module] = None,
+    ) -> None:
+        super().__init__()
+        if num_propagated > memory_len or topk_proposals > num_query + num_propagated:
+            raise ValueError(
+                "need num_propagated <= memory_len and topk_proposals <= num_query + num_propagated"
+            )
+        if depth_num < CONE_BIN_FROM_END:
+            raise ValueError(f"depth_num must be >= {CONE_BIN_FROM_END} (the cone reads bin depth_num - 30)")
+        self.num_classes = num_classes
+        self.embed_dims = embed_dims
+        self.num_query = num_query
+        self.memory_len = memory_len
+        self.topk_proposals = topk_proposals
+        self.num_propagated = num_propagated
+        self.with_dn = with_dn
+        self.with_ego_pos = with_ego_pos
+        self.scalar = scalar
+        self.noise_scale = noise_scale
+        self.noise_trans = noise_trans
+        self.split = split
+        self.per_camera_focal = per_camera_focal
+
+        # Configuration kept as frozen parameters because the reference's state dict has them.
+        self.code_weights = nn.Parameter(
+            torch.tensor(list(code_weights), dtype=torch.float32), requires_grad=False
+        )
+        self.match_costs = nn.Parameter(
+            torch.tensor(list(match_costs if match_costs is not None else code_weights), dtype=torch.float32),
+            requires_grad=False,
+        )
+        self.pc_range = nn.Parameter(torch.tensor(list(pc_range), dtype=torch.float32), requires_grad=False)
+        self.position_range = nn.Parameter(
+            torch.tensor(list(position_range), dtype=torch.float32), requires_grad=False
+        )
+        self.coords_d = nn.Parameter(
+            lid_depth_bins(
+                depth_num=depth_num, depth_start=depth_start, depth_max=position_range[3], lid=LID
+            ),
+            requires_grad=False,
+        )
+
+        cls_layers: List[nn.Module] = []
+        reg_layers: List[nn.Module] = []
+        for _ in range(num_reg_fcs):
+            cls_layers += [nn.Linear(embed_dims, embed_dims), nn.LayerNorm(embed_dims), nn.ReLU(inplace=True)]
+            reg_layers += [nn.Linear(embed_dims, embed_dims), nn.ReLU()]
+        cls_branch = nn.Sequential(*cls_layers, nn.Linear(embed_dims, num_classes))
+        reg_branch = nn.Sequential(*reg_layers, nn.Linear(embed_dims, CODE_SIZE))
+        # One module in every slot: all decoder layers share their prediction branches (reference).
+        self.cls_branches = nn.ModuleList([cls_branch] * num_layers)
+        self.reg_branches = nn.ModuleList([reg_branch] * num_layers)
+
+        self.position_encoder = nn.Sequential(
+            nn.Linear(depth_num * 3, embed_dims * 4), nn.ReLU(), nn.Linear(embed_dims * 4, embed_dims)
+        )
+        self.memory_embed = nn.Sequential(
+            nn.Linear(in_channels, embed_dims), nn.ReLU(), nn.Linear(embed_dims, embed_dims)
+        )
+        self.featurized_pe = SELayerLinear(channels=embed_dims)
+        self.reference_points = nn.Embedding(num_query, 3)
+        if num_propagated > 0:
+            self.pseudo_reference_points = nn.Embedding(num_propagated, 3)
+        self.query_embedding = nn.Sequential(
+            nn.Linear(embed_dims * 3 // 2, embed_dims), nn.ReLU(), nn.Linear(embed_dims, embed_dims)
+        )
+        self.spatial_alignment = MLN(c_dim=8, f_dim=embed_dims)
+        self.time_embedding = nn.Sequential(nn.Linear(embed_dims, embed_dims), nn.LayerNorm(embed_dims))
+        if with_ego_pos:
+            nerf_size = NERF_OCTAVES * 2 * EGO_MOTION_CODE_SIZE
+            self.ego_pose_pe = MLN(c_dim=nerf_size, f_dim=embed_dims)
+            self.ego_pose_memory = MLN(c_dim=nerf_size, f_dim=embed_dims)
+        self.transformer = PETRTemporalTransformer(
+            num_layers=num_layers,
+            embed_dims=embed_dims,
+            num_heads=num_heads,
+            feedforward_channels=feedforward_channels,
+            dropout=dropout,
+            attention_backend=attention_backend,
+            with_cp=with_cp,
+        )
+        self._init_weights()
+
+        # Not modules: no parameters or buffers, so nothing outside the reference's keys.
+        self.memory = StreamingMemory(capacity=memory_len, embed_dims=embed_dims)
+        self.bbox_coder = NMSFreeCoder(
+            pc_range=list(pc_range),
+            post_center_range=list(post_center_range),
+            max_num=max_num,
+            score_threshold=score_threshold,
+            num_classes=num_classes,
+        )
+        self.criterion = criterion if criterion is not None else StreamPETRCriterion(
+            num_classes=num_classes,
+            match_with_velo=match_with_velo,
+            dn_weight=dn_weight,
+            split=split,
+            with_dn=with_dn,
+        )
+
+    def _init_weights(self) -> None:
+        nn.init.uniform_(self.reference_points.weight, 0, 1)
+        if self.num_propagated > 0:
+            nn.init.uniform_(self.pseudo_reference_points.weight, 0, 1)
+            self.pseudo_reference_points.weight.requires_grad_(False)
+        nn.init.constant_(self.cls_branches[0][-1].bias, bias_init_with_prob(0.01))
+
+    def reset_memory(self) -> None:
+        """Forget the memory of every stream."""
+        self.memory.reset()
+
+    # ------------------------------------------------------------------ geometry
+
+    def _position_embedding(
+        self,
+        location: torch.Tensor,
+        pad_shape: Tuple[int, int],
+        intrinsics: torch.Tensor,
+        lidar2img: torch.Tensor,
+        topk_indexes: Optional[torch.Tensor],
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """3D position embedding (B, L, C) and the 8-d camera cone (B, L, 8) of every image token."""
+        batch, num_cams = intrinsics.shape[:2]
+        _, height, width, _ = location.shape
+        tokens_per_cam = height * width
+        pad_h, pad_w = pad_shape
+        with full_precision(location.device):
+            focal = torch.stack([intrinsics[..., 0, 0], intrinsics[..., 1, 1]], dim=-1).float().abs() / 1e3
+            if self.per_camera_focal:
+                focal = focal.repeat_interleave(tokens_per_cam, dim=1)  # (B, L, 2), token's own camera
+            else:
+                # Reference quirk: tiling the camera axis gives token t the focal lengths of camera t mod N.
+                focal = focal.repeat(1, tokens_per_cam, 1)  # (B, L, 2)
+            pad_wh = location.new_tensor([pad_w, pad_h], dtype=torch.float32)
+            pixels = location.float() * pad_wh  # (B N, h, w, 2) pixel centres
+            depth = self.coords_d.float()
+            num_bins = depth.size(0)
+            pixels = pixels.view(batch, num_cams, tokens_per_cam, 1, 2)
+            uv = pixels * torch.clamp(depth, min=1e-5).view(num_bins, 1)  # (B, N, hw, D, 2)
+            coords = torch.cat(
+                [uv, depth.view(num_bins, 1).expand_as(uv[..., :1]), torch.ones_like(uv[..., :1])], dim=-1
+            )  # (B, N, hw, D, 4): (u d, v d, d, 1)
+            img2lidar = lidar2img.float().inverse()  # (B, N, 4, 4)
+            coords3d = torch.matmul(img2lidar[:, :, None, None], coords.unsqueeze(-1)).squeeze(-1)[..., :3]
+            low, high = self.position_range[0:3], self.position_range[3:6]
+            coords3d = (coords3d - low) / (high - low)
+            coords3d = coords3d.reshape(batch, num_cams * tokens_per_cam, num_bins * 3)  # (B, L, 3 D)
+            if topk_indexes is not None:
+                coords3d = _gather_tokens(coords3d, topk_indexes)
+                focal = _gather_tokens(focal, topk_indexes)
+            bin_start = (num_bins - CONE_BIN_FROM_END) * 3
+            cone = torch.cat([focal, coords3d[..., -3:], coords3d[..., bin_start : bin_start + 3]], dim=-1)
+            position_input = inverse_sigmoid(coords3d)
+        return self.position_encoder(position_input), cone
+
+    def _temporal_alignment(
+        self, query_pos: torch.Tensor, tgt: torch.Tensor, reference_points: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Ego-motion MLN and time embedding of queries and memory; append the propagated rows.
+
+        Returns ``tgt`` and ``query_pos`` (B, Q', C), ``reference_points`` (B, Q', 3) with
+        Q' = Q (+ pad) + P, and the remaining memory ``temp_memory``, ``temp_pos`` (B, M - P, C).
+        """
+        memory = self.memory
+        low, high = self.pc_range[0:3], self.pc_range[3:6]
+        with full_precision(query_pos.device):
+            temp_reference_point = (memory.reference_point - low) / (high - low)  # (B, M, 3)
+            memory_age = memory.timestamp  # (B, M, 1) float64
+            memory_time_feats = pos2posemb1d(memory_age, self.embed_dims).float()  # (B, M, C)
+        temp_pos = self.query_embedding(pos2posemb3d(temp_reference_point, self.embed_dims // 2))
+        temp_memory = memory.embedding
+
+        if self.with_ego_pos:
+            # Current queries: zero velocity and age, identity pose; one code shared by all of them.
+            identity_pose = torch.eye(4, device=query_pos.device)[:3, :].flatten()
+            current_code = torch.cat([query_pos.new_zeros(3), identity_pose]).view(1, 1, EGO_MOTION_CODE_SIZE)
+            current_code = nerf_positional_encoding(current_code)  # (1, 1, 180)
+            tgt = self.ego_pose_memory(tgt, current_code)
+            query_pos = self.ego_pose_pe(query_pos, current_code)
+            memory_code = torch.cat(
+                [memory.velo, memory_age.float(), memory.egopose[..., :3, :].flatten(-2)], dim=-1
+            )  # (B, M, 15)
+            memory_code = nerf_positional_encoding(memory_code)  # (B, M, 180)
+            temp_pos = self.ego_pose_pe(temp_pos, memory_code)
+            temp_memory = self.ego_pose_memory(temp_memory, memory_code)
+
+        zero_age = query_pos.new_zeros(1, 1, 1)
+        query_pos = query_pos + self.time_embedding(pos2posemb1d(zero_age, self.embed_dims))
+        temp_pos = temp_pos + self.time_embedding(memory_time_feats)
+
+        if self.num_propagated > 0:
+            propagated = self.num_propagated
+            tgt = torch.cat([tgt, temp_memory[:, :propagated]], dim=1)
+            query_pos = torch.cat([query_pos, temp_pos[:, :propagated]], dim=1)
+            reference_points = torch.cat(
+                [reference_points, temp_reference_point[:, :propagated].to(reference_points.dtype)], dim=1
+            )
+            temp_memory = temp_memory[:, propagated:]
+            temp_pos = temp_pos[:, propagated:]
+        return tgt, query_pos, reference_points, temp_memory, temp_pos
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        *,
+        img_feats: torch.Tensor,
+        location: torch.Tensor,
+        pad_shape: Tuple[int, int],
+        intrinsics: torch.Tensor,
+        lidar2img: torch.Tensor,
+        timestamp: torch.Tensor,
+        ego_pose: torch.Tensor,
+        ego_pose_inv: torch.Tensor,
+        prev_exists: torch.Tensor,
+        gt_bboxes_3d: Optional[Sequence[torch.Tensor]] = None,
+        gt_labels_3d: Optional[Sequence[torch.Tensor]] = None,
+        topk_indexes: Optional[torch.Tensor] = None,
+    ) -> Dict[str, Any]:
+        """Run one frame and update the memory.
+
+        Args:
+            img_feats: (B, N, C_in, h, w) neck features.
+            location: (B * N, h, w, 2) normalised token centres ``((16 j + 8) / pad_w, (16 i + 8) / pad_h)``.
+            pad_shape: (pad_h, pad_w) of the padded input images.
+            intrinsics: (B, N, 4, 4); only K[0, 0], K[1, 1] are read.
+            lidar2img: (B, N, 4, 4) LiDAR -> padded-image pixels.
+            timestamp: (B,) float64 seconds.
+            ego_pose, ego_pose_inv: (B, 4, 4) LiDAR -> global and its inverse.
+            prev_exists: (B,) 0 at the first frame of a stream.
+            gt_bboxes_3d, gt_labels_3d: per-sample GT (gravity-centre boxes (n, 9)); used for denoising
+                queries in training only.
+            topk_indexes: (B, K, 1) image-token order from the 2D head, or None (all tokens).
+
+        Returns:
+            dict with ``all_cls_scores`` (layers, B, Q + P, num_classes) logits, ``all_bbox_preds``
+            (layers, B, Q + P, 10), ``dn_mask_dict`` (the denoising mask dict with
+            ``output_known_lbs_bboxes`` = (cls (layers, B, pad, C), boxes (layers, B, pad, 10))) or None.
+        """
+        if timestamp.dtype != torch.float64:
+            raise TypeError(f"timestamp must be float64 (absolute seconds), got {timestamp.dtype}")
+        batch, num_cams, channels, height, width = img_feats.shape
+        device = img_feats.device
+        pc_low, pc_high = self.pc_range[0:3], self.pc_range[3:6]
+        with full_precision(device):
+            pseudo_points = None
+            if self.num_propagated > 0:
+                pseudo_points = self.pseudo_reference_points.weight * (pc_high - pc_low) + pc_low
+            self.memory.pre_update(
+                prev_exists=prev_exists.float(),
+                timestamp=timestamp,
+                ego_pose_inv=ego_pose_inv.float(),
+                pseudo_reference_points=pseudo_points,
+            )
+
+        tokens = img_feats.permute(0, 1, 3, 4, 2).reshape(batch, num_cams * height * width, channels)
+        if topk_indexes is not None:
+            tokens = _gather_tokens(tokens, topk_indexes)
+        pos_embed, cone = self._position_embedding(location, pad_shape, intrinsics, lidar2img, topk_indexes)
+        memory = self.memory_embed(tokens)
+        memory = self.spatial_alignment(memory, cone)
+        pos_embed = self.featurized_pe(pos_embed, memory)
+
+        attn_mask, mask_dict = None, None
+        if self.training and self.with_dn and gt_bboxes_3d is not None and gt_labels_3d is not None:
+            dn = build_denoising_queries(
+                gt_bboxes_3d=[boxes[:, :9] for boxes in gt_bboxes_3d],
+                gt_labels_3d=gt_labels_3d,
+                reference_points=self.reference_points.weight,
+                pc_range=self.pc_range,
+                num_classes=self.num_classes,
+                num_groups=self.scalar,
+                noise_scale=self.noise_scale,
+                noise_trans=self.noise_trans,
+                split=self.split,
+                num_propagated=self.num_propagated,
+                memory_len=self.memory_len,
+            )
+            reference_points, attn_mask, mask_dict = dn.reference_points, dn.attn_mask, dn.mask_dict
+        else:
+            reference_points = self.reference_points.weight.unsqueeze(0).repeat(batch, 1, 1)
+        pad_size = mask_dict["pad_size"] if mask_dict is not None else 0
+
+        query_pos = self.query_embedding(pos2posemb3d(reference_points, self.embed_dims // 2))  # (B, P+Q, C)
+        tgt = torch.zeros_like(query_pos)
+        tgt, query_pos, reference_points, temp_memory, temp_pos = self._temporal_alignment(
+            query_pos, tgt, reference_points
+        )
+        outs_dec = self.transformer(memory, tgt, query_pos, pos_embed, attn_mask, temp_memory, temp_pos)
+        outs_dec = torch.nan_to_num(outs_dec)  # (layers, B, pad + Q + P, C)
+
+        reference_logits = inverse_sigmoid(reference_points)
+        all_cls_scores, all_bbox_preds = [], []
+        for layer_index in range(outs_dec.size(0)):
+            all_cls_scores.append(self.cls_branches[layer_index](outs_dec[layer_index]))
+            regression = self.reg_branches[layer_index](outs_dec[layer_index])
+            centers = (regression[..., 0:3] + reference_logits).sigmoid()
+            all_bbox_preds.append(torch.cat([centers, regression[..., 3:]], dim=-1))
+        all_cls_scores = torch.stack(all_cls_scores).float()
+        all_bbox_preds = torch.stack(all_bbox_preds).float()
+        all_bbox_preds = torch.cat(
+            [all_bbox_preds[..., 0:3] * (pc_high - pc_low) + pc_low, all_bbox_preds[..., 3:]], dim=-1
+        )
+
+        matching_cls = all_cls_scores[:, :, pad_size:]
+        matching_boxes = all_bbox_preds[:, :, pad_size:]
+        with full_precision(device):
+            self.memory.post_update(
+                embedding=outs_dec[-1, :, pad_size:].float(),
+                reference_point=matching_boxes[-1, ..., 0:3],
+                velo=matching_boxes[-1, ..., -2:],
+                scores=matching_cls[-1].sigmoid().max(dim=-1).values,
+                topk=self.topk_proposals,
+                timestamp=timestamp,
+                ego_pose=ego_pose.float(),
+            )
+
+        if mask_dict is not None and pad_size > 0:
+            mask_dict["output_known_lbs_bboxes"] = (
+                all_cls_scores[:, :, :pad_size],
+                all_bbox_preds[:, :, :pad_size],
+            )
+            return {
+                "all_cls_scores": matching_cls,
+                "all_bbox_preds": matching_boxes,
+                "dn_mask_dict": mask_dict,
+            }
+        return {"all_cls_scores": all_cls_scores, "all_bbox_preds": all_bbox_preds, "dn_mask_dict": None}
+
+    # ------------------------------------------------------------------ losses and decoding
+
+    def loss(
+        self,
+        gt_bboxes_3d: Sequence[torch.Tensor],
+        gt_labels_3d: Sequence[torch.Tensor],
+        preds: Dict[str, Any],
+    ) -> Dict[str, torch.Tensor]:
+        """3D losses of :meth:`forward`'s outputs against per-sample GT boxes (n, 9) (gravity-centre z) and
+        labels (n,). Keys: ``loss_cls``, ``loss_bbox``, ``d0..d4.loss_*`` and the ``dn_`` counterparts."""
+        return self.criterion(
+            preds["all_cls_scores"],
+            preds["all_bbox_preds"],
+            preds["dn_mask_dict"],
+            list(gt_bboxes_3d),
+            list(gt_labels_3d),
+            self.code_weights,
+            self.match_costs,
+        )
+
+    @torch.no_grad()
+    def get_bboxes(self, preds: Dict[str, Any]) -> List[Dict[str, torch.Tensor]]:
+        """Decode the last layer (top ``max_num`` (query, class) pairs, no NMS).
+
+        Returns per sample ``{"boxes_3d": (K, 9) (x, y, z_bottom, dx, dy, dz, yaw, vx, vy),
+        "scores_3d": (K,), "labels_3d": (K,)}`` in the current LiDAR frame.
+        """
+        decoded = self.bbox_coder.decode(preds["all_cls_scores"][-1], preds["all_bbox_preds"][-1])
+        results = []
+        for sample in decoded:
+            boxes = sample["bboxes"].clone()
+            boxes[:, 2] = boxes[:, 2] - boxes[:, 5] * 0.5  # gravity centre -> bottom centre
+            results.append({"boxes_3d": boxes, "scores_3d": sample["scores"], "labels_3d": sample["labels"]})
+        return results
+
+
+def _gather_tokens(values: torch.Tensor, topk_indexes: torch.Tensor) -> torch.Tensor:
+    """Rows ``topk_indexes`` (B, K, 1) of ``values`` (B, L, F) -> (B, K, F)."""
+    return torch.gather(values, 1, topk_indexes.expand(-1, -1, values.size(-1)))
+
+
+class StreamPETRHeadParams(BaseModel):
+    """User settings of :class:`StreamPETRHead`; defaults are the V2-99 recipe
+    (stream_petr_vov_flash_800_bs2_seq_24e.py). ``in_channels`` comes from the neck."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    embed_dims: int = Field(default=256, gt=0, description="Channels of queries, memory and decoder.")
+    num_query: int = Field(default=644, gt=0, description="Learnable queries (reference points).")
+    memory_len: int = Field(default=1024, gt=0, description="Memory rows kept between frames.")
+    topk_proposals: int = Field(default=256, gt=0, description="Queries written to the memory per frame.")
+    num_propagated: int = Field(
+        default=256, ge=0, description="Most recent memory rows appended to the queries (the rest are keys)."
+    )
+    num_reg_fcs: int = Field(
+        default=2, ge=0, description="Hidden layers of the classification / regression branches."
+    )
+    with_dn: bool = Field(default=True, description="Query denoising in training.")
+    with_ego_pos: bool = Field(default=True, description="Ego-motion MLN on queries and memory.")
+    match_with_velo: bool = Field(default=False, description="Include velocity in the Hungarian L1 cost.")
+    scalar: int = Field(default=10, gt=0, description="Denoising groups (noised copies of every GT).")
+    noise_scale: float = Field(default=1.0, ge=0, description="Denoising centre jitter, in half box sizes.")
+    noise_trans: float = Field(default=0.0, ge=0, description="Added to the half box size of the jitter.")
+    dn_weight: float = Field(default=1.0, ge=0, description="Weight of the denoising losses.")
+    split: float = Field(
+        default=0.75, ge=0, description="Denoising copies with jitter norm above this get background targets."
+    )
+    LID: bool = Field(default=True, description="Linear-increasing depth bins (else uniform).")
+    depth_num: int = Field(default=64, ge=30, description="Depth bins of the 3D position embedding.")
+    depth_start: float = Field(default=1.0, gt=0, description="Depth of the first bin, metres.")
+    position_range: List[float] = Field(
+        default=list(POSITION_RANGE),
+        min_length=6,
+        max_length=6,
+        description="Frustum normalisation range [x_min, y_min, z_min, x_max, y_max, z_max]; "
+        "x_max is also the depth of the last bin.",
+    )
+    pc_range: List[float] = Field(
+        default=list(PC_RANGE),
+        min_length=6,
+        max_length=6,
+        description="Range of reference points and box centres [x_min, y_min, z_min, x_max, y_max, z_max].",
+    )
+    code_weights: List[float] = Field(
+        default=list(CODE_WEIGHTS), min_length=10, max_length=10, description="Per-dimension L1 loss weights."
+    )
+    match_costs: Optional[List[float]] = Field(
+        default=None, description="Per-dimension weights of the matching L1 cost (default: code_weights)."
+    )
+    num_layers: int = Field(default=6, gt=0, description="Decoder layers.")
+    num_heads: int = Field(default=8, gt=0, description="Attention heads.")
+    feedforward_channels: int = Field(default=2048, gt=0, description="FFN hidden channels.")
+    dropout: float = Field(default=0.1, ge=0, lt=1, description="Dropout of attention and FFN.")
+    with_cp: bool = Field(
+        default=True, description="Activation checkpointing of each decoder layer in training."
+    )
+    attention_backend: str = Field(default="sdpa", description="Registered attention backend name.")
+    post_center_range: List[float] = Field(
+        default=list(POSITION_RANGE),
+        min_length=6,
+        max_length=6,
+        description="Decoded boxes whose centre lies outside this range are dropped.",
+    )
+    max_num: int = Field(default=300, gt=0, description="Boxes kept per frame by the decoder.")
+    score_threshold: Optional[float] = Field(default=None, description="Minimum score of decoded boxes.")
+    per_camera_focal: bool = Field(
+        default=False,
+        description="Give every image token its own camera's focal length in the cone (the reference tiles "
+        "the camera axis instead; off reproduces the reference).",
+    )
