@@ -60,10 +60,10 @@ def streampetr_register_detectors(register: Register) -> None:
     register("streampetr", StreamPETRDetector, params=StreamPETRDetectorParams)
 
 
-def _build_nuscenes(*, training: bool, **options: Any):
+def _build_nuscenes(*, training: bool, classes: List[str], **options: Any):
     from streampetr_plugin.data.dataset import NuScenesStreamDataset
 
-    return NuScenesStreamDataset(training=training, **options)
+    return NuScenesStreamDataset(training=training, classes=classes, **options)
 
 
 @hookimpl
@@ -112,7 +112,9 @@ def streampetr_register_adapters(register: Register) -> None:
 
     register(ascend.NpuEnvironment.name, ascend.NpuEnvironment, params=ascend.NpuEnvironmentParams)
     register(ascend.NpuRuntime.name, ascend.NpuRuntime, params=ascend.NpuRuntimeParams)
-    register(ascend.NpuFusionAttention.name, ascend.NpuFusionAttention, params=ascend.NpuFusionAttentionParams)
+    register(
+        ascend.NpuFusionAttention.name, ascend.NpuFusionAttention, params=ascend.NpuFusionAttentionParams
+    )
     register(ascend.NpuFusedAdamW.name, ascend.NpuFusedAdamW, params=NoOptions)
     register(cuda.CudaAllocator.name, cuda.CudaAllocator, params=NoOptions)
     register(cuda.CudaTf32.name, cuda.CudaTf32, params=cuda.CudaTf32Params)
@@ -122,6 +124,5 @@ def streampetr_register_adapters(register: Register) -> None:
     register(cpu.CpuThreads.name, cpu.CpuThreads, params=cpu.CpuThreadsParams)
     register(cpu.CpuForeachAdamW.name, cpu.CpuForeachAdamW, params=NoOptions)
     register(common.DdpStaticGraph.name, common.DdpStaticGraph, params=NoOptions)
-    register(
-        common.GradientCheckpointing.name, common.GradientCheckpointing, params=common.GradientCheckpointingParams
-    )
+    register(common.GradientCheckpointing.name, common.GradientCheckpointing,
+             params=common.GradientCheckpointingParams)

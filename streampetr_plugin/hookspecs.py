@@ -49,8 +49,9 @@ def streampetr_register_detectors(register: Register) -> None:
 
 @hookspec
 def streampetr_register_datasets(register: Register) -> None:
-    """Register datasets. ``factory(**options, training=bool)`` returns a map-style dataset whose
-    items collate into the batch contract of ``streampetr_plugin.data.batch``."""
+    """Register datasets. ``factory(**options, training=bool, classes=list[str])`` returns a
+    map-style dataset whose items collate into the batch contract of ``streampetr_plugin.data.batch``
+    (``classes``: the recipe's ``data.class_names``, the label order shared with the model)."""
 
 
 @hookspec

@@ -75,10 +75,10 @@ def test_delete_replaces_a_section_instead_of_merging(tmp_path):
         _base_: {DEMO}
         accelerator:
           adapters:
-            cpu:
+            cpu_threads:
               enabled: false
     """)
-    assert load_recipe(base_yaml).accelerator.adapters["cpu"].enabled is False
+    assert load_recipe(base_yaml).accelerator.adapters["cpu_threads"].enabled is False
     grandchild = write(tmp_path / "grandchild.yaml", f"""
         _base_: {base_yaml.name}
         accelerator:
@@ -103,10 +103,13 @@ def test_missing_base_file_names_file_and_line(tmp_path):
 
 
 def test_overrides_set_parse_and_delete():
+    assert load_recipe(DEMO).runtime.log_interval != 50
     recipe = load_recipe(DEMO, ["runtime.seed=5", "optimization.grad_clip.max_norm=10.5", "runtime.load_from=a.pth",
-                                "~optimization.grad_clip"])
+                                "~runtime.log_interval", "data.num_workers=3"])
     assert recipe.runtime.seed == 5 and recipe.runtime.load_from == "a.pth"
-    assert recipe.optimization.grad_clip is None
+    assert recipe.optimization.grad_clip.max_norm == 10.5 and recipe.data.num_workers == 3
+    assert recipe.runtime.log_interval == 50  # deleted: back to the schema default
+    assert load_recipe(DEMO, ["optimization.grad_clip=null"]).optimization.grad_clip is None
 
 
 def test_bad_override_is_reported_as_command_line():

@@ -97,6 +97,33 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_make_synthetic(args: argparse.Namespace) -> int:
+    from streampetr_plugin.data.commands import make_synthetic_command
+
+    dataset = make_synthetic_command(args.dir, scenes=args.scenes, seed=args.seed)
+    print(dataset.root)
+    return 0
+
+
+def _cmd_create_data(args: argparse.Namespace) -> int:
+    from streampetr_plugin.data.commands import create_data_command
+
+    for path in create_data_command(args.root, version=args.version, out_dir=args.out_dir).values():
+        print(path)
+    return 0
+
+
+def _cmd_visualize(args: argparse.Namespace) -> int:
+    from streampetr_plugin.visualization.command import VisualizationError, visualize_command
+
+    try:
+        print(visualize_command(args.run, sample=args.sample, out=args.out))
+    except VisualizationError as error:
+        print(error, file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streampetr", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -126,6 +153,24 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.add_argument("--all", action="store_true", help="list every component")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     plugins.set_defaults(run=_cmd_plugins)
+
+    synthetic = commands.add_parser("make-synthetic", help="write the built-in synthetic nuScenes to DIR")
+    synthetic.add_argument("dir")
+    synthetic.add_argument("--scenes", type=int, default=10, help="number of scenes (<= 10: v1.0-mini split)")
+    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.set_defaults(run=_cmd_make_synthetic)
+
+    create = commands.add_parser("create-data", help="build the info files of a nuScenes root with nuscenes-devkit")
+    create.add_argument("--root", required=True, help="nuScenes root (holds samples/ and the version folder)")
+    create.add_argument("--version", default="v1.0-trainval", help="v1.0-trainval, v1.0-mini, ...")
+    create.add_argument("--out-dir", default=None, help="where to write the infos (default: the root)")
+    create.set_defaults(run=_cmd_create_data)
+
+    visualize = commands.add_parser("visualize", help="draw a run's predictions and ground truth as a PNG")
+    visualize.add_argument("--run", required=True, help="run directory (holds recipe.yaml and eval/)")
+    visualize.add_argument("--sample", default=None, help="sample token (default: the first val sample)")
+    visualize.add_argument("--out", default=None, help="PNG path (default: next to the predictions)")
+    visualize.set_defaults(run=_cmd_visualize)
     return parser
 
 

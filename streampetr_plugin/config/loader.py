@@ -136,7 +136,8 @@ def _load_tree(path: Path, stack: Tuple[Path, ...] = ()) -> _Located:
     return merged
 
 
-def _apply_overrides(located: _Located, overrides: Iterable[str]) -> None:
+def _apply_overrides(located: _Located, overrides: Iterable[str]) -> List[str]:
+    """Apply ``a.b=value`` / ``~a.b`` in order; returns one error line per override that cannot apply."""
     errors = []
     for override in overrides:
         if override.startswith("~"):
@@ -163,8 +164,7 @@ def _apply_overrides(located: _Located, overrides: Iterable[str]) -> None:
             node = node[key]
         node[keys[-1]] = value
         located.lines[keys] = (OVERRIDE_SOURCE, None)
-    if errors:
-        raise RecipeError(errors)
+    return errors
 
 
 def _walk(data: Any, keys: KeyPath) -> Any:
@@ -303,16 +303,15 @@ def load_recipe(path_or_name: Union[str, Path], overrides: Sequence[str] = ()) -
     """Load, merge, override and validate a recipe; raises :class:`RecipeError` listing every problem."""
     path = resolve_recipe_path(path_or_name)
     located = _load_tree(path)
-    _apply_overrides(located, overrides)
+    errors = _apply_overrides(located, overrides)
     located.data.setdefault("name", path.stem)
     fallback = str(path)
-    errors, validated = _validate_components(located, fallback)
+    component_errors, validated = _validate_components(located, fallback)
+    errors += component_errors
     try:
         recipe = Recipe.model_validate(located.data)
     except ValidationError as error:
-        structural = _format_errors(error, (), located, fallback)
-        # a component's own options are reported by its params model, not as structural errors
-        raise RecipeError(structural + errors) from None
+        raise RecipeError(_format_errors(error, (), located, fallback) + errors) from None
     if errors:
         raise RecipeError(errors)
     for path_, kind, name, options in validated:

@@ -1,0 +1,83 @@
+"""DataLoader construction for streaming training and evaluation."""
+from __future__ import annotations
+
+from typing import Dict, Iterator
+
+import torch
+from torch.utils.data import DataLoader, get_worker_info
+
+from .collate import collate_frames
+from .dataset import NuScenesStreamDataset
+from .sampler import StreamingEvalSampler, StreamingTrainSampler
+
+__all__ = ["StreamingDataLoader", "build_dataloader"]
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Give each worker process its own augmentation stream (torch draws a fresh base seed per epoch)."""
+    info = get_worker_info()
+    info.dataset.reseed(info.seed)
+
+
+class StreamingDataLoader(DataLoader):
+    """A DataLoader whose ``state_dict()`` counts the batches actually handed out.
+
+    Workers prefetch ahead of the training loop, so the batch sampler's own position runs ahead of
+    what was consumed; this loader reports the consumed position, which is what a checkpoint needs.
+    """
+
+    def __iter__(self) -> Iterator[Dict[str, object]]:
+        self._consumed = self.batch_sampler.iteration
+        for batch in super().__iter__():
+            self._consumed += 1
+            yield batch
+
+    def state_dict(self) -> Dict[str, int]:
+        """The batch sampler's state at the last batch handed out."""
+        state = self.batch_sampler.state_dict()
+        state["iteration"] = getattr(self, "_consumed", self.batch_sampler.iteration)
+        return state
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        self.batch_sampler.load_state_dict(state)
+        self._consumed = self.batch_sampler.iteration
+
+
+def build_dataloader(
+    dataset: NuScenesStreamDataset,
+    *,
+    batch_size: int,
+    num_workers: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    training: bool,
+    pin_memory: bool = False,
+) -> StreamingDataLoader:
+    """Loader of collated batches (see :mod:`streampetr_plugin.data.batch`) for this rank.
+
+    ``batch_size`` is per device. Training uses :class:`StreamingTrainSampler` over the dataset's
+    sequence groups (the same ``seed`` on every rank), evaluation :class:`StreamingEvalSampler`.
+    Augmentation randomness is seeded from (seed, rank) in the main process and per worker from the
+    loader's generator (seeded with seed and rank). Worker processes persist across epochs.
+    """
+    if training:
+        batch_sampler = StreamingTrainSampler(
+            dataset.flag, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed
+        )
+    else:
+        batch_sampler = StreamingEvalSampler(len(dataset), batch_size=batch_size, rank=rank,
+                                             world_size=world_size)
+    dataset.reseed(seed, rank)
+    generator = torch.Generator()
+    generator.manual_seed(seed * 65_537 + rank)
+    return StreamingDataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        num_workers=num_workers,
+        collate_fn=collate_frames,
+        worker_init_fn=_seed_worker if num_workers > 0 else None,
+        generator=generator,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )

@@ -1,0 +1,132 @@
+"""The predictions file of an evaluation: what the detector predicted for every evaluated sample.
+
+Each evaluation of a run has its directory ``<run_dir>/eval/iter_<iteration, 8 digits>/`` (the
+devkit's output goes there too); the trainer writes the predictions there as ``predictions.npz``,
+which ``streampetr visualize`` and offline tools read back. One ``.npz`` (read with
+``allow_pickle=False``) holds the boxes of all samples concatenated, ragged by ``offsets``:
+
+================  ===================  ======================================================
+array             shape, dtype         meaning
+================  ===================  ======================================================
+``format``        () str               ``"streampetr-predictions"``
+``version``       () i64               format version (1)
+``sample_tokens`` (S,) str             nuScenes sample token of each sample
+``offsets``       (S + 1,) i64         rows ``offsets[i]:offsets[i + 1]`` belong to sample i
+``boxes_3d``      (K, 9) f32           (x, y, z_bottom, x_size, y_size, z_size, yaw, vx, vy),
+                                       that sample's LiDAR frame (the detector's eval output)
+``scores_3d``     (K,) f32             confidence
+``labels_3d``     (K,) i64             class index in the recipe's ``data.class_names``
+================  ===================  ======================================================
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Tuple, Union
+
+import numpy as np
+
+__all__ = [
+    "EVAL_DIR",
+    "PREDICTIONS_FILE",
+    "PREDICTIONS_FORMAT",
+    "PREDICTIONS_FORMAT_VERSION",
+    "evaluation_dir",
+    "list_predictions",
+    "load_predictions",
+    "predictions_path",
+    "save_predictions",
+]
+
+EVAL_DIR = "eval"
+PREDICTIONS_FILE = "predictions.npz"
+PREDICTIONS_FORMAT = "streampetr-predictions"
+PREDICTIONS_FORMAT_VERSION = 1
+_EVALUATION_NAME = re.compile(r"^iter_(\d+)$")
+
+Predictions = Mapping[str, Mapping[str, Any]]
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def evaluation_dir(run_dir: Union[str, Path], iteration: int) -> Path:
+    """``<run_dir>/eval/iter_<iteration:08d>``: everything one evaluation writes."""
+    return Path(run_dir) / EVAL_DIR / f"iter_{iteration:08d}"
+
+
+def predictions_path(run_dir: Union[str, Path], iteration: int) -> Path:
+    """``<run_dir>/eval/iter_<iteration:08d>/predictions.npz``."""
+    return evaluation_dir(run_dir, iteration) / PREDICTIONS_FILE
+
+
+def list_predictions(run_dir: Union[str, Path]) -> List[Tuple[int, Path]]:
+    """(iteration, path) of every predictions file of a run, oldest first."""
+    directory = Path(run_dir) / EVAL_DIR
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.iterdir():
+        match = _EVALUATION_NAME.match(path.name)
+        if match and (path / PREDICTIONS_FILE).is_file():
+            found.append((int(match.group(1)), path / PREDICTIONS_FILE))
+    return sorted(found)
+
+
+def save_predictions(predictions: Predictions, path: Union[str, Path]) -> Path:
+    """Write ``{sample_token: {"boxes_3d" (K, 9), "scores_3d" (K,), "labels_3d" (K,)}}`` (arrays or
+    tensors, in insertion order) to ``path`` atomically (a reader never sees a partial file)."""
+    path = Path(path)
+    tokens = list(predictions)
+    boxes, scores, labels = [], [], []
+    for token in tokens:
+        prediction = predictions[token]
+        boxes.append(_as_numpy(prediction["boxes_3d"]).astype(np.float32).reshape(-1, 9))
+        scores.append(_as_numpy(prediction["scores_3d"]).astype(np.float32).reshape(-1))
+        labels.append(_as_numpy(prediction["labels_3d"]).astype(np.int64).reshape(-1))
+        if not (len(boxes[-1]) == len(scores[-1]) == len(labels[-1])):
+            raise ValueError(
+                f"sample {token}: {len(boxes[-1])} boxes, {len(scores[-1])} scores, {len(labels[-1])} labels"
+            )
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b in boxes])]).astype(np.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "wb") as handle:
+        np.savez(
+            handle,
+            format=np.array(PREDICTIONS_FORMAT),
+            version=np.array(PREDICTIONS_FORMAT_VERSION, dtype=np.int64),
+            sample_tokens=np.array(tokens, dtype=str).reshape(-1),
+            offsets=offsets,
+            boxes_3d=np.concatenate(boxes) if boxes else np.zeros((0, 9), np.float32),
+            scores_3d=np.concatenate(scores) if scores else np.zeros(0, np.float32),
+            labels_3d=np.concatenate(labels) if labels else np.zeros(0, np.int64),
+        )
+    os.replace(temporary, path)
+    return path
+
+
+def load_predictions(path: Union[str, Path]) -> Dict[str, Dict[str, np.ndarray]]:
+    """Read a predictions file: ``{sample_token: {"boxes_3d" (K, 9) f32, "scores_3d" (K,) f32,
+    "labels_3d" (K,) i64}}`` in the order written. Raises ``ValueError`` for another format."""
+    with np.load(path, allow_pickle=False) as data:
+        if "format" not in data.files or str(data["format"]) != PREDICTIONS_FORMAT:
+            raise ValueError(f"{path}: not a {PREDICTIONS_FORMAT} file")
+        if int(data["version"]) != PREDICTIONS_FORMAT_VERSION:
+            raise ValueError(
+                f"{path}: format version {int(data['version'])}, expected {PREDICTIONS_FORMAT_VERSION}"
+            )
+        offsets = data["offsets"]
+        boxes, scores, labels = data["boxes_3d"], data["scores_3d"], data["labels_3d"]
+        return {
+            str(token): {
+                "boxes_3d": boxes[start:end],
+                "scores_3d": scores[start:end],
+                "labels_3d": labels[start:end],
+            }
+            for token, start, end in zip(data["sample_tokens"], offsets[:-1], offsets[1:])
+        }

@@ -1,0 +1,1 @@
+"""Pictures of frames with ground-truth and predicted boxes (``streampetr visualize``)."""

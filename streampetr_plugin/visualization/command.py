@@ -1,0 +1,122 @@
+"""``streampetr visualize``: draw what a run predicted for one validation sample.
+
+A run directory holds the resolved recipe (``recipe.yaml``, written by the trainer) and one
+predictions file per evaluation (``eval/iter_<n>/predictions.npz``, see
+:mod:`streampetr_plugin.evaluation.predictions`). The picture uses the original camera images and
+calibration of the sample, its ground-truth annotations and the newest predictions.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from streampetr_plugin.data.geometry import invert_rigid, rigid_matrix
+from streampetr_plugin.data.infos import CAMERA_NAMES, SampleInfo
+from streampetr_plugin.evaluation.predictions import list_predictions, load_predictions
+from streampetr_plugin.visualization.render import render_frame
+
+__all__ = [
+    "RECIPE_FILE",
+    "VisualizationError",
+    "render_dataset_sample",
+    "sample_lidar2img",
+    "visualize_command",
+]
+
+RECIPE_FILE = "recipe.yaml"
+
+
+class VisualizationError(RuntimeError):
+    """The run directory, the sample or its predictions cannot be found; the message says which."""
+
+
+def sample_lidar2img(sample: SampleInfo) -> np.ndarray:
+    """(N, 4, 4) LiDAR -> pixels of the stored camera images of ``sample``, cameras in CAMERA_NAMES order."""
+    projections = []
+    for name in CAMERA_NAMES:
+        camera = sample.cams[name]
+        viewpad = np.eye(4)
+        viewpad[:3, :3] = camera.intrinsic
+        camera2lidar = rigid_matrix(camera.sensor2lidar_rotation, camera.sensor2lidar_translation)
+        lidar2camera = invert_rigid(camera2lidar)
+        projections.append(viewpad @ lidar2camera)
+    return np.stack(projections)
+
+
+def render_dataset_sample(
+    dataset: Any,
+    index: int,
+    prediction: Mapping[str, Any],
+    out_path: Union[str, Path],
+    *,
+    class_names: Sequence[str],
+    score_threshold: float = 0.3,
+    title: Optional[str] = None,
+) -> Path:
+    """Render sample ``index`` of a nuScenes-style dataset (``samples[index]`` a
+    :class:`~streampetr_plugin.data.infos.SampleInfo`, ``load_images(index)`` its PIL images) with
+    ``prediction`` (``boxes_3d`` (K, 9) bottom-centre z, ``scores_3d``, ``labels_3d``) to a PNG.
+
+    Ground truth: the sample's annotations of ``class_names``, those with LiDAR or radar points (the
+    boxes the metric scores). Returns ``out_path``.
+    """
+    sample: SampleInfo = dataset.samples[index]
+    keep = sample.valid_flag & np.isin(sample.gt_names, list(class_names))
+    gt_labels = np.array([list(class_names).index(name) for name in sample.gt_names[keep]], dtype=np.int64)
+    return render_frame(
+        out_path,
+        images=[np.asarray(image) for image in dataset.load_images(index)],
+        lidar2img=sample_lidar2img(sample),
+        gt_boxes=sample.gt_boxes[keep].reshape(-1, 7),
+        gt_labels=gt_labels,
+        predictions=prediction,
+        class_names=class_names,
+        camera_names=CAMERA_NAMES,
+        score_threshold=score_threshold,
+        title=title if title is not None else f"sample {sample.token} (scene {sample.scene_token})",
+    )
+
+
+def visualize_command(
+    run_dir: Union[str, Path], sample: Optional[str] = None, out: Optional[Union[str, Path]] = None
+) -> Path:
+    """Render the run's newest predictions for sample token ``sample`` (default: the first sample of
+    the val set, in time order) to ``out`` (default: ``sample_<token>.png`` next to the predictions
+    file). Returns the PNG's path; raises :class:`VisualizationError` with what is missing."""
+    from streampetr_plugin.config.loader import load_recipe
+    from streampetr_plugin.data.build import build_dataset
+
+    run_dir = Path(run_dir)
+    recipe_path = run_dir / RECIPE_FILE
+    if not recipe_path.is_file():
+        raise VisualizationError(f"{recipe_path}: no resolved recipe; is {run_dir} a run directory?")
+    found = list_predictions(run_dir)
+    if not found:
+        raise VisualizationError(
+            f"{run_dir}: no predictions (eval/iter_*/predictions.npz); the run has not been evaluated yet"
+        )
+    iteration, predictions_file = found[-1]
+    recipe = load_recipe(recipe_path)
+    dataset = build_dataset(recipe, training=False)
+    tokens = [info.token for info in dataset.samples]
+    if not tokens:
+        raise VisualizationError(f"the val set of {recipe_path} is empty")
+    token = sample if sample is not None else tokens[0]
+    if token not in tokens:
+        raise VisualizationError(
+            f"sample {token!r} is not in the val set of {recipe_path} ({len(tokens)} samples)"
+        )
+    predictions = load_predictions(predictions_file)
+    if token not in predictions:
+        raise VisualizationError(f"{predictions_file} has no predictions for sample {token!r}")
+    out_path = Path(out) if out is not None else predictions_file.parent / f"sample_{token}.png"
+    return render_dataset_sample(
+        dataset,
+        tokens.index(token),
+        predictions[token],
+        out_path,
+        class_names=recipe.data.class_names,
+        title=f"{recipe.name}, iteration {iteration}: sample {token}",
+    )

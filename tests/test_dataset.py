@@ -1,0 +1,181 @@
+"""The streaming dataset and loader: batch contract, prev_exists, image errors, resume."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from data_fixtures import synthetic_nuscenes, synthetic_params  # noqa: F401  (session fixtures)
+
+from streampetr_plugin.data.batch import CAMERA_KEYS, IMAGE_KEYS, META_KEYS, POSE_KEYS, TARGET_KEYS
+from streampetr_plugin.data.dataset import (
+    ImageReadError,
+    NuScenesDatasetParams,
+    NuScenesStreamDataset,
+    build_nuscenes_dataset,
+)
+from streampetr_plugin.data.infos import InfoFileNotFoundError, InfoSet, load_infos
+from streampetr_plugin.data.loader import build_dataloader
+
+
+@pytest.fixture(scope="module")
+def train_dataset(synthetic_params):  # noqa: F811
+    return build_nuscenes_dataset(synthetic_params, split="train")
+
+
+@pytest.fixture(scope="module")
+def val_dataset(synthetic_params):  # noqa: F811
+    return build_nuscenes_dataset(synthetic_params, split="val")
+
+
+def _check_contract(batch, batch_size, height, width, with_targets):
+    expected = set(IMAGE_KEYS + CAMERA_KEYS + POSE_KEYS + META_KEYS)
+    expected |= set(TARGET_KEYS) if with_targets else set()
+    assert set(batch) == expected
+    assert batch["img"].shape == (batch_size, 6, 3, height, width) and batch["img"].dtype == torch.float32
+    assert height % 32 == 0 and width % 32 == 0
+    for key in CAMERA_KEYS:
+        assert batch[key].shape == (batch_size, 6, 4, 4) and batch[key].dtype == torch.float32
+    assert batch["timestamp"].shape == (batch_size,) and batch["timestamp"].dtype == torch.float64
+    assert (batch["timestamp"] > 1.5e9).all()
+    for key in ("ego_pose", "ego_pose_inv"):
+        assert batch[key].shape == (batch_size, 4, 4) and batch[key].dtype == torch.float32
+    assert batch["prev_exists"].shape == (batch_size,) and batch["prev_exists"].dtype == torch.float32
+    # ego_pose_inv is the inverse of ego_pose (translations are ~1e3 m, hence the float32 tolerance).
+    identity = batch["ego_pose"].double() @ batch["ego_pose_inv"].double()
+    torch.testing.assert_close(identity, torch.eye(4, dtype=torch.float64).expand_as(identity), atol=2e-4,
+                               rtol=0)
+    assert all(isinstance(token, str) for key in META_KEYS for token in batch[key])
+    if with_targets:
+        for b in range(batch_size):
+            boxes, labels = batch["gt_bboxes_3d"][b], batch["gt_labels_3d"][b]
+            assert boxes.dtype == torch.float32 and boxes.shape[1] == 9 and labels.dtype == torch.int64
+            assert len(boxes) == len(labels) and ((labels >= 0) & (labels < 10)).all()
+            for key, columns in (("gt_bboxes_2d", 4), ("centers_2d", 2)):
+                assert len(batch[key][b]) == 6
+                assert all(t.dtype == torch.float32 and t.shape[1] == columns for t in batch[key][b])
+            assert all(t.dtype == torch.int64 for t in batch["gt_labels_2d"][b])
+            assert [len(t) for t in batch["depths"][b]] == [len(t) for t in batch["gt_bboxes_2d"][b]]
+
+
+def test_training_batches_follow_the_contract(train_dataset, synthetic_params):  # noqa: F811
+    loader = build_dataloader(train_dataset, batch_size=2, num_workers=0, rank=0, world_size=1, seed=0,
+                              training=True)
+    height, width = synthetic_params.final_dim
+    for batch in itertools.islice(loader, 3):
+        _check_contract(batch, 2, height, width, with_targets=True)
+        boxes = torch.cat(batch["gt_bboxes_3d"])
+        assert (boxes[:, :2].abs() < 51.2 * 1.05 * 1.5).all()  # range-filtered, then rotated / scaled
+
+
+def test_eval_batches_follow_the_contract(val_dataset, synthetic_params):  # noqa: F811
+    loader = build_dataloader(val_dataset, batch_size=1, num_workers=0, rank=0, world_size=1, seed=0,
+                              training=False)
+    batches = list(loader)
+    assert len(batches) == len(val_dataset)
+    height, width = synthetic_params.final_dim
+    for batch in batches:
+        _check_contract(batch, 1, height, width, with_targets=False)
+    timestamps = [float(batch["timestamp"][0]) for batch in batches]
+    assert timestamps == sorted(timestamps)
+    # Test-time lidar2img is K' @ extrinsics with K' the resized, bottom-cropped intrinsics.
+    torch.testing.assert_close(batches[0]["lidar2img"], batches[0]["intrinsics"] @ batches[0]["extrinsics"])
+
+
+def test_prev_exists_marks_group_and_scene_starts(train_dataset, val_dataset):
+    flags = train_dataset.flag
+    for index in range(len(train_dataset)):
+        first_of_group = index == 0 or flags[index - 1] != flags[index]
+        assert float(train_dataset[index]["prev_exists"]) == (0.0 if first_of_group else 1.0)
+    assert (flags == [0, 0, 1, 1, 2, 2, 3, 3]).all()  # 2 scenes x 4 frames, seq_split_num 2
+    prev = [float(val_dataset[i]["prev_exists"]) for i in range(len(val_dataset))]
+    assert prev == [0.0, 1.0, 1.0, 1.0]  # one validation scene
+
+
+def test_stream_rows_carry_consecutive_frames(train_dataset):
+    loader = build_dataloader(train_dataset, batch_size=2, num_workers=0, rank=0, world_size=1, seed=0,
+                              training=True)
+    batches = list(itertools.islice(itertools.chain(loader, loader), 8))
+    token_index = {sample.token: i for i, sample in enumerate(train_dataset.samples)}
+    for row in range(2):
+        indices = [token_index[batch["sample_token"][row]] for batch in batches]
+        flags = [float(batch["prev_exists"][row]) for batch in batches]
+        for step in range(1, len(indices)):
+            if flags[step] == 1.0:
+                assert indices[step] == indices[step - 1] + 1
+
+
+def test_loader_state_resumes_where_consumption_stopped(train_dataset):
+    def tokens(loader, count):
+        batches = itertools.islice(itertools.chain(loader, loader, loader), count)
+        return [tuple(batch["sample_token"]) for batch in batches]
+
+    loader = build_dataloader(train_dataset, batch_size=2, num_workers=0, rank=0, world_size=1, seed=0,
+                              training=True)
+    full = tokens(loader, 7)
+    partial = build_dataloader(train_dataset, batch_size=2, num_workers=0, rank=0, world_size=1, seed=0,
+                               training=True)
+    tokens(partial, 3)
+    state = partial.state_dict()
+    assert state["iteration"] == 3
+    resumed = build_dataloader(train_dataset, batch_size=2, num_workers=0, rank=0, world_size=1, seed=0,
+                               training=True)
+    resumed.load_state_dict(state)
+    assert full[:3] + tokens(resumed, 4) == full
+
+
+def test_worker_processes_deliver_the_same_frames(train_dataset):
+    kwargs = dict(batch_size=2, rank=0, world_size=1, seed=0, training=True)
+    in_process = [batch["sample_token"] for batch in build_dataloader(train_dataset, num_workers=0, **kwargs)]
+    worker_loader = build_dataloader(train_dataset, num_workers=1, **kwargs)
+    with_worker = [batch["sample_token"] for batch in worker_loader]
+    assert in_process == with_worker
+
+
+def _with_image(infos: InfoSet, index: int, path: str) -> InfoSet:
+    samples = list(infos.samples)
+    cams = dict(samples[index].cams)
+    cams["CAM_BACK"] = dataclasses.replace(cams["CAM_BACK"], data_path=path)
+    samples[index] = dataclasses.replace(samples[index], cams=cams)
+    return InfoSet(version=infos.version, samples=samples)
+
+
+def test_missing_or_corrupt_image_names_file_and_token(tmp_path, synthetic_nuscenes):  # noqa: F811
+    infos = load_infos(synthetic_nuscenes.val_info)
+    token = sorted(infos.samples, key=lambda s: s.timestamp)[0].token
+    index = next(i for i, s in enumerate(infos.samples) if s.token == token)
+    missing = tmp_path / "missing.jpg"
+    dataset = NuScenesStreamDataset(infos=_with_image(infos, index, str(missing)),
+                                    root=synthetic_nuscenes.root, training=False, final_dim=(64, 160))
+    with pytest.raises(ImageReadError) as error:
+        dataset[0]
+    assert str(missing) in str(error.value) and token in str(error.value)
+
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
+    dataset = NuScenesStreamDataset(infos=_with_image(infos, index, str(corrupt)),
+                                    root=synthetic_nuscenes.root, training=False, final_dim=(64, 160))
+    with pytest.raises(ImageReadError) as error:
+        dataset[0]
+    assert str(corrupt) in str(error.value) and token in str(error.value)
+
+
+def test_missing_info_file_names_the_create_data_command(synthetic_nuscenes):  # noqa: F811
+    params = NuScenesDatasetParams(root=str(synthetic_nuscenes.root), version="v1.0-mini",
+                                   val_info="nope.json")
+    with pytest.raises(InfoFileNotFoundError) as error:
+        build_nuscenes_dataset(params, split="val")
+    message = str(error.value)
+    assert str(synthetic_nuscenes.root / "nope.json") in message
+    assert f"streampetr create-data --root {synthetic_nuscenes.root} --version v1.0-mini" in message
+
+
+def test_params_reject_unknown_keys_and_keep_reference_defaults():
+    with pytest.raises(ValueError):
+        NuScenesDatasetParams(final_dims=(1, 2))
+    params = NuScenesDatasetParams()
+    assert params.final_dim == (320, 800) and params.resize_lim == (0.47, 0.625) and params.seq_split_num == 2
+    assert params.to_rgb is False and params.mean == (103.530, 116.280, 123.675)
+    assert np.allclose(params.point_cloud_range, (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0))

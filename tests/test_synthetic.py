@@ -1,0 +1,135 @@
+"""The synthetic nuScenes generator: devkit compatibility, lidar points, rendering, determinism."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from data_fixtures import synthetic_nuscenes  # noqa: F401  (session fixture)
+from PIL import Image
+
+from streampetr_plugin.data.synthetic import (
+    CLASS_COLOURS,
+    MINI_TRAIN_SCENES,
+    MINI_VAL_SCENES,
+    make_synthetic,
+)
+
+TABLES = ("attribute", "calibrated_sensor", "category", "ego_pose", "instance", "log", "map", "sample",
+          "sample_annotation", "sample_data", "scene", "sensor", "visibility")
+
+
+@pytest.fixture(scope="module")
+def nusc(synthetic_nuscenes):  # noqa: F811
+    from nuscenes.nuscenes import NuScenes
+
+    return NuScenes(version=synthetic_nuscenes.version, dataroot=str(synthetic_nuscenes.root), verbose=False)
+
+
+def test_mini_split_names_match_devkit():
+    from nuscenes.utils import splits
+
+    assert list(MINI_TRAIN_SCENES) == splits.mini_train
+    assert list(MINI_VAL_SCENES) == splits.mini_val
+
+
+def test_devkit_loads_every_table_and_split(synthetic_nuscenes, nusc):  # noqa: F811
+    from nuscenes.utils.splits import create_splits_scenes
+
+    for table in TABLES:
+        assert len(getattr(nusc, table)) > 0, table
+    scene_names = {scene["name"] for scene in nusc.scene}
+    splits = create_splits_scenes()
+    generated = synthetic_nuscenes.dataset
+    assert scene_names == set(generated.train_scenes) | set(generated.val_scenes)
+    assert set(synthetic_nuscenes.dataset.train_scenes) <= set(splits["mini_train"])
+    assert set(synthetic_nuscenes.dataset.val_scenes) <= set(splits["mini_val"])
+    for sample in nusc.sample:
+        assert set(sample["data"]) == {"CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_FRONT_LEFT", "CAM_BACK",
+                                       "CAM_BACK_LEFT", "CAM_BACK_RIGHT", "LIDAR_TOP"}
+    instance_tokens = {annotation["instance_token"] for annotation in nusc.sample_annotation}
+    category_tokens = {nusc.get("instance", token)["category_token"] for token in instance_tokens}
+    detection_names = {nusc.get("category", category_token)["name"] for category_token in category_tokens}
+    assert len(detection_names) == 10  # every detection class occurs
+
+
+def test_lidar_points_lie_on_annotated_objects(nusc):
+    from nuscenes.utils.data_classes import LidarPointCloud
+    from nuscenes.utils.geometry_utils import points_in_box
+
+    for sample in nusc.sample[:4]:
+        path, boxes, _ = nusc.get_sample_data(sample["data"]["LIDAR_TOP"])
+        points = LidarPointCloud.from_file(path).points[:3]  # (3, N) LiDAR frame
+        assert boxes
+        for box, token in zip(boxes, sample["anns"]):
+            annotation = nusc.get("sample_annotation", token)
+            assert annotation["num_lidar_pts"] > 0
+            assert int(points_in_box(box, points).sum()) == annotation["num_lidar_pts"]
+
+
+def test_devkit_velocity_matches_straight_line_motion(nusc):
+    speeds = []
+    for annotation in nusc.sample_annotation:
+        if annotation["prev"] and annotation["next"]:
+            velocity = nusc.box_velocity(annotation["token"])
+            previous = nusc.box_velocity(annotation["prev"])
+            np.testing.assert_allclose(velocity, previous, atol=0.05)  # constant velocity
+            speeds.append(np.linalg.norm(velocity[:2]))
+    assert max(speeds) > 1.0 and min(speeds) < 1e-6  # both moving and parked objects
+
+
+def test_image_shows_nearest_object_in_its_class_colour(synthetic_nuscenes, nusc):  # noqa: F811
+    from nuscenes.eval.detection.utils import category_to_detection_name
+    from nuscenes.utils.geometry_utils import BoxVisibility
+
+    checked = 0
+    for sample in nusc.sample:
+        for channel in ("CAM_FRONT", "CAM_FRONT_LEFT", "CAM_FRONT_RIGHT", "CAM_BACK", "CAM_BACK_LEFT",
+                        "CAM_BACK_RIGHT"):
+            path, boxes, intrinsic = nusc.get_sample_data(sample["data"][channel],
+                                                          box_vis_level=BoxVisibility.NONE)
+            # Objects are painted far to near by centre distance: the nearest one is never occluded.
+            nearest = min(boxes, key=lambda box: np.linalg.norm(box.center))
+            if nearest.center[2] < 0.5:
+                continue
+            name = category_to_detection_name(nearest.name)
+            u, v, w = intrinsic @ nearest.center
+            image = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
+            column, row = int(u / w), int(v / w)
+            if name == "barrier" or not (2 <= column < image.shape[1] - 2 and 2 <= row < image.shape[0] - 2):
+                continue
+            pixel = image[row - 1:row + 2, column - 1:column + 2].reshape(-1, 3).mean(axis=0)
+            colour = np.array(CLASS_COLOURS[name], dtype=np.float64)
+            # Faces are the class colour times a shade: compare directions (JPEG noise tolerated).
+            cosine = pixel @ colour / (np.linalg.norm(pixel) * np.linalg.norm(colour))
+            assert cosine > 0.97, (name, pixel, colour)
+            checked += 1
+    assert checked >= 5
+
+
+def test_generation_is_deterministic_for_a_seed(tmp_path):
+    kwargs = dict(num_scenes=2, samples_per_scene=2, objects_per_scene=12, image_size=(64, 36))
+    make_synthetic(tmp_path / "a", seed=3, **kwargs)
+    make_synthetic(tmp_path / "b", seed=3, **kwargs)
+    make_synthetic(tmp_path / "c", seed=4, **kwargs)
+    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
+    assert files_a == files_b
+    for relative in files_a:
+        assert (tmp_path / "a" / relative).read_bytes() == (tmp_path / "b" / relative).read_bytes(), relative
+    annotations_a = json.loads((tmp_path / "a" / "v1.0-mini" / "sample_annotation.json").read_text())
+    annotations_c = json.loads((tmp_path / "c" / "v1.0-mini" / "sample_annotation.json").read_text())
+    assert [a["translation"] for a in annotations_a] != [a["translation"] for a in annotations_c]
+
+
+def test_intrinsics_match_the_image_size(nusc):
+    for record in nusc.sample_data:
+        if record["fileformat"] != "jpg":
+            continue
+        calibration = nusc.get("calibrated_sensor", record["calibrated_sensor_token"])
+        intrinsic = np.array(calibration["camera_intrinsic"])
+        with Image.open(nusc.get_sample_data_path(record["token"])) as image:
+            assert image.size == (record["width"], record["height"])
+        # Principal point near the centre, as in nuScenes (cx ~ 0.51 W, cy ~ 0.54 H).
+        assert 0.45 < intrinsic[0, 2] / record["width"] < 0.55
+        assert 0.45 < intrinsic[1, 2] / record["height"] < 0.6
