@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from data_fixtures import TINY_FINAL_DIM, synthetic_nuscenes  # noqa: F401  (session fixture)
 
 from streampetr_plugin import hookimpl, load_recipe
 from streampetr_plugin.cli.main import main as streampetr_main
 from streampetr_plugin.config.loader import RECIPE_DIR, RecipeError
-from streampetr_plugin.data.dataset import NuScenesDatasetParams, build_nuscenes_dataset
 from streampetr_plugin.models.build import build_model
 from streampetr_plugin.plugins import get_plugin_host, reset_plugin_host
-from data_fixtures import TINY_FINAL_DIM, synthetic_nuscenes  # noqa: F401  (session fixture)
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "streampetr-tiny-backbone"
 MODULE = "streampetr_tiny_backbone"
@@ -125,20 +124,12 @@ def _backbone_weights(model):
     return {key: value.detach().clone() for key, value in model.img_backbone.state_dict().items()}
 
 
-class SyntheticDatasets:
-    """The tiny synthetic nuScenes as a dataset plugin; hooks that record the backbone around training."""
+class BackboneRecorder:
+    """Lifecycle hooks that record the backbone's weights around training."""
 
     def __init__(self) -> None:
         self.backbone_before = None
         self.backbone_after = None
-
-    @hookimpl
-    def streampetr_register_datasets(self, register):
-        def build(*, training, **options):
-            split = "train" if training else "val"
-            return build_nuscenes_dataset(NuScenesDatasetParams(**options), split=split)
-
-        register("synthetic_for_example", build, params=NuScenesDatasetParams)
 
     @hookimpl
     def streampetr_pre_train(self, context):
@@ -154,11 +145,11 @@ def test_the_trainer_trains_one_step_with_the_plugin_backbone(
 ):
     from streampetr_plugin.training.trainer import train
 
-    recorder = SyntheticDatasets()
-    installed.register_plugin(recorder, name="synthetic-for-example")
+    recorder = BackboneRecorder()
+    installed.register_plugin(recorder, name="backbone-recorder")
     height, width = TINY_FINAL_DIM
     data = [f"root={synthetic_nuscenes.root}", "version=v1.0-mini", f"final_dim=[{height},{width}]",
-            "resize_lim=[0.9,1.1]", "type=synthetic_for_example"]
+            "resize_lim=[0.9,1.1]"]
     recipe = load_recipe(tiny_recipe(tmp_path / "tiny.yaml"), [
         *(f"data.train.{option}" for option in data),
         *(f"data.val.{option}" for option in data),

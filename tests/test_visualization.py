@@ -5,15 +5,15 @@ import math
 import numpy as np
 import pytest
 import torch
+from data_fixtures import synthetic_nuscenes  # noqa: F401  (session fixture)
 from PIL import Image
 
-from streampetr_plugin import hookimpl, load_recipe
+from streampetr_plugin import load_recipe
 from streampetr_plugin.config.loader import dump_recipe
 from streampetr_plugin.data.dataset import NuScenesDatasetParams, build_nuscenes_dataset
 from streampetr_plugin.data.infos import CAMERA_NAMES
 from streampetr_plugin.data.transforms import normalize_images
 from streampetr_plugin.evaluation.predictions import predictions_path, save_predictions
-from streampetr_plugin.plugins import get_plugin_host, reset_plugin_host
 from streampetr_plugin.visualization.command import VisualizationError, sample_lidar2img, visualize_command
 from streampetr_plugin.visualization.render import (
     bottom_to_gravity,
@@ -25,7 +25,6 @@ from streampetr_plugin.visualization.render import (
     project_points,
     render_frame,
 )
-from data_fixtures import synthetic_nuscenes  # noqa: F401  (session fixture)
 
 FOCAL, CX, CY = 100.0, 80.0, 45.0
 WIDTH, HEIGHT = 160, 90

@@ -1,0 +1,73 @@
+"""Evaluation during and after training: predictions of the val set, gathered and scored on rank 0.
+
+Each rank runs its contiguous, time-ordered slice of the val set through the detector (inference mode,
+streaming memory reset before and after, as the reference resets around its evaluation), the
+per-sample predictions are gathered in rank order, and rank 0 scores them with the evaluator.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Dict, Iterable, List
+
+import torch
+from torch import nn
+
+from streampetr_plugin.training.batches import move_to_device
+
+Predictions = Dict[str, Dict[str, torch.Tensor]]
+Evaluator = Callable[[Predictions, Any, Path], Dict[str, Any]]
+
+
+def reset_streams(model: nn.Module) -> None:
+    """Forget every stream, when the model keeps any (``reset_memory()``)."""
+    reset = getattr(model, "reset_memory", None)
+    if callable(reset):
+        reset()
+
+
+@torch.no_grad()
+def collect_predictions(
+    model: nn.Module, loader: Iterable[Dict[str, Any]], *, device: torch.device, autocast: ContextManager
+) -> Predictions:
+    """``{sample_token: {"boxes_3d", "scores_3d", "labels_3d"}}`` (CPU tensors) of this rank's slice.
+
+    The model is put in eval mode with fresh streams and left in training mode with fresh streams. A
+    padded val set repeats samples at its end: each token keeps its first result.
+    """
+    reset_streams(model)
+    model.eval()
+    predictions: Predictions = {}
+    try:
+        with autocast:
+            for batch in loader:
+                outputs = model(move_to_device(batch, device))
+                for token, output in zip(batch["sample_token"], outputs):
+                    predictions.setdefault(token, {key: value.cpu() for key, value in output.items()})
+    finally:
+        reset_streams(model)
+        model.train()
+    return predictions
+
+
+def merge_predictions(parts: List[Predictions]) -> Predictions:
+    """One dict from every rank's (rank order; a token's first occurrence wins)."""
+    merged: Predictions = {}
+    for part in parts:
+        for token, output in part.items():
+            merged.setdefault(token, output)
+    return merged
+
+
+def default_evaluator(predictions: Predictions, dataset: Any, output_dir: Path) -> Dict[str, Any]:
+    """The dataset's own ``evaluate(predictions, output_dir=...)`` when it has one (datasets from
+    plugins), else the official nuScenes metric over the samples of a nuScenes dataset."""
+    own_metric = getattr(dataset, "evaluate", None)
+    if callable(own_metric):
+        return own_metric(predictions, output_dir=output_dir)
+    from streampetr_plugin.data.infos import InfoSet
+    from streampetr_plugin.evaluation.nuscenes_metric import evaluate_nuscenes
+
+    infos = InfoSet(version=dataset.version, samples=list(dataset.samples))
+    return evaluate_nuscenes(
+        predictions, infos, root=dataset.root, output_dir=output_dir, classes=dataset.classes
+    )

@@ -1,0 +1,726 @@
+"""The training loop: one recipe, one process or many (torchrun), NPU, CUDA or CPU.
+
+Start-up order (each step needs the one before):
+
+1. the process layout from torchrun's environment (:mod:`streampetr_plugin.training.distributed`);
+2. the device: a candidate from the recipe and what is installed, the ENVIRONMENT adapters (variables
+   that must exist before the device runtime loads), then the device confirmed, the RUNTIME adapters,
+   the process's device made current (a clear error when ``LOCAL_RANK`` exceeds the visible devices)
+   and the process group (HCCL / NCCL / gloo);
+3. the checkpoint to resume from (``runtime.resume``), if any, then seeds, the model (on the CPU, with
+   the ``load_from`` weights unless resuming), moved to the device, the MODEL adapters, the DDP
+   wrapper (``find_unused_parameters=False``, no buffer broadcast, plus adapter options);
+4. the OPTIMIZER adapters, then the optimiser (per-module lr multipliers) once the model is moved and
+   wrapped, the loss scaler, the data, the iteration plan and lr schedule, the training loader;
+5. the resumed state loaded; the start-up log (the recipe in ``recipe.yaml``, the adapter table, the
+   iteration plan); at :meth:`Trainer.train` the ``streampetr_pre_train`` hook.
+
+One iteration, as the reference's ``Fp16OptimizerHook``: set the lr of every group for this iteration
+(the schedule is per iteration), zero grads, forward under autocast, total = the plain sum of every
+entry whose name contains ``"loss"``, (scaled) backward, unscale, clip the gradient norm, step unless
+the loss or the gradients are not finite, update the loss scale. The logged loss terms are the means
+over ranks (one small all-reduce per iteration, which also makes every rank take the same skip
+decision). A non-finite loss skips the step; ``runtime.max_consecutive_nonfinite`` of them in a row
+stop the run with :class:`NonFiniteLossError`.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Mapping, MutableMapping, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from streampetr_plugin.adapters.base import AdapterContext, AdapterRecord, AdapterRunner, Phase
+from streampetr_plugin.adapters.device import (
+    DeviceHandle,
+    candidate_device,
+    confirm_device,
+    device_for_local_rank,
+    resolve_distributed_backend,
+)
+from streampetr_plugin.config.loader import dump_recipe, recipe_to_dict
+from streampetr_plugin.config.schema import Recipe
+from streampetr_plugin.models.build import build_model
+from streampetr_plugin.plugins import get_plugin_host
+from streampetr_plugin.training import distributed
+from streampetr_plugin.training.batches import move_to_device, total_loss
+from streampetr_plugin.training.checkpointing import (
+    CHECKPOINT_DIR,
+    CHECKPOINT_FORMAT,
+    capture_rng_state,
+    checkpoint_path,
+    find_latest_checkpoint,
+    load_checkpoint,
+    load_stream_states,
+    prune_checkpoints,
+    remove_stale_temporaries,
+    restore_rng_state,
+    save_atomic,
+    stream_states,
+    to_cpu,
+)
+from streampetr_plugin.training.distributed import DistributedEnv
+from streampetr_plugin.training.evaluation import (
+    Evaluator,
+    collect_predictions,
+    default_evaluator,
+    merge_predictions,
+)
+from streampetr_plugin.training.metrics_log import MetricsLog, ProgressBar, format_duration
+from streampetr_plugin.training.optimizers import build_param_groups
+from streampetr_plugin.training.precision import MixedPrecision
+
+logger = logging.getLogger(__name__)
+
+LoaderFactory = Callable[..., Any]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive iterations with a non-finite loss."""
+
+
+@dataclass
+class TrainingContext:
+    """What the ``streampetr_pre_train`` / ``streampetr_post_train`` hooks receive.
+
+    ``model`` is the unwrapped detector on its device. ``stop_reason`` is None after a complete run,
+    else the error that stopped it.
+    """
+
+    recipe: Recipe
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    device: DeviceHandle
+    dist_env: DistributedEnv
+    work_dir: Path
+    iters_per_epoch: int
+    max_iters: int
+    iteration: int = 0
+    adapters: List[AdapterRecord] = field(default_factory=list)
+    eval_metrics: Dict[str, Any] = field(default_factory=dict)
+    stop_reason: Optional[str] = None
+
+
+@dataclass
+class TrainResult:
+    """The outcome of :meth:`Trainer.train` (evaluation metrics only on rank 0)."""
+
+    iteration: int
+    eval_metrics: Dict[str, Any]
+    last_checkpoint: Optional[Path]
+
+
+@dataclass
+class _Interval:
+    """Running sums between two log lines."""
+
+    steps: int = 0
+    skipped: int = 0
+    terms: Dict[str, float] = field(default_factory=dict)
+    grad_norm: float = 0.0
+    finite_norms: int = 0
+    step_time: float = 0.0
+    data_time: float = 0.0
+
+
+def _sampler_of(loader: Any) -> Any:
+    """What reports and restores the training data position: the loader itself when it can (it knows
+    what was consumed, its workers prefetch ahead of the sampler), else its (batch) sampler, else None."""
+    for candidate in (loader, getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
+        if all(callable(getattr(candidate, method, None)) for method in ("state_dict", "load_state_dict")):
+            return candidate
+    return None
+
+
+def _no_buffer_broadcast() -> Dict[str, bool]:
+    """DDP's switch for "do not broadcast buffers before each forward" (the reference's
+    ``broadcast_buffers=False``), under the name this torch version uses."""
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
+def _qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _default_loader_factory() -> LoaderFactory:
+    from streampetr_plugin.data.loader import build_dataloader
+
+    return build_dataloader
+
+
+class Trainer:
+    """Trains one recipe (see the module docstring for the order of things).
+
+    Args:
+        recipe: a validated recipe (``load_recipe``).
+        environ: the process environment (default ``os.environ``); adapters write their variables here.
+        loader_factory: ``(dataset, *, batch_size, num_workers, rank, world_size, seed, training) ->
+            DataLoader``; default ``streampetr_plugin.data.loader.build_dataloader``.
+        evaluator: ``(predictions by sample token, val dataset, output dir) -> metrics``; default
+            :func:`default_evaluator`.
+    """
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        *,
+        environ: Optional[MutableMapping[str, str]] = None,
+        loader_factory: Optional[LoaderFactory] = None,
+        evaluator: Optional[Evaluator] = None,
+    ) -> None:
+        self.recipe = recipe
+        self.environ = os.environ if environ is None else environ
+        self._loader_factory = loader_factory
+        self._evaluator = evaluator
+        self.work_dir = Path(recipe.work_dir())
+        self.checkpoint_dir = self.work_dir / CHECKPOINT_DIR
+        self.iteration = 0
+        self._nonfinite_streak = 0
+        self._val_loader: Any = None
+        self._val_dataset: Any = None
+        self._metrics_log: Optional[MetricsLog] = None
+        self._resume_rng: Optional[Dict[str, Any]] = None
+        self._resume_from: Optional[tuple] = None
+        self._owns_process_group = False
+        self._last_checkpoint: Optional[Path] = None
+        self._is_set_up = False
+
+    # ----------------------------------------------------------------------------------------- set-up
+
+    def setup(self) -> None:
+        """Everything before the first iteration (idempotent)."""
+        if self._is_set_up:
+            return
+        recipe = self.recipe
+        self.dist_env = distributed.read_distributed_env(self.environ)
+        self._select_device()
+        backend = resolve_distributed_backend(recipe.accelerator.distributed_backend, self.device.kind)
+        self._owns_process_group = distributed.init_process_group(self.dist_env, backend)
+        self._resume_from = self._find_resume_checkpoint()
+        self._seed(recipe.runtime.seed)
+        self._build_model()
+        self._build_optimizer()
+        self._build_data()
+        if self._resume_from is not None:
+            self._load_state(*self._resume_from)
+            self._resume_from = None  # the loaded state is not needed any more
+        self._announce()
+        self.context = TrainingContext(
+            recipe=recipe,
+            model=self.model,
+            optimizer=self.optimizer,
+            device=self.device,
+            dist_env=self.dist_env,
+            work_dir=self.work_dir,
+            iters_per_epoch=self.iters_per_epoch,
+            max_iters=self.max_iters,
+            iteration=self.iteration,
+            adapters=list(self.adapters.records),
+        )
+        self._is_set_up = True
+
+    def _select_device(self) -> None:
+        env = self.dist_env
+        candidate, how = candidate_device(self.recipe.accelerator.device, environ=self.environ)
+        self.adapters, self.adapter_context = self._adapters_for(candidate)
+        self.adapters.run(Phase.ENVIRONMENT, self.adapter_context)
+        kind, self.device_choice = confirm_device(candidate, how)
+        if kind != candidate:
+            self.adapters, self.adapter_context = self._adapters_for(kind)
+            self.adapters.run(Phase.ENVIRONMENT, self.adapter_context)
+        self.adapters.run(Phase.RUNTIME, self.adapter_context)
+        self.device = device_for_local_rank(kind, env.local_rank)
+        self.device.activate()
+
+    def _adapters_for(self, kind: str) -> tuple:
+        env = self.dist_env
+        context = AdapterContext(
+            device=kind,
+            environ=self.environ,
+            rank=env.rank,
+            local_rank=env.local_rank,
+            world_size=env.world_size,
+            local_world_size=env.local_world_size,
+            recipe=self.recipe,
+        )
+        return AdapterRunner.from_recipe(self.recipe, kind), context
+
+    def _seed(self, seed: int) -> None:
+        # Same seed on every rank, as the reference (mmdet3d's train.py without --diff-seed).
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        module = self.device.module
+        if module is not None:
+            module.manual_seed_all(seed)
+
+    def _build_model(self) -> None:
+        recipe = self.recipe
+        model = build_model(recipe)
+        load_from = recipe.runtime.load_from
+        if load_from and self._resume_from is None:
+            from streampetr_plugin.interop.checkpoint import load_reference_checkpoint
+
+            report = load_reference_checkpoint(model, load_from)
+            if self.dist_env.is_main:
+                logger.info("load_from: %s", report.summary())
+        model.to(self.device.torch_device)
+        self.model = model
+        self.adapter_context.model = model
+        self.adapters.run(Phase.MODEL, self.adapter_context)
+        self.precision = MixedPrecision(recipe.optimization.amp, self.device)
+        self.precision.configure_model(model)
+        self.wrapped: nn.Module = model
+        if self.dist_env.is_distributed:
+            device_ids = None if self.device.kind == "cpu" else [self.device.index]
+            self.wrapped = DistributedDataParallel(
+                model,
+                device_ids=device_ids,
+                find_unused_parameters=False,
+                **_no_buffer_broadcast(),
+                **self.adapter_context.ddp_options,
+            )
+
+    def _build_optimizer(self) -> None:
+        recipe = self.recipe
+        registries = get_plugin_host().registries
+        self.adapters.run(Phase.OPTIMIZER, self.adapter_context)
+        spec = recipe.optimization.optimizer
+        options = {**spec.options(), **self.adapter_context.optimizer_options}
+        if "lr" not in options:
+            raise ValueError(f"optimization.optimizer ({spec.type}) has no lr option")
+        groups = build_param_groups(
+            self.model, base_lr=options["lr"], multipliers=recipe.optimization.lr_multipliers
+        )
+        extra = {}
+        if self.adapter_context.optimizer_class is not None:
+            extra["optimizer_class"] = self.adapter_context.optimizer_class
+        self.optimizer = registries.optimizers.build(spec.type, options, param_groups=groups, **extra)
+        for group in self.optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+
+    def _build_data(self) -> None:
+        recipe = self.recipe
+        env = self.dist_env
+        registries = get_plugin_host().registries
+        data = recipe.data
+        self.train_dataset = registries.datasets.build(
+            data.train.type, data.train.options(), training=True, classes=list(data.class_names)
+        )
+        batch = data.batch_size_per_device
+        num_samples = data.num_train_samples or len(self.train_dataset)
+        runtime = recipe.runtime
+        self.iters_per_epoch = runtime.iters_per_epoch or max(1, num_samples // (env.world_size * batch))
+        self.max_iters = runtime.max_iters or runtime.epochs * self.iters_per_epoch
+        self.checkpoint_interval = runtime.checkpoint_interval or self.iters_per_epoch
+        schedule_spec = recipe.optimization.lr_scheduler
+        self.lr_schedule = registries.lr_schedulers.build(
+            schedule_spec.type, schedule_spec.options(), max_iters=self.max_iters
+        )
+        self.train_loader = self._make_loader(self.train_dataset, batch, training=True)
+        self.train_sampler = _sampler_of(self.train_loader)
+
+    def _make_loader(self, dataset: Any, batch_size: int, *, training: bool) -> Any:
+        factory = self._loader_factory or _default_loader_factory()
+        return factory(
+            dataset,
+            batch_size=batch_size,
+            num_workers=self.recipe.data.num_workers,
+            rank=self.dist_env.rank,
+            world_size=self.dist_env.world_size,
+            seed=self.recipe.runtime.seed,
+            training=training,
+        )
+
+    # ---------------------------------------------------------------------------------- checkpoints
+
+    def _resume_source(self) -> Optional[str]:
+        resume = self.recipe.runtime.resume
+        return None if resume in ("none", "", None) else resume
+
+    def _find_resume_checkpoint(self) -> Optional[tuple]:
+        """``(state, path)`` to continue from, per ``runtime.resume``; every rank reads the file rank 0 chose
+        (multi-node resume needs the work dir on a shared filesystem)."""
+        source = self._resume_source()
+        if source is None:
+            return None
+        if source != "auto":
+            return load_checkpoint(Path(source)), Path(source)
+        if self.dist_env.is_main:
+            removed = remove_stale_temporaries(self.checkpoint_dir)
+            if removed:
+                logger.info("removed %d partial checkpoint file(s) left by an interrupted save", len(removed))
+        found = find_latest_checkpoint(self.checkpoint_dir) if self.dist_env.is_main else None
+        chosen = distributed.all_gather_objects(None if found is None else str(found[0]))[0]
+        if chosen is None:
+            return None
+        if found is not None:
+            return found[1], found[0]
+        return load_checkpoint(Path(chosen)), Path(chosen)
+
+    def _load_state(self, state: Dict[str, Any], path: Path) -> None:
+        self.model.load_state_dict(state["state_dict"])
+        current = _qualified_name(type(self.optimizer))
+        if state.get("optimizer_class", current) == current:
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            logger.warning(
+                "%s was written with optimiser %s, this run uses %s: optimiser moments start afresh",
+                path, state["optimizer_class"], current,
+            )
+        if self.precision.scaler is not None and state.get("scaler"):
+            self.precision.scaler.load_state_dict(state["scaler"])
+        self.iteration = int(state["iteration"])
+        if state.get("world_size") == self.dist_env.world_size:
+            rank = self.dist_env.rank
+            if self.train_sampler is not None and state["sampler"][rank] is not None:
+                self.train_sampler.load_state_dict(state["sampler"][rank])
+            load_stream_states(self.model, state["streams"][rank], self.device.torch_device)
+            self._resume_rng = state["rng"][rank]
+        elif self.dist_env.is_main:
+            logger.warning(
+                "%s was written by %s processes, this run has %d: data order, streams and RNG start afresh",
+                path, state.get("world_size"), self.dist_env.world_size,
+            )
+        if self.dist_env.is_main:
+            logger.info("resumed from %s at iteration %d", path, self.iteration)
+
+    def save_checkpoint(self) -> Optional[Path]:
+        """Write the checkpoint of the current iteration (collective: call it on every rank)."""
+        sampler_state = self.train_sampler.state_dict() if self.train_sampler is not None else None
+        per_rank = distributed.all_gather_objects(
+            {
+                "sampler": sampler_state,
+                "streams": stream_states(self.model),
+                "rng": capture_rng_state(self.device),
+            }
+        )
+        path = checkpoint_path(self.checkpoint_dir, self.iteration)
+        if self.dist_env.is_main:
+            state = {
+                "format": CHECKPOINT_FORMAT,
+                "state_dict": to_cpu(self.model.state_dict()),
+                "optimizer": to_cpu(self.optimizer.state_dict()),
+                "optimizer_class": _qualified_name(type(self.optimizer)),
+                "scheduler": {
+                    "type": self.recipe.optimization.lr_scheduler.type,
+                    "iteration": self.iteration,
+                },
+                "scaler": self.precision.scaler.state_dict() if self.precision.scaler is not None else None,
+                "iteration": self.iteration,
+                "world_size": self.dist_env.world_size,
+                "sampler": [item["sampler"] for item in per_rank],
+                "streams": [item["streams"] for item in per_rank],
+                "rng": [item["rng"] for item in per_rank],
+                "recipe": recipe_to_dict(self.recipe),
+                "plugin_versions": get_plugin_host().versions(),
+            }
+            save_atomic(state, path)
+            prune_checkpoints(self.checkpoint_dir, self.recipe.runtime.keep_last)
+            logger.info("saved %s", path)
+        distributed.barrier()
+        self._last_checkpoint = path
+        return path
+
+    # --------------------------------------------------------------------------------------- logging
+
+    def _announce(self) -> None:
+        env = self.dist_env
+        if not env.is_main:
+            return
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        (self.work_dir / "recipe.yaml").write_text(dump_recipe(self.recipe), encoding="utf-8")
+        runtime = self.recipe.runtime
+        tensorboard_dir = self.work_dir / "tensorboard" if runtime.tensorboard else None
+        self._metrics_log = MetricsLog(self.work_dir / "metrics.jsonl", tensorboard_dir=tensorboard_dir)
+        backend = resolve_distributed_backend(self.recipe.accelerator.distributed_backend, self.device.kind)
+        processes = f"{env.world_size} processes, {backend}" if env.is_distributed else "1 process"
+        title = f"device {self.device.describe()} [{self.device_choice}], {processes}; adapters:"
+        logger.info("%s", self.adapters.summary_table(title))
+        logger.info(
+            "training %s from iteration %d to %d (%d per epoch; batch %d per process, %d process(es)), "
+            "checkpoint every %d, precision %s, work dir %s",
+            self.recipe.name, self.iteration, self.max_iters, self.iters_per_epoch,
+            self.recipe.data.batch_size_per_device, env.world_size, self.checkpoint_interval,
+            self.precision.describe(), self.work_dir,
+        )
+
+    def _base_lr(self) -> float:
+        """The lr of the parameters without a multiplier (the heads; the backbone's is x0.1)."""
+        groups = self.optimizer.param_groups
+        plain = [group for group in groups if group.get("lr_mult", 1.0) == 1.0]
+        return (plain or groups)[0]["lr"]
+
+    def _progress_bar(self) -> Optional[ProgressBar]:
+        setting = self.recipe.runtime.progress_bar
+        if not self.dist_env.is_main or setting == "off" or (setting == "auto" and not sys.stderr.isatty()):
+            return None
+        return ProgressBar(total=self.max_iters, initial=self.iteration)
+
+    def _log_interval(self, interval: _Interval) -> None:
+        world = self.dist_env.world_size
+        steps = max(interval.steps, 1)
+        record: Dict[str, Any] = {
+            "kind": "train",
+            "iteration": self.iteration,
+            "epoch": self.iteration / self.iters_per_epoch,
+        }
+        record.update({name: value / steps for name, value in interval.terms.items()})
+        record["lr"] = self._base_lr()
+        record["grad_norm"] = (
+            interval.grad_norm / interval.finite_norms if interval.finite_norms else float("nan")
+        )
+        record["loss_scale"] = self.precision.loss_scale()
+        record["skipped_steps"] = interval.skipped
+        record["step_time"] = interval.step_time / steps
+        record["data_time"] = interval.data_time / steps
+        frames = world * self.recipe.data.batch_size_per_device * steps
+        record["samples_per_s"] = frames / max(interval.step_time, 1e-9)
+        record["peak_memory_mib"] = self.device.peak_memory_mib()
+        self.device.reset_peak_memory()
+        if self._metrics_log is not None:
+            self._metrics_log.write(record)
+        remaining = (self.max_iters - self.iteration) * record["step_time"]
+        logger.info(
+            "iter %d/%d loss %.4f lr %.3e grad_norm %.3f%s %.3f s/it (data %.3f) eta %s mem %.0f MiB",
+            self.iteration, self.max_iters, record["loss"], record["lr"], record["grad_norm"],
+            "" if record["loss_scale"] is None else f" scale {record['loss_scale']:g}",
+            record["step_time"], record["data_time"], format_duration(remaining),
+            record["peak_memory_mib"],
+        )
+
+    # -------------------------------------------------------------------------------------- training
+
+    def _batches(self, iterator: Iterator[Any]) -> Iterator[Any]:
+        """Training batches forever from ``iter(train_loader)``; a finite sampler is re-armed with the
+        next epoch."""
+        epoch = self.iteration // self.iters_per_epoch
+        while True:
+            yielded = False
+            for batch in iterator:
+                yielded = True
+                yield batch
+            if not yielded:
+                raise RuntimeError("the training data loader yielded no batch")
+            epoch += 1
+            set_epoch = getattr(self.train_sampler, "set_epoch", None)
+            if callable(set_epoch):
+                set_epoch(epoch)
+            iterator = iter(self.train_loader)
+
+    def _set_lr(self) -> None:
+        factor = self.lr_schedule(self.iteration)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+
+    def _trainable_parameters(self) -> List[torch.Tensor]:
+        return [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+
+    def _gradient_norm(self) -> float:
+        parameters = self._trainable_parameters()
+        clip = self.recipe.optimization.grad_clip
+        if clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(parameters, clip.max_norm, norm_type=clip.norm_type)
+        elif parameters:
+            norms = torch.stack([torch.linalg.vector_norm(p.grad) for p in parameters])
+            norm = torch.linalg.vector_norm(norms)
+        else:
+            norm = torch.zeros(())
+        return float(norm)
+
+    def train_step(self, batch: Mapping[str, Any]) -> Dict[str, float]:
+        """One iteration on a batch already on the device; returns the rank-mean loss terms and
+        ``loss`` (their total), ``grad_norm`` and ``skipped`` (1.0 when no step was taken)."""
+        self._set_lr()
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.precision.autocast():
+            losses = self.wrapped(batch)
+        loss = total_loss(losses)
+        names = [name for name, value in losses.items() if torch.is_tensor(value) and value.numel() == 1]
+        scaler = self.precision.scaler
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        grad_norm = self._gradient_norm()
+        # Rank means of every term and the total; a NaN anywhere shows on every rank.
+        values = torch.stack([losses[name].detach().float().reshape(()) for name in names] + [loss.detach()])
+        values = distributed.all_reduce_sum(values) / self.dist_env.world_size
+        host = values.tolist()
+        terms = dict(zip(names, host[:-1]))
+        terms["loss"] = host[-1]
+        loss_finite = math.isfinite(host[-1])
+        if scaler is not None:
+            if loss_finite:
+                scaler.step(self.optimizer)  # skips by itself when the gradients overflowed
+            step_taken = loss_finite and math.isfinite(grad_norm)
+            self.precision.update()
+        else:
+            step_taken = loss_finite and math.isfinite(grad_norm)
+            if step_taken:
+                self.optimizer.step()
+        self._nonfinite_streak = 0 if loss_finite else self._nonfinite_streak + 1
+        terms["grad_norm"] = grad_norm
+        terms["skipped"] = 0.0 if step_taken else 1.0
+        return terms
+
+    def _check_nonfinite(self, terms: Mapping[str, float]) -> None:
+        limit = self.recipe.runtime.max_consecutive_nonfinite
+        if self._nonfinite_streak == 0:
+            return
+        logger.warning(
+            "iteration %d: non-finite loss (%s), step skipped (%d in a row, limit %d)",
+            self.iteration, terms["loss"], self._nonfinite_streak, limit,
+        )
+        if self._nonfinite_streak >= limit:
+            bad = sorted(name for name, value in terms.items() if not math.isfinite(value))
+            raise NonFiniteLossError(
+                f"stopping at iteration {self.iteration}: the loss was not finite in "
+                f"{self._nonfinite_streak} consecutive iterations "
+                f"(runtime.max_consecutive_nonfinite={limit}); non-finite terms: {', '.join(bad)}. "
+                "Check the data (degenerate boxes, NaN inputs), lower the learning rate, "
+                "or train without fp16 (optimization.amp.enabled=false)."
+            )
+
+    def train(self) -> TrainResult:
+        """Run to ``max_iters`` (evaluating and checkpointing on the way); then evaluate if configured."""
+        self.setup()
+        host = get_plugin_host()
+        runtime = self.recipe.runtime
+        self.model.train()
+        host.pm.hook.streampetr_pre_train(context=self.context)
+        try:
+            iterator = iter(self.train_loader)
+            if self._resume_rng is not None:
+                # Only now: creating the loader's iterator draws a random seed, in both runs alike.
+                restore_rng_state(self._resume_rng, self.device)
+                self._resume_rng = None
+            self._run_iterations(self._batches(iterator))
+            if runtime.evaluate_at_end:
+                self.context.eval_metrics = self.evaluate()
+        except BaseException as error:
+            self.context.stop_reason = f"{type(error).__name__}: {error}"
+            raise
+        finally:
+            self.context.iteration = self.iteration
+            host.pm.hook.streampetr_post_train(context=self.context)
+            if self._metrics_log is not None:
+                self._metrics_log.close()
+        return TrainResult(self.iteration, self.context.eval_metrics, self._last_checkpoint)
+
+    def _run_iterations(self, batches: Iterator[Any]) -> None:
+        runtime = self.recipe.runtime
+        bar = self._progress_bar()
+        interval = _Interval()
+        device = self.device.torch_device
+        tick = time.perf_counter()
+        while self.iteration < self.max_iters:
+            batch = next(batches)
+            data_time = time.perf_counter() - tick
+            terms = self.train_step(move_to_device(batch, device))
+            self.iteration += 1
+            self.context.iteration = self.iteration
+            step_time = time.perf_counter() - tick
+            tick = time.perf_counter()
+            self._accumulate(interval, terms, step_time, data_time)
+            self._check_nonfinite(terms)
+            if self.iteration % runtime.log_interval == 0 or self.iteration == self.max_iters:
+                if self.dist_env.is_main:
+                    self._log_interval(interval)
+                interval = _Interval()
+            if bar is not None:
+                bar.update(self.iteration, f"loss {terms['loss']:.4f}")
+            if self.iteration % self.checkpoint_interval == 0 or self.iteration == self.max_iters:
+                self.save_checkpoint()
+            evaluation_due = runtime.eval_interval and self.iteration % runtime.eval_interval == 0
+            if evaluation_due and self.iteration < self.max_iters:
+                self.evaluate()
+            tick = time.perf_counter()
+        if bar is not None:
+            bar.close()
+
+    @staticmethod
+    def _accumulate(
+        interval: _Interval, terms: Mapping[str, float], step_time: float, data_time: float
+    ) -> None:
+        interval.steps += 1
+        interval.skipped += int(terms["skipped"])
+        for name, value in terms.items():
+            if name not in ("grad_norm", "skipped"):
+                interval.terms[name] = interval.terms.get(name, 0.0) + value
+        if math.isfinite(terms["grad_norm"]):
+            interval.grad_norm += terms["grad_norm"]
+            interval.finite_norms += 1
+        interval.step_time += step_time
+        interval.data_time += data_time
+
+    # ------------------------------------------------------------------------------------ evaluation
+
+    def evaluate(self) -> Dict[str, Any]:
+        """Run the val set (each rank its slice), gather predictions, score them on rank 0.
+
+        Collective: call it on every rank. Returns the metrics on rank 0, an empty dict elsewhere.
+        """
+        data = self.recipe.data
+        if self._val_loader is None:
+            registries = get_plugin_host().registries
+            self._val_dataset = registries.datasets.build(
+                data.val.type, data.val.options(), training=False, classes=list(data.class_names)
+            )
+            self._val_loader = self._make_loader(
+                self._val_dataset, data.val_batch_size_per_device, training=False
+            )
+        started = time.perf_counter()
+        predictions = collect_predictions(
+            self.model, self._val_loader, device=self.device.torch_device, autocast=self.precision.autocast()
+        )
+        gathered = distributed.all_gather_objects(predictions)
+        metrics: Dict[str, Any] = {}
+        if self.dist_env.is_main:
+            merged = merge_predictions(gathered)
+            output_dir = self.work_dir / "eval" / f"iter_{self.iteration:08d}"
+            output_dir.mkdir(parents=True, exist_ok=True)
+            evaluator = self._evaluator or default_evaluator
+            metrics = dict(evaluator(merged, self._val_dataset, output_dir))
+            logger.info(
+                "evaluation at iteration %d: %d samples in %.1f s: %s",
+                self.iteration, len(merged), time.perf_counter() - started,
+                ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)),
+            )
+            if self._metrics_log is not None:
+                self._metrics_log.write({"kind": "eval", "iteration": self.iteration, **metrics})
+        distributed.barrier()
+        return metrics
+
+    def close(self) -> None:
+        """Leave the process group if this trainer created it."""
+        if self._owns_process_group:
+            distributed.destroy_process_group()
+            self._owns_process_group = False
+
+
+def train(
+    recipe: Recipe,
+    *,
+    environ: Optional[MutableMapping[str, str]] = None,
+    loader_factory: Optional[LoaderFactory] = None,
+    evaluator: Optional[Evaluator] = None,
+) -> TrainResult:
+    """Set up, train and evaluate ``recipe`` (in this process; under torchrun, in every process)."""
+    trainer = Trainer(recipe, environ=environ, loader_factory=loader_factory, evaluator=evaluator)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()

@@ -1,0 +1,93 @@
+"""Two real processes under torchrun (gloo, CPU) train ``recipes/demo_cpu.yaml`` (the real StreamPETR
+detector, data pipeline and metric, tiny overrides) through ``python -m streampetr_plugin.cli.run``.
+
+The test plugin of ``tests/trainer_helpers.py`` is installed as an entry point for the child
+processes; its ``streampetr_post_train`` hook writes each rank's parameters and the sample tokens its
+training forwards saw to ``<work_dir>/rank<r>.pt``.
+"""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from streampetr_plugin.data.infos import load_info_file
+from streampetr_plugin.training.checkpointing import load_checkpoint
+from streampetr_plugin.training.metrics_log import read_metrics
+from tests import trainer_helpers
+
+ITERATIONS = 4  # 2 stream slots (2 processes x 1 frame) x 4 iterations = the 2 train scenes of 4 frames
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, synthetic_nuscenes):
+    root = tmp_path_factory.mktemp("ddp")
+    plugin_path = trainer_helpers.install_as_distribution(root / "dist")
+    work_dir = root / "run"
+    overrides = trainer_helpers.demo_overrides(synthetic_nuscenes.root, synthetic_nuscenes.version) + [
+        f"runtime.work_dir={work_dir}", f"runtime.max_iters={ITERATIONS}", "runtime.checkpoint_interval=2",
+    ]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+        "--master-port", str(_free_port()), "-m", "streampetr_plugin.cli.run",
+        str(trainer_helpers.DEMO_RECIPE), *overrides,
+    ]
+    completed = subprocess.run(command, env=trainer_helpers.subprocess_env(plugin_path), cwd=root,
+                               capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    ranks = [torch.load(work_dir / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    return work_dir, ranks, completed.stderr
+
+
+def test_parameters_stay_identical_across_ranks(two_process_run):
+    _, (rank0, rank1), _ = two_process_run
+    assert rank0["iteration"] == rank1["iteration"] == ITERATIONS
+    assert rank0["final"].keys() == rank1["final"].keys()
+    for key in rank0["final"]:
+        assert torch.equal(rank0["final"][key], rank1["final"][key]), key
+    changed = [k for k in rank0["final"] if not torch.equal(rank0["initial"][k], rank0["final"][k])]
+    assert {k.split(".")[0] for k in changed} >= {"img_backbone", "img_neck", "img_roi_head", "pts_bbox_head"}
+    # Buffers are not broadcast (the reference's broadcast_buffers=False): the demo's trainable
+    # BatchNorm statistics follow each rank's own frames.
+    statistics = [k for k in rank0["buffers"] if k.endswith("running_mean")]
+    assert statistics and any(not torch.equal(rank0["buffers"][k], rank1["buffers"][k]) for k in statistics)
+
+
+def test_each_rank_trains_on_its_own_shard(two_process_run, synthetic_nuscenes):
+    _, (rank0, rank1), _ = two_process_run
+    infos = load_info_file(synthetic_nuscenes.train_info, root=synthetic_nuscenes.root)
+    scene_of = {sample.token: sample.scene_token for sample in infos.samples}
+    seen0, seen1 = rank0["seen"], rank1["seen"]
+    assert len(seen0) == len(seen1) == ITERATIONS
+    assert not set(seen0) & set(seen1)
+    assert sorted(seen0 + seen1) == sorted(scene_of)  # together: every training frame once
+    # Each rank's one stream slot walks one whole scene in time order.
+    for seen in (seen0, seen1):
+        assert len({scene_of[token] for token in seen}) == 1
+        order = [sample.token for sample in sorted(infos.samples, key=lambda s: s.timestamp)]
+        assert seen == sorted(seen, key=order.index)
+
+
+def test_rank0_checkpoints_logs_and_evaluates_the_whole_val_set(two_process_run):
+    work_dir, _, stderr = two_process_run
+    state = load_checkpoint(work_dir / "checkpoints" / f"iter_{ITERATIONS:08d}.pth")
+    assert state["world_size"] == 2
+    assert len(state["rng"]) == len(state["sampler"]) == len(state["streams"]) == 2
+    assert all(streams["pts_bbox_head"] for streams in state["streams"])  # each rank's memory queue
+    records = read_metrics(work_dir / "metrics.jsonl")
+    assert [r["iteration"] for r in records if r["kind"] == "train"] == list(range(1, ITERATIONS + 1))
+    evaluation = [r for r in records if r["kind"] == "eval"]
+    assert len(evaluation) == 1 and {"mAP", "NDS"} <= set(evaluation[0])
+    assert "NDS:" in stderr and "4 samples" in stderr  # both ranks' halves of the val scene gathered
+    assert "2 processes, gloo" in stderr
+    assert any(line.split()[:3] == ["model", "ddp_static_graph", "APPLIED"] for line in stderr.splitlines())
+    assert stderr.count("adapters:") == 1  # only rank 0 prints the start-up table
