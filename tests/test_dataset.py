@@ -126,6 +126,19 @@ def test_loader_state_resumes_where_consumption_stopped(train_dataset):
     assert full[:3] + tokens(resumed, 4) == full
 
 
+def test_resumed_loader_repeats_the_augmentation_draws(train_dataset):
+    def images(loader, count):
+        return [batch["img"] for batch in itertools.islice(loader, count)]
+
+    kwargs = dict(batch_size=2, rank=0, world_size=1, seed=3, training=True)
+    full = images(build_dataloader(train_dataset, num_workers=0, **kwargs), 4)
+    assert not torch.equal(full[2][0], full[3][0])  # frames really are augmented differently
+    resumed = build_dataloader(train_dataset, num_workers=1, **kwargs)
+    resumed.load_state_dict({**resumed.state_dict(), "iteration": 2})
+    tail = images(resumed, 2)
+    assert all(torch.equal(a, b) for a, b in zip(full[2:], tail))
+
+
 def test_worker_processes_deliver_the_same_frames(train_dataset):
     kwargs = dict(batch_size=2, rank=0, world_size=1, seed=0, training=True)
     in_process = [batch["sample_token"] for batch in build_dataloader(train_dataset, num_workers=0, **kwargs)]

@@ -155,15 +155,12 @@ def test_periodic_and_final_evaluation_and_missing_tensorboard(standin_recipe, t
 
 def test_resume_after_a_crash_continues_exactly(synthetic_nuscenes, tmp_path):
     """The demo recipe (real detector, data, sampler), 4 iterations straight == 2, crash, ``resume:
-    auto``, 2 more: identical losses and weights. Exercised: data position, streaming memory, GridMask
-    and denoising randomness (torch RNG), optimiser moments, lr schedule position.
-
-    The augmentation is made draw-free (``deterministic_augmentation``): the dataset's own augmentation
-    RNG is not part of the loader's state, so with random crops/flips the resumed frames would differ.
+    auto``, 2 more: identical losses and weights. Exercised: data position, random augmentation
+    (flip, global rotation and scaling, keyed by stream position), streaming memory, GridMask and
+    denoising randomness (torch RNG), optimiser moments, lr schedule position.
     """
-    overrides = trainer_helpers.demo_overrides(
-        synthetic_nuscenes.root, synthetic_nuscenes.version, deterministic_augmentation=True
-    ) + ["runtime.max_iters=4", "runtime.checkpoint_interval=2", "runtime.evaluate_at_end=false"]
+    overrides = trainer_helpers.demo_overrides(synthetic_nuscenes.root, synthetic_nuscenes.version) + [
+        "runtime.max_iters=4", "runtime.checkpoint_interval=2", "runtime.evaluate_at_end=false"]
     demo = trainer_helpers.DEMO_RECIPE
     train(load_recipe(demo, [*overrides, f"runtime.work_dir={tmp_path / 'straight'}"]))
 

@@ -281,22 +281,15 @@ accelerator:
 DEMO_RECIPE = REPO_ROOT / "recipes" / "demo_cpu.yaml"
 
 
-def demo_overrides(root: Path, version: str, *, deterministic_augmentation: bool = False) -> List[str]:
+def demo_overrides(root: Path, version: str) -> List[str]:
     """``recipes/demo_cpu.yaml`` on the tests' tiny synthetic nuScenes (``tests/data_fixtures.py``):
-    64 x 160 input, one frame per process and step, one thread.
-
-    ``deterministic_augmentation`` keeps the training augmentation but makes it draw nothing that
-    changes a frame (resize 0.8 maps the 200-pixel-wide images exactly onto the 160-pixel input, so the
-    crop offset is 0; no flip, rotation or scaling).
-    """
+    64 x 160 input (resize 0.8 maps the 200-pixel-wide images onto it), one frame per process and
+    step, one thread."""
     overrides = []
     for split in ("train", "val"):
         overrides += [f"data.{split}.root={root}", f"data.{split}.version={version}",
                       f"~data.{split}.synthetic", f"data.{split}.final_dim=[64,160]",
                       f"data.{split}.resize_lim=[0.8,0.8]"]
-    if deterministic_augmentation:
-        overrides += ["data.train.rand_flip=false", "data.train.rot_range=[0.0,0.0]",
-                      "data.train.scale_ratio_range=[1.0,1.0]"]
     return overrides + ["data.batch_size_per_device=1", "accelerator.adapters.cpu_threads.num_threads=1",
                         "runtime.progress_bar='off'", "runtime.log_interval=1"]
 

@@ -12,6 +12,11 @@ T = TypeVar("T")
 EXIT_USAGE = 2
 
 
+# The metric report is printed bare, so that lines start with "mAP:" / "NDS:" as Ascend training
+# harnesses grep for them.
+PLAIN_LOGGERS = ("streampetr_plugin.evaluation.nuscenes_metric",)
+
+
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -19,6 +24,13 @@ def setup_logging(verbose: bool = False) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    for name in PLAIN_LOGGERS:
+        plain = logging.getLogger(name)
+        if not plain.handlers:
+            handler = logging.StreamHandler(sys.stdout)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            plain.addHandler(handler)
+            plain.propagate = False
 
 
 def exit_on_recipe_error(action: Callable[[], T]) -> T:

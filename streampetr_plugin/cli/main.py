@@ -113,6 +113,15 @@ def _cmd_create_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from streampetr_plugin.config.loader import load_recipe
+    from streampetr_plugin.training.evaluation import evaluate_checkpoint
+
+    recipe = exit_on_recipe_error(lambda: load_recipe(args.recipe, args.overrides))
+    evaluate_checkpoint(recipe, args.checkpoint, device=args.device)  # logs the mAP: / NDS: report
+    return 0
+
+
 def _cmd_visualize(args: argparse.Namespace) -> int:
     from streampetr_plugin.visualization.command import VisualizationError, visualize_command
 
@@ -165,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--version", default="v1.0-trainval", help="v1.0-trainval, v1.0-mini, ...")
     create.add_argument("--out-dir", default=None, help="where to write the infos (default: the root)")
     create.set_defaults(run=_cmd_create_data)
+
+    evaluate = commands.add_parser("eval", help="score a checkpoint on the recipe's val set (nuScenes metric)")
+    _add_recipe_arguments(evaluate)
+    evaluate.add_argument("--checkpoint", required=True, help="our checkpoint or a reference .pth")
+    evaluate.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda:0, npu:0")
+    evaluate.set_defaults(run=_cmd_eval)
 
     visualize = commands.add_parser("visualize", help="draw a run's predictions and ground truth as a PNG")
     visualize.add_argument("--run", required=True, help="run directory (holds recipe.yaml and eval/)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -149,6 +149,8 @@ class NuScenesStreamDataset(Dataset):
     bicycle, motorcycle, pedestrian, traffic_cone, barrier), as in the reference.
     """
 
+    accepts_draw_keys = True  # see build_dataloader: augmentation keyed by stream position
+
     def __init__(
         self,
         *,
@@ -207,10 +209,16 @@ class NuScenesStreamDataset(Dataset):
             rot_range=rot_range, scale_ratio_range=scale_ratio_range, translation_std=translation_std,
             reverse_angle=True,
         )
+        self._entropy: Tuple[int, ...] = (seed,)
         self._rng = np.random.default_rng(seed)
 
     def reseed(self, *entropy: int) -> None:
         """Re-seed the augmentation RNG (the loader calls this per rank and per worker)."""
+        self._entropy = tuple(entropy)
+        self._rng = np.random.default_rng(list(entropy))
+
+    def reseed_running(self, *entropy: int) -> None:
+        """Re-seed only the running RNG (unkeyed draws), e.g. per loader worker."""
         self._rng = np.random.default_rng(list(entropy))
 
     def __len__(self) -> int:
@@ -275,16 +283,22 @@ class NuScenesStreamDataset(Dataset):
             frame.depths = [depths.astype(np.float32) for depths in sample.depths]
         return frame
 
-    def __getitem__(self, index: int) -> Dict[str, object]:
+    def __getitem__(self, index: Union[int, Tuple[int, Tuple[int, ...]]]) -> Dict[str, object]:
+        """Frame ``index``; ``(index, draw_key)`` seeds its augmentation from the key (see the
+        training sampler's ``keyed`` mode) instead of the dataset's running RNG."""
+        rng = self._rng
+        if isinstance(index, tuple):
+            index, draw_key = index
+            rng = np.random.default_rng([*self._entropy, *draw_key])
         sample = self.samples[index]
         frame = self.raw_frame(index)
         if self.training:
-            frame = self.range_filter(frame, self._rng)
-            frame = self.name_filter(frame, self._rng)
-            frame = self.image_augmentation(frame, self._rng)
-            frame = self.global_augmentation(frame, self._rng)
+            frame = self.range_filter(frame, rng)
+            frame = self.name_filter(frame, rng)
+            frame = self.image_augmentation(frame, rng)
+            frame = self.global_augmentation(frame, rng)
         else:
-            frame = self.image_augmentation(frame, self._rng)
+            frame = self.image_augmentation(frame, rng)
         img = normalize_images(frame.images, mean=self.mean, std=self.std, to_rgb=self.to_rgb)
         img = pad_images(img, self.size_divisor)
         item: Dict[str, object] = {

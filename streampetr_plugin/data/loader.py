@@ -14,9 +14,9 @@ __all__ = ["StreamingDataLoader", "build_dataloader"]
 
 
 def _seed_worker(worker_id: int) -> None:
-    """Give each worker process its own augmentation stream (torch draws a fresh base seed per epoch)."""
+    """Give each worker process its own running RNG for unkeyed draws; keyed draws stay worker-independent."""
     info = get_worker_info()
-    info.dataset.reseed(info.seed)
+    info.dataset.reseed_running(info.seed)
 
 
 class StreamingDataLoader(DataLoader):
@@ -58,12 +58,15 @@ def build_dataloader(
 
     ``batch_size`` is per device. Training uses :class:`StreamingTrainSampler` over the dataset's
     sequence groups (the same ``seed`` on every rank), evaluation :class:`StreamingEvalSampler`.
-    Augmentation randomness is seeded from (seed, rank) in the main process and per worker from the
-    loader's generator (seeded with seed and rank). Worker processes persist across epochs.
+    A dataset with ``accepts_draw_keys = True`` receives ``(index, (rank, iteration, slot))`` in
+    training and seeds its augmentation from that, so a resumed run repeats exactly the draws of an
+    uninterrupted one, whatever the number of workers. Worker
+    processes persist across epochs.
     """
     if training:
         batch_sampler = StreamingTrainSampler(
-            dataset.flag, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed
+            dataset.flag, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
+            keyed=getattr(dataset, "accepts_draw_keys", False),
         )
     else:
         batch_sampler = StreamingEvalSampler(len(dataset), batch_size=batch_size, rank=rank,

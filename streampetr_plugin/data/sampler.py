@@ -34,7 +34,12 @@ __all__ = ["StreamingTrainSampler", "StreamingEvalSampler"]
 
 
 class StreamingTrainSampler(Sampler[List[int]]):
-    """Yield ``batch_size`` dataset indices per iteration, row b streaming its own sequence groups."""
+    """Yield ``batch_size`` dataset indices per iteration, row b streaming its own sequence groups.
+
+    With ``keyed=True`` each entry is ``(index, (rank, iteration, slot))`` instead: the key names the
+    draw, so a dataset can seed its augmentation from it and a resumed run (or one with another number
+    of loader workers) makes exactly the same random draws.
+    """
 
     def __init__(
         self,
@@ -44,6 +49,7 @@ class StreamingTrainSampler(Sampler[List[int]]):
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
+        keyed: bool = False,
     ) -> None:
         flags = np.asarray(group_flags, dtype=np.int64)
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
@@ -52,6 +58,7 @@ class StreamingTrainSampler(Sampler[List[int]]):
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
+        self.keyed = keyed
         self.num_samples = len(flags)
         self.global_batch_size = batch_size * world_size
         group_sizes = np.bincount(flags)
@@ -108,7 +115,8 @@ class StreamingTrainSampler(Sampler[List[int]]):
             for slot in range(self.batch_size):
                 if not self._buffers[slot]:
                     self._buffers[slot] = self._take_group(slot)
-                batch.append(self._buffers[slot].pop(0))
+                index = self._buffers[slot].pop(0)
+                batch.append((index, (self.rank, self.iteration, slot)) if self.keyed else index)
                 self.slot_epochs[slot] = self._buffer_epochs[slot]
             self.iteration += 1
             yield batch

@@ -6,8 +6,9 @@ per-sample predictions are gathered in rank order, and rank 0 scores them with t
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, Iterable, List
+from typing import Any, Callable, ContextManager, Dict, Iterable, List, Sequence
 
 import torch
 from torch import nn
@@ -71,3 +72,62 @@ def default_evaluator(predictions: Predictions, dataset: Any, output_dir: Path) 
     return evaluate_nuscenes(
         predictions, infos, root=dataset.root, output_dir=output_dir, classes=dataset.classes
     )
+
+
+def save_evaluation_outputs(
+    predictions: Predictions, dataset: Any, output_dir: Path, *, class_names: Sequence[str]
+) -> List[Path]:
+    """Write ``predictions.npz`` and, for nuScenes-style datasets, a PNG of the first val sample.
+
+    These are what ``streampetr visualize --run`` reads; returns the files written.
+    """
+    from streampetr_plugin.evaluation.predictions import PREDICTIONS_FILE, save_predictions
+
+    written = [save_predictions(predictions, output_dir / PREDICTIONS_FILE)]
+    samples = getattr(dataset, "samples", None)
+    if samples and hasattr(dataset, "load_images") and samples[0].token in predictions:
+        from streampetr_plugin.visualization.command import render_dataset_sample
+
+        token = samples[0].token
+        written.append(
+            render_dataset_sample(
+                dataset, 0, predictions[token], output_dir / f"sample_{token}.png", class_names=class_names
+            )
+        )
+    return written
+
+
+def evaluate_checkpoint(recipe: Any, checkpoint: Path, *, device: str = "cpu") -> Dict[str, Any]:
+    """Score ``checkpoint`` (ours, or a reference ``.pth``) on the recipe's val set, in one process.
+
+    Results go to ``<work_dir>/eval/<checkpoint name>/``: the metric's files, ``predictions.npz`` and
+    a picture of the first val sample.
+    """
+    from streampetr_plugin.data.build import build_dataset
+    from streampetr_plugin.data.loader import build_dataloader
+    from streampetr_plugin.interop.checkpoint import load_reference_checkpoint
+    from streampetr_plugin.models.build import build_model
+
+    checkpoint = Path(checkpoint)
+    model = build_model(recipe)
+    report = load_reference_checkpoint(model, checkpoint)
+    if report.missing or report.shape_mismatch:
+        raise ValueError(f"{checkpoint} does not fit the recipe's model: {report.summary()}")
+    torch_device = torch.device(device)
+    model.to(torch_device)
+    dataset = build_dataset(recipe, training=False)
+    loader = build_dataloader(
+        dataset,
+        batch_size=recipe.data.val_batch_size_per_device,
+        num_workers=recipe.data.num_workers,
+        rank=0,
+        world_size=1,
+        seed=recipe.runtime.seed,
+        training=False,
+    )
+    predictions = collect_predictions(model, loader, device=torch_device, autocast=contextlib.nullcontext())
+    output_dir = Path(recipe.work_dir()) / "eval" / checkpoint.stem
+    output_dir.mkdir(parents=True, exist_ok=True)
+    metrics = dict(default_evaluator(predictions, dataset, output_dir))
+    save_evaluation_outputs(predictions, dataset, output_dir, class_names=recipe.data.class_names)
+    return metrics

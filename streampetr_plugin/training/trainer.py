@@ -51,6 +51,7 @@ from streampetr_plugin.adapters.device import (
 )
 from streampetr_plugin.config.loader import dump_recipe, recipe_to_dict
 from streampetr_plugin.config.schema import Recipe
+from streampetr_plugin.data.build import build_dataset
 from streampetr_plugin.models.build import build_model
 from streampetr_plugin.plugins import get_plugin_host
 from streampetr_plugin.training import distributed
@@ -76,6 +77,7 @@ from streampetr_plugin.training.evaluation import (
     collect_predictions,
     default_evaluator,
     merge_predictions,
+    save_evaluation_outputs,
 )
 from streampetr_plugin.training.metrics_log import MetricsLog, ProgressBar, format_duration
 from streampetr_plugin.training.optimizers import build_param_groups
@@ -317,9 +319,7 @@ class Trainer:
         env = self.dist_env
         registries = get_plugin_host().registries
         data = recipe.data
-        self.train_dataset = registries.datasets.build(
-            data.train.type, data.train.options(), training=True, classes=list(data.class_names)
-        )
+        self.train_dataset = build_dataset(recipe, training=True)
         batch = data.batch_size_per_device
         num_samples = data.num_train_samples or len(self.train_dataset)
         runtime = recipe.runtime
@@ -675,10 +675,7 @@ class Trainer:
         """
         data = self.recipe.data
         if self._val_loader is None:
-            registries = get_plugin_host().registries
-            self._val_dataset = registries.datasets.build(
-                data.val.type, data.val.options(), training=False, classes=list(data.class_names)
-            )
+            self._val_dataset = build_dataset(self.recipe, training=False)
             self._val_loader = self._make_loader(
                 self._val_dataset, data.val_batch_size_per_device, training=False
             )
@@ -694,6 +691,7 @@ class Trainer:
             output_dir.mkdir(parents=True, exist_ok=True)
             evaluator = self._evaluator or default_evaluator
             metrics = dict(evaluator(merged, self._val_dataset, output_dir))
+            save_evaluation_outputs(merged, self._val_dataset, output_dir, class_names=data.class_names)
             logger.info(
                 "evaluation at iteration %d: %d samples in %.1f s: %s",
                 self.iteration, len(merged), time.perf_counter() - started,

@@ -1,0 +1,1 @@
+"""Part of the MindSpeed-MM SIMULATION (see mindspeed_mm/__init__.py)."""
