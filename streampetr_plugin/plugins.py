@@ -160,7 +160,7 @@ class PluginHost:
         for kind in REGISTRY_KINDS:
             caller = getattr(self.pm.hook, f"streampetr_register_{kind}")
             registry = registries.kind(kind)
-            for impl in reversed(caller.get_hookimpls()):  # registration order = plugin load order
+            for impl in caller.get_hookimpls():  # in plugin registration order: the built-in plugin first
                 self._call_registration(impl, partial(registry.register, provider=impl.plugin_name))
         return registries
 

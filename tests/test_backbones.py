@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Dict
 
@@ -134,7 +135,7 @@ def test_vovnet_forward_shapes_match_output_shape(height, width):
     assert [declared[n].stride for n in features] == [4, 4, 8, 16, 32]
     # The stem's stride-2 convs give ceil(n / 2) twice; each 3x3 stride-2 pool with ceil_mode=True
     # gives floor(n / 2) (without ceil_mode it would be floor((n - 1) / 2): 18 -> 8, not 9).
-    size = (-(-(-(-height // 2)) // 2), -(-(-(-width // 2)) // 2))
+    size = (math.ceil(math.ceil(height / 2) / 2), math.ceil(math.ceil(width / 2) / 2))
     for name, tensor in outputs.items():
         if name in ("stage3", "stage4", "stage5"):
             size = (size[0] // 2, size[1] // 2)
@@ -357,7 +358,7 @@ def test_with_cp_recomputes_blocks_and_gives_identical_outputs_and_gradients(bui
     results = {}
     for name, backbone in (("plain", plain), ("checkpointed", checkpointed)):
         calls = []
-        hook = block_conv(backbone).register_forward_hook(lambda *_: calls.append(1))
+        hook = block_conv(backbone).register_forward_hook(lambda *_, calls=calls: calls.append(1))
         inputs = images.clone().requires_grad_(True)
         outputs = backbone(inputs)
         sum(feature.square().mean() for feature in outputs.values()).backward()

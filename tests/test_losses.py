@@ -66,7 +66,7 @@ def test_quality_focal_loss_matches_hand_computation():
     expected = 0.0
     for i in range(3):
         for c in range(2):
-            x, p = logits[i][c], _sigmoid(logits[i][c])
+            p = _sigmoid(logits[i][c])
             if labels[i] == c:
                 s = scores[i]
                 bce = -(s * math.log(p) + (1 - s) * math.log(1 - p))

@@ -93,9 +93,13 @@ class StreamPETRNuScenesDataset(Dataset):
             self._worker_seeded = info.id
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
-        self._seed_worker_once()
         placement = self.layout.place(index)
-        item = dict(self.frames[placement.frame])
+        if getattr(self.frames, "accepts_draw_keys", False):
+            # the draw key streampetr-run's loader uses: same augmentation, whatever the workers
+            item = dict(self.frames[(placement.frame, (placement.rank, placement.step, placement.row))])
+        else:
+            self._seed_worker_once()
+            item = dict(self.frames[placement.frame])
         item["scene_idx"] = self.scene_idx[placement.frame]
         item["frame_idx"] = self.frame_idx[placement.frame]
         item["sample_idx"] = torch.tensor(placement.frame, dtype=torch.int64)

@@ -1,0 +1,48 @@
+"""build_model(load_recipe(...)): the shipped recipes give the reference detector, key for key."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from streampetr_plugin import build_model, hookimpl, load_recipe
+from streampetr_plugin.plugins import get_plugin_host, reset_plugin_host
+
+SPEC = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.mark.parametrize(
+    "recipe, key_list, parameters, trainable",
+    [
+        ("vov_8p", "reference_state_dict_vov_800.json", 82_947_153, 82_946_289),
+        ("r50_8p", "reference_state_dict_r50_704.json", 37_259_345, 37_205_361),
+    ],
+)
+def test_shipped_recipe_builds_the_reference_detector(recipe, key_list, parameters, trainable):
+    model = build_model(load_recipe(recipe))
+    reference = json.loads((SPEC / key_list).read_text())["state_dict"]
+    ours = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    assert set(ours) == set(reference)
+    assert all(ours[key] == tuple(entry["shape"]) for key, entry in reference.items())
+    unique = {id(p): p for p in model.parameters()}.values()  # the shared branches count once
+    assert sum(p.numel() for p in unique) == parameters
+    assert sum(p.numel() for p in unique if p.requires_grad) == trainable
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+def test_post_model_build_hook_sees_the_model():
+    seen = []
+
+    class Spy:
+        @hookimpl
+        def streampetr_post_model_build(self, model, recipe):
+            seen.append((type(model).__name__, recipe.name))
+
+    reset_plugin_host()
+    get_plugin_host().register_plugin(Spy(), name="spy")
+    try:
+        model = build_model(load_recipe("demo_cpu"))
+    finally:
+        reset_plugin_host()
+    assert seen == [(type(model).__name__, "demo_cpu")]
+    assert isinstance(model, torch.nn.Module)
