@@ -10,7 +10,7 @@ Several processes, one per device (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, M
     torchrun --nproc-per-node 2 -m streampetr_plugin.cli.run recipes/demo_cpu.yaml accelerator.device=cpu
 
 Exit status: 0 done, 1 training stopped (non-finite loss, unusable device or launcher environment,
-unreadable checkpoint), 2 recipe error (one line per problem).
+unreadable checkpoint, missing data or weights), 2 recipe error (one line per problem).
 """
 from __future__ import annotations
 
@@ -55,6 +55,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     from streampetr_plugin.adapters.device import DeviceError
+    from streampetr_plugin.data.dataset import ImageReadError
+    from streampetr_plugin.data.infos import UnsafePickleError
+    from streampetr_plugin.interop.checkpoint import UnsafeCheckpointError
     from streampetr_plugin.training.checkpointing import CheckpointError
     from streampetr_plugin.training.distributed import DistributedSetupError
     from streampetr_plugin.training.trainer import NonFiniteLossError, train
@@ -63,6 +66,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         result = train(recipe)
     except (NonFiniteLossError, DeviceError, DistributedSetupError, CheckpointError) as error:
         logger.error("%s", error)
+        return EXIT_TRAINING_STOPPED
+    except (FileNotFoundError, ImageReadError, UnsafePickleError, UnsafeCheckpointError) as error:
+        logger.error("%s", error)  # missing or unsafe inputs: the message names the file and the fix
         return EXIT_TRAINING_STOPPED
     logger.info(
         "finished %s at iteration %d; last checkpoint %s",

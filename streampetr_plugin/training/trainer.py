@@ -276,6 +276,12 @@ class Trainer:
         if load_from and self._resume_from is None:
             from streampetr_plugin.interop.checkpoint import load_reference_checkpoint
 
+            if not Path(load_from).is_file():
+                raise FileNotFoundError(
+                    f"runtime.load_from: {load_from} does not exist (reference weights: see "
+                    "docs/reproducing.md; runtime.load_from=null trains from the initialisation)"
+                )
+
             report = load_reference_checkpoint(model, load_from)
             if self.dist_env.is_main:
                 logger.info("load_from: %s", report.summary())
