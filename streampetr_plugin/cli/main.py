@@ -181,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda:0, npu:0")
     evaluate.set_defaults(run=_cmd_eval)
 
+    from streampetr_plugin.bench.command import add_bench_arguments
+
+    add_bench_arguments(
+        commands.add_parser("bench", help="time training / inference steps at a recipe's real shapes (JSON)")
+    )
+
     visualize = commands.add_parser("visualize", help="draw a run's predictions and ground truth as a PNG")
     visualize.add_argument("--run", required=True, help="run directory (holds recipe.yaml and eval/)")
     visualize.add_argument("--sample", default=None, help="sample token (default: the first val sample)")

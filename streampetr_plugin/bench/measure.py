@@ -1,0 +1,138 @@
+"""Measuring instruments: step timing, peak memory, FLOP counting, and what the device is.
+
+* Step times are wall-clock seconds around one step with the device synchronised before and after,
+  so asynchronous kernels of a step are charged to that step.
+* Peak memory is the device's peak allocated memory on CUDA / NPU; on the CPU it is the process's
+  peak resident set size (``getrusage``), which Linux lets us reset through ``/proc/self/clear_refs``
+  so that each measured configuration gets its own peak.
+* FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` (matrix multiplications and
+  convolutions, forward and backward). While counting, every attention module runs the explicit
+  ``math`` backend, because the counter has no formula for fused kernels such as PyTorch's CPU flash
+  attention or ``torch_npu.npu_fusion_attention``; the count is the same for every backend.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Tuple
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from streampetr_plugin.adapters.device import DeviceHandle
+from streampetr_plugin.models.layers.multihead_attention import MultiheadAttentionCore
+
+CLEAR_REFS = Path("/proc/self/clear_refs")
+RESET_PEAK_RSS = "5"  # clear_refs command: reset the peak resident set size (Linux >= 4.0)
+
+
+def time_steps(
+    step: Callable[[Any], Any],
+    prepare: Callable[[int], Any],
+    *,
+    steps: int,
+    warmup: int,
+    device: DeviceHandle,
+) -> Tuple[List[float], List[float]]:
+    """(wall seconds, process CPU seconds) of each of ``steps`` timed calls ``step(prepare(i))`` after
+    ``warmup`` untimed ones; ``prepare(i)`` builds the input of step ``i`` and is not timed.
+
+    The CPU seconds (user + system, all threads of this process) change little when other processes
+    share the CPUs, unlike the wall time; on an accelerator they are the host's share of the step.
+    """
+    wall_times, cpu_times = [], []
+    for index in range(warmup + steps):
+        inputs = prepare(index)
+        device.synchronize()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        step(inputs)
+        device.synchronize()
+        if index >= warmup:
+            wall_times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
+    return wall_times, cpu_times
+
+
+def reset_peak_memory(device: DeviceHandle) -> bool:
+    """Start a new peak-memory window; False when the CPU's peak RSS could not be reset (the peak
+    then covers the whole process so far)."""
+    if device.kind != "cpu":
+        device.reset_peak_memory()
+        return True
+    try:
+        CLEAR_REFS.write_text(RESET_PEAK_RSS)
+    except OSError:
+        return False
+    return True
+
+
+def peak_memory_kind(device: DeviceHandle, reset_worked: bool = True) -> str:
+    """What :meth:`DeviceHandle.peak_memory_mib` measures on this device, in words."""
+    if device.kind != "cpu":
+        return f"{device.kind} max_memory_allocated"
+    return "process peak RSS" + ("" if reset_worked else " since process start (could not reset)")
+
+
+@contextlib.contextmanager
+def counting_setup(model: nn.Module) -> Iterator[None]:
+    """Attention through the ``math`` backend and activation checkpointing off, restored afterwards:
+    the counted FLOPs are the model's (no recomputation), whatever kernels and memory settings run."""
+    modules = list(model.modules())
+    attention = [(module, module.backend) for module in modules if isinstance(module, MultiheadAttentionCore)]
+    checkpointed = [
+        (module, module.with_cp) for module in modules if isinstance(getattr(module, "with_cp", None), bool)
+    ]
+    try:
+        for module, _ in attention:
+            module.backend = "math"
+        for module, _ in checkpointed:
+            module.with_cp = False
+        yield
+    finally:
+        for module, backend in attention:
+            module.backend = backend
+        for module, with_cp in checkpointed:
+            module.with_cp = with_cp
+
+
+def count_flops(run: Callable[[], Any]) -> int:
+    """FLOPs of everything ``run()`` executes (forward, and backward when it calls it)."""
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return int(counter.get_total_flops())
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (``platform.processor()`` elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def usable_cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def describe_device(device: DeviceHandle) -> Dict[str, Any]:
+    """The device in words and numbers: ``kind``, ``name``, ``torch`` version and, on the CPU, ``cores``,
+    ``threads`` and the 1-minute ``load_average`` when measuring started."""
+    info: Dict[str, Any] = {"kind": device.kind, "torch": torch.__version__}
+    if device.kind == "cpu":
+        cores = usable_cpu_count()
+        info.update(
+            name=f"{cpu_model_name()} ({cores} cores, {torch.get_num_threads()} threads)",
+            cores=cores,
+            threads=torch.get_num_threads(),
+            load_average=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        )
+    else:
+        info["name"] = device.describe()
+    return info

@@ -1,0 +1,231 @@
+"""One benchmarked configuration, set up and stepped as the trainer does it.
+
+:func:`select_device` repeats the trainer's device start-up (candidate device, ENVIRONMENT adapters,
+confirmed device, RUNTIME adapters, device made current). :class:`BenchRun` repeats its model and
+optimiser set-up (model built on the CPU and moved, MODEL adapters, precision scope, OPTIMIZER
+adapters, per-module learning-rate groups, the registered optimiser) and its iteration
+(:meth:`BenchRun.train_step`: zero grads, forward under autocast, the reference's loss total, scaled
+backward, unscale, clip, step unless non-finite, loss-scale update, the loss read back to the host).
+The only differences: one process (no DDP wrapper), a constant learning rate, no data loader.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+from streampetr_plugin.adapters.base import AdapterContext, AdapterRecord, AdapterRunner, Phase
+from streampetr_plugin.adapters.device import (
+    DeviceHandle,
+    candidate_device,
+    confirm_device,
+    device_for_local_rank,
+)
+from streampetr_plugin.config.schema import Recipe
+from streampetr_plugin.models.build import build_model
+from streampetr_plugin.models.layers.multihead_attention import MultiheadAttentionCore
+from streampetr_plugin.plugins import get_plugin_host
+from streampetr_plugin.training.optimizers import build_param_groups
+from streampetr_plugin.training.precision import MixedPrecision
+from streampetr_plugin.training.batches import total_loss
+
+
+@dataclass
+class ModelSettings:
+    """Changes a variant makes to the built model (None: leave as the recipe and adapters made it)."""
+
+    attention_backend: Optional[str] = None
+    checkpointing: Optional[bool] = None
+    channels_last: Optional[bool] = None
+
+
+def select_device(recipe: Recipe) -> Tuple[DeviceHandle, List[AdapterRecord]]:
+    """The device of ``recipe.accelerator.device`` made current, as the trainer selects it; returns it
+    with the records of the ENVIRONMENT and RUNTIME adapters that ran."""
+    candidate, how = candidate_device(recipe.accelerator.device)
+    runner = AdapterRunner.from_recipe(recipe, candidate)
+    context = AdapterContext(device=candidate, recipe=recipe)
+    runner.run(Phase.ENVIRONMENT, context)
+    kind, _ = confirm_device(candidate, how)
+    if kind != candidate:
+        runner = AdapterRunner.from_recipe(recipe, kind)
+        context = AdapterContext(device=kind, recipe=recipe)
+        runner.run(Phase.ENVIRONMENT, context)
+    runner.run(Phase.RUNTIME, context)
+    device = device_for_local_rank(kind, 0)
+    device.activate()
+    return device, list(runner.records)
+
+
+def adapter_rows(records: List[AdapterRecord]) -> List[Dict[str, str]]:
+    """Adapter records as plain dicts (``phase``, ``name``, ``status``, ``reason``) for the report."""
+    return [
+        {"phase": r.phase.value, "name": r.name, "status": r.status.value, "reason": r.reason}
+        for r in records
+    ]
+
+
+def attention_modules(model: nn.Module) -> List[MultiheadAttentionCore]:
+    return [module for module in model.modules() if isinstance(module, MultiheadAttentionCore)]
+
+
+def checkpointable_modules(model: nn.Module) -> List[nn.Module]:
+    """Modules with a boolean ``with_cp`` switch (backbone blocks, decoder layers)."""
+    return [module for module in model.modules() if isinstance(getattr(module, "with_cp", None), bool)]
+
+
+def backbone_is_channels_last(model: nn.Module) -> Optional[bool]:
+    """Whether the image backbone's spatial convolution weights are channels-last (None: no backbone)."""
+    backbone = getattr(model, "img_backbone", None)
+    if backbone is None:
+        return None
+    for param in backbone.parameters():
+        if param.dim() == 4 and param.shape[-1] > 1:
+            return param.is_contiguous(memory_format=torch.channels_last) and not param.is_contiguous()
+    return False
+
+
+def _on_off(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
+@dataclass
+class BenchRun:
+    """A model, optimiser and precision set up for ``recipe`` on ``device`` (see the module docstring).
+
+    ``settings`` says what is in effect, one entry per variant group (``attention``, ``checkpointing``,
+    ``amp``, ``channels_last``, ``fused_optimizer``), in the same words as the variant options.
+    """
+
+    recipe: Recipe
+    device: DeviceHandle
+    model_settings: ModelSettings = field(default_factory=ModelSettings)
+
+    def __post_init__(self) -> None:
+        recipe, device = self.recipe, self.device
+        torch.manual_seed(recipe.runtime.seed)
+        model = build_model(recipe).to(device.torch_device)
+        self.adapters = AdapterRunner.from_recipe(recipe, device.kind)
+        context = AdapterContext(device=device.kind, recipe=recipe, model=model)
+        self.adapters.run(Phase.MODEL, context)
+        self.precision = MixedPrecision(recipe.optimization.amp, device)
+        self.precision.configure_model(model)
+        self._apply_model_settings(model)
+        self.adapters.run(Phase.OPTIMIZER, context)
+        self.model = model
+        self.optimizer: Optional[torch.optim.Optimizer] = self._build_optimizer(context)
+        self.nonfinite_steps = 0
+
+    def _apply_model_settings(self, model: nn.Module) -> None:
+        wanted = self.model_settings
+        if wanted.attention_backend is not None:
+            for module in attention_modules(model):
+                module.backend = wanted.attention_backend
+        if wanted.checkpointing is not None:
+            for module in checkpointable_modules(model):
+                module.with_cp = wanted.checkpointing
+        if wanted.channels_last is not None and getattr(model, "img_backbone", None) is not None:
+            layout = torch.channels_last if wanted.channels_last else torch.contiguous_format
+            model.img_backbone.to(memory_format=layout)
+
+    def _build_optimizer(self, context: AdapterContext) -> torch.optim.Optimizer:
+        spec = self.recipe.optimization.optimizer
+        options = {**spec.options(), **context.optimizer_options}
+        groups = build_param_groups(
+            self.model, base_lr=options["lr"], multipliers=self.recipe.optimization.lr_multipliers
+        )
+        extra = {} if context.optimizer_class is None else {"optimizer_class": context.optimizer_class}
+        return get_plugin_host().registries.optimizers.build(spec.type, options, param_groups=groups, **extra)
+
+    # --------------------------------------------------------------------------------------- settings
+
+    def settings(self) -> Dict[str, str]:
+        """What this configuration runs, per variant group ("n/a" where the model has no such part)."""
+        model = self.model
+        backends = sorted({module.backend for module in attention_modules(model)})
+        switches = [module.with_cp for module in checkpointable_modules(model)]
+        if not switches:
+            checkpointing = "n/a"
+        elif all(switches) or not any(switches):
+            checkpointing = _on_off(all(switches))
+        else:
+            checkpointing = f"mixed ({sum(switches)}/{len(switches)} on)"
+        channels_last = backbone_is_channels_last(model)
+        dtype = self.precision.dtype
+        amp = "fp32" if dtype is None else {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+        return {
+            "attention": "+".join(backends) or "n/a",
+            "checkpointing": checkpointing,
+            "amp": amp,
+            "channels_last": "n/a" if channels_last is None else _on_off(channels_last),
+            "fused_optimizer": _on_off(self.optimizer_is_fused()),
+            "optimizer": self.describe_optimizer(),
+        }
+
+    def optimizer_is_fused(self) -> bool:
+        """A single-kernel update: ``torch.optim.AdamW(fused=True)`` or an adapter's own optimiser class."""
+        optimizer = self.optimizer
+        if optimizer is None:
+            return False
+        if type(optimizer).__module__.startswith("torch.optim"):
+            return bool(optimizer.defaults.get("fused"))
+        return True
+
+    def describe_optimizer(self) -> str:
+        optimizer = self.optimizer
+        if optimizer is None:
+            return "released"
+        flags = [name for name in ("fused", "foreach") if optimizer.defaults.get(name)]
+        name = f"{type(optimizer).__module__}.{type(optimizer).__name__}"
+        return name + (f"({', '.join(flags)})" if flags else "")
+
+    # ------------------------------------------------------------------------------------------ steps
+
+    def train_step(self, batch: Mapping[str, Any]) -> float:
+        """One training iteration on a batch already on the device; returns the total loss."""
+        model, optimizer, precision = self.model, self.optimizer, self.precision
+        optimizer.zero_grad(set_to_none=True)
+        with precision.autocast():
+            losses = model(batch)
+        loss = total_loss(losses)
+        scaler = precision.scaler
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        parameters = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+        clip = self.recipe.optimization.grad_clip
+        grad_norm = 0.0
+        if clip is not None and parameters:
+            norm = torch.nn.utils.clip_grad_norm_(parameters, clip.max_norm, norm_type=clip.norm_type)
+            grad_norm = float(norm)
+        loss_value = float(loss.detach())  # the trainer reads the loss back every iteration too
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        if scaler is not None:
+            if math.isfinite(loss_value):
+                scaler.step(optimizer)
+            precision.update()
+        elif finite:
+            optimizer.step()
+        self.nonfinite_steps += 0 if finite else 1
+        return loss_value
+
+    def forward_backward(self, batch: Mapping[str, Any]) -> None:
+        """Forward and backward without an optimiser step (what FLOP counting runs); grads are dropped."""
+        with self.precision.autocast():
+            losses = self.model(batch)
+        total_loss(losses).backward()
+        self.model.zero_grad(set_to_none=True)
+
+    def infer_step(self, batch: Mapping[str, Any]) -> List[Dict[str, torch.Tensor]]:
+        """One streaming inference frame per row, detections copied to the host (as evaluation does)."""
+        with torch.no_grad(), self.precision.autocast():
+            detections = self.model(batch)
+        return [{key: value.cpu() for key, value in row.items()} for row in detections]
+
+    def release_training_state(self) -> None:
+        """Drop gradients and the optimiser (its state is as large as two copies of the weights)."""
+        self.model.zero_grad(set_to_none=True)
+        self.optimizer = None
