@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from streampetr_plugin.models.backbones.contract import ShapeSpec
+from streampetr_plugin.models.backbones.freezing import freeze, keep_frozen_in_train_mode
 
 BLOCKS_PER_STAGE: Dict[int, Tuple[int, int, int, int]] = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 STAGE_WIDTHS: Tuple[int, int, int, int] = (64, 128, 256, 512)  # bottleneck width; output is 4x that
@@ -122,7 +123,7 @@ class ResNet(nn.Module):
             elif isinstance(module, nn.BatchNorm2d):
                 module.weight.requires_grad_(norm_requires_grad)
                 module.bias.requires_grad_(norm_requires_grad)
-        self._freeze_stages()
+        freeze(self._frozen_modules())
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
         """Channels and stride of each returned feature map, in output order."""
@@ -144,20 +145,10 @@ class ResNet(nn.Module):
             return []
         return [self.conv1, self.bn1] + [getattr(self, f"layer{i}") for i in range(1, self.frozen_stages + 1)]
 
-    def _freeze_stages(self) -> None:
-        for module in self._frozen_modules():
-            module.eval()
-            for parameter in module.parameters():
-                parameter.requires_grad_(False)
-
     def train(self, mode: bool = True) -> "ResNet":
         """Set training mode, keeping frozen stages (and every BatchNorm if ``norm_eval``) in eval."""
         super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for module in self.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+        keep_frozen_in_train_mode(self, self._frozen_modules(), norm_eval=self.norm_eval, mode=mode)
         return self
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from streampetr_plugin.models.backbones.contract import ShapeSpec
+from streampetr_plugin.models.backbones.freezing import freeze, keep_frozen_in_train_mode
 
 STAGE_NAMES: Tuple[str, ...] = ("stage2", "stage3", "stage4", "stage5")
 FEATURE_NAMES: Tuple[str, ...] = ("stem",) + STAGE_NAMES
@@ -232,7 +233,7 @@ class VoVNet(nn.Module):
             self.add_module(name, stage)
             in_channels = spec.stage_out_channels[index]
             self._shapes[name] = ShapeSpec(channels=in_channels, stride=stride)
-        self._freeze_stages()
+        freeze(self._frozen_modules())
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
         """Channels and stride of each returned feature map, in output order."""
@@ -256,20 +257,10 @@ class VoVNet(nn.Module):
             return []
         return [self.stem] + [getattr(self, STAGE_NAMES[i]) for i in range(self.frozen_stages)]
 
-    def _freeze_stages(self) -> None:
-        for module in self._frozen_modules():
-            module.eval()
-            for parameter in module.parameters():
-                parameter.requires_grad_(False)
-
     def train(self, mode: bool = True) -> "VoVNet":
         """Set training mode, keeping frozen stages (and every BatchNorm if ``norm_eval``) in eval."""
         super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for module in self.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+        keep_frozen_in_train_mode(self, self._frozen_modules(), norm_eval=self.norm_eval, mode=mode)
         return self
 
 
