@@ -241,12 +241,7 @@ class NpuFusedAdamW(Adapter):
     phase: ClassVar[Phase] = Phase.OPTIMIZER
 
     def precheck(self, context: AdapterContext) -> Tuple[bool, str]:
-        optimizer, implementation = context.optimizer_choice()
-        if optimizer != "adamw":
-            return False, f"the recipe's optimizer is {optimizer!r}, not adamw"
-        if implementation not in (None, "auto"):
-            return False, f"the recipe asks for optimizer.implementation={implementation}"
-        return True, ""
+        return context.adamw_left_to_adapters()
 
     def apply(self, context: AdapterContext) -> AdapterResult:
         device = next(context.model.parameters()).device if context.model is not None else torch.device("cpu")

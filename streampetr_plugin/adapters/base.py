@@ -125,6 +125,16 @@ class AdapterContext:
         implementation = self.optimizer_options.get("implementation", spec.options().get("implementation"))
         return spec.type, implementation
 
+    def adamw_left_to_adapters(self) -> Tuple[bool, str]:
+        """The precheck of every optimiser adapter: the recipe uses ``adamw`` with
+        ``implementation: auto``, i.e. it leaves the kernel choice to the adapters."""
+        optimizer, implementation = self.optimizer_choice()
+        if optimizer != "adamw":
+            return False, f"the recipe's optimizer is {optimizer!r}, not adamw"
+        if implementation not in (None, "auto"):
+            return False, f"the recipe asks for optimizer.implementation={implementation}"
+        return True, ""
+
 
 class Adapter:
     """Base class of the built-in adapters (a plugin may supply any object with these attributes)."""

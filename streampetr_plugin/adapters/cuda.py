@@ -115,12 +115,7 @@ class CudaFusedAdamW(_CudaAdapter):
         ok, reason = super().precheck(context)
         if not ok:
             return ok, reason
-        optimizer, implementation = context.optimizer_choice()
-        if optimizer != "adamw":
-            return False, f"the recipe's optimizer is {optimizer!r}, not adamw"
-        if implementation not in (None, "auto"):
-            return False, f"the recipe asks for optimizer.implementation={implementation}"
-        return True, ""
+        return context.adamw_left_to_adapters()
 
     def apply(self, context: AdapterContext) -> AdapterResult:
         context.optimizer_options["implementation"] = "fused"
