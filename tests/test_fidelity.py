@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from streampetr_plugin.interop import synth
-from streampetr_plugin.interop.reference import run_reference_frame
+from streampetr_plugin.interop.reference import PROBE_NAMES, run_reference_frame
 from streampetr_plugin.models.backbones.resnet import ResNet
 from streampetr_plugin.models.detector import StreamPETRDetector, token_locations
 from streampetr_plugin.models.heads.focal_head import FocalHead
@@ -22,18 +22,6 @@ from streampetr_plugin.models.layers.memory import transform_points
 from streampetr_plugin.models.necks.cp_fpn import CPFPN
 
 FIXTURE = Path(__file__).parent / "fixtures" / "r50_128x352_3frames.pt"
-PROBE_ORDER = [
-    "backbone.0",
-    "backbone.1",
-    "neck.0",
-    "neck.1",
-    "img_feats",
-    "position_encoder",
-    "memory_embed",
-    "spatial_alignment",
-    "featurized_pe",
-    "transformer.0",
-]
 PROBE_TOLERANCE = {"backbone.0": 2e-4, "backbone.1": 2e-4, "neck.0": 2e-4, "neck.1": 2e-4, "img_feats": 2e-4}
 HEAD_PROBE_TOLERANCE = 1e-4
 NUM_LEARNABLE = 644
@@ -116,7 +104,7 @@ def _sample_diff(value: torch.Tensor, probe: Dict) -> float:
 
 def _divergence_report(ours: Dict[str, torch.Tensor], reference: Dict[str, Dict]) -> str:
     """Name the first probe (in data-flow order) whose samples leave the band."""
-    for name in PROBE_ORDER:
+    for name in PROBE_NAMES:
         if list(ours[name].shape) != list(reference[name]["shape"]):
             shape = list(ours[name].shape)
             return f"first diverging probe: {name} (shape {shape} vs {reference[name]['shape']})"
@@ -148,7 +136,7 @@ def test_decoder_outputs_of_all_layers_within_strict_band(fx, runs, strict, k):
     assert ours["all_cls_scores"].shape == reference["all_cls_scores"].shape == (6, 900, 10)
     assert cls_diff <= strict["all_cls_scores"], f"frame {k}: logits differ by {cls_diff:.3g}; {report}"
     assert box_diff <= strict["all_bbox_preds"], f"frame {k}: boxes differ by {box_diff:.3g}; {report}"
-    for name in PROBE_ORDER:
+    for name in PROBE_NAMES:
         tolerance = PROBE_TOLERANCE.get(name, HEAD_PROBE_TOLERANCE)
         assert _sample_diff(ours["probes"][name], reference["probes"][name]) <= tolerance, report
 
