@@ -12,25 +12,24 @@ T = TypeVar("T")
 EXIT_USAGE = 2
 
 
-# The metric report is printed bare, so that lines start with "mAP:" / "NDS:" as Ascend training
+# The metric report is logged bare, so that its lines start with "mAP:" / "NDS:" as Ascend training
 # harnesses grep for them.
 PLAIN_LOGGERS = ("streampetr_plugin.evaluation.nuscenes_metric",)
 
 
+class _Formatter(logging.Formatter):
+    """Timestamped lines, except the bare metric report."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.name in PLAIN_LOGGERS:
+            return record.getMessage()
+        return super().format(record)
+
+
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
-    for name in PLAIN_LOGGERS:
-        plain = logging.getLogger(name)
-        if not plain.handlers:
-            handler = logging.StreamHandler(sys.stdout)
-            handler.setFormatter(logging.Formatter("%(message)s"))
-            plain.addHandler(handler)
-            plain.propagate = False
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
 
 
 def exit_on_recipe_error(action: Callable[[], T]) -> T:

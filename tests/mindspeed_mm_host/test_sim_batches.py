@@ -220,17 +220,22 @@ def test_interleaved_or_shuffled_host_sampling_is_refused(
 def test_loader_workers_draw_their_own_augmentations_despite_the_hosts_common_worker_seed(
     simulated_host, synthetic_nuscenes, monkeypatch
 ):
-    # 12: the host seeds every worker of every rank with the same config seed (global RNGs only);
-    # the frames' own RNG would start identical in every worker if the dataset did not reseed it.
+    # 12: the host seeds every worker of every rank with the same config seed (global RNGs only). Our
+    # frames draw their augmentation from their place in the stream layout (rank, step, row), never from
+    # a worker RNG: a frame met again later is augmented anew, and a host index gets the same draws in
+    # whichever worker loads it (as streampetr-run's loader).
     from types import SimpleNamespace
 
     import streampetr_plugin.integrations.mindspeed_mm.dataset as dataset_module
 
     importlib.import_module(PACKAGE)
-    images = []
-    for worker, seed in ((0, 1000), (1, 1001), (0, 1000)):
-        dataset = _dataset(synthetic_nuscenes)
-        info = SimpleNamespace(id=worker, seed=seed)
+    dataset = _dataset(synthetic_nuscenes, epochs=2)
+    first = dataset.layout.place(0)
+    again = next(i for i in range(1, len(dataset)) if dataset.layout.place(i).frame == first.frame)
+    geometry = []
+    for worker, index in ((0, 0), (1, again), (1, 0)):
+        info = SimpleNamespace(id=worker, seed=1000)  # the host's one worker seed
         monkeypatch.setattr(dataset_module, "get_worker_info", lambda info=info: info)
-        images.append(dataset[0]["img"])
-    assert not torch.equal(images[0], images[1]) and torch.equal(images[0], images[2])
+        geometry.append(dataset[index]["lidar2img"])
+    assert not torch.equal(geometry[0], geometry[1])  # same frame, same worker seed, another draw
+    assert torch.equal(geometry[0], geometry[2])  # same host index in another worker: the same draw
