@@ -40,7 +40,9 @@ def test_weights_match_the_fixture_checksums_exactly(fixture):
     assert set(state) == set(fixture["weights_checksum"])
     for key, (total, abs_total) in fixture["weights_checksum"].items():
         value = state[key].double()
-        assert (value.sum().item(), value.abs().sum().item()) == (total, abs_total), key
+        # the values are bit-exact; the float64 sums only differ by summation order (threads)
+        assert value.sum().item() == pytest.approx(total, rel=1e-12, abs=1e-9), key
+        assert value.abs().sum().item() == pytest.approx(abs_total, rel=1e-12), key
 
 
 def test_shared_branch_slots_are_identical():
