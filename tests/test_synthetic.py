@@ -133,3 +133,35 @@ def test_intrinsics_match_the_image_size(nusc):
         # Principal point near the centre, as in nuScenes (cx ~ 0.51 W, cy ~ 0.54 H).
         assert 0.45 < intrinsic[0, 2] / record["width"] < 0.55
         assert 0.45 < intrinsic[1, 2] / record["height"] < 0.6
+
+
+def _instance_classes(root, version):
+    categories = {c["token"]: c["name"] for c in json.loads((root / version / "category.json").read_text())}
+    instances = json.loads((root / version / "instance.json").read_text())
+    return [categories[instance["category_token"]] for instance in instances]
+
+
+def test_uniform_classes_draws_every_class_equally_often(tmp_path):
+    kwargs = dict(num_scenes=2, samples_per_scene=2, objects_per_scene=60, image_size=(64, 36), seed=1,
+                  annotation_range=200.0)
+    make_synthetic(tmp_path / "freq", **kwargs)
+    make_synthetic(tmp_path / "uniform", uniform_classes=True, **kwargs)
+    frequent = _instance_classes(tmp_path / "freq", "v1.0-mini")
+    uniform = _instance_classes(tmp_path / "uniform", "v1.0-mini")
+    # nuScenes-like: cars (weight 0.30) outnumber trailers (0.03) several times over.
+    assert frequent.count("vehicle.car") > 3 * frequent.count("vehicle.trailer")
+    # Uniform: 10 of 120 forced (one per class per scene), 110 drawn with p = 0.1 each: 13 expected per class.
+    counts = [uniform.count(name) for name in sorted(set(uniform))]
+    assert len(counts) == 10 and min(counts) >= 5 and max(counts) <= 24, counts
+
+
+def test_more_than_ten_scenes_take_trainval_scene_names(tmp_path):
+    from nuscenes.utils import splits
+
+    from streampetr_plugin.data.synthetic import synthetic_version
+
+    assert synthetic_version(10) == "v1.0-mini" and synthetic_version(11) == "v1.0-trainval"
+    dataset = make_synthetic(tmp_path / "d", num_scenes=11, samples_per_scene=2, objects_per_scene=2,
+                             image_size=(32, 18), version=synthetic_version(11))
+    assert len(dataset.train_scenes) == 9 and len(dataset.val_scenes) == 2
+    assert set(dataset.train_scenes) <= set(splits.train) and set(dataset.val_scenes) <= set(splits.val)

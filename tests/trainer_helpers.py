@@ -284,14 +284,17 @@ DEMO_RECIPE = REPO_ROOT / "recipes" / "demo_cpu.yaml"
 def demo_overrides(root: Path, version: str) -> List[str]:
     """``recipes/demo_cpu.yaml`` on the tests' tiny synthetic nuScenes (``tests/data_fixtures.py``):
     64 x 160 input (resize 0.8 maps the 200-pixel-wide images onto it), one frame per process and
-    step, one thread."""
+    step, one thread, a geometric warm start of 2 steps on 2 frames (the recipe's takes seconds)."""
     overrides = []
     for split in ("train", "val"):
         overrides += [f"data.{split}.root={root}", f"data.{split}.version={version}",
                       f"~data.{split}.synthetic", f"data.{split}.final_dim=[64,160]",
                       f"data.{split}.resize_lim=[0.8,0.8]"]
     return overrides + ["data.batch_size_per_device=1", "accelerator.adapters.cpu_threads.num_threads=1",
-                        "runtime.progress_bar='off'", "runtime.log_interval=1"]
+                        "runtime.progress_bar='off'", "runtime.log_interval=1",
+                        "optimization.geometric_warm_start.steps=2",
+                        "optimization.geometric_warm_start.frames=2",
+                        "optimization.geometric_warm_start.points=16"]
 
 
 def write_recipe(directory: Path, text: str = RECIPE) -> Path:

@@ -92,6 +92,19 @@ class AmpConfig(Section):
     growth_interval: int = Field(2000, ge=1, description="Steps without overflow before the scale doubles.")
 
 
+class GeometricWarmStartConfig(Section):
+    steps: int = Field(
+        0, ge=0,
+        description="Adam steps of the label-free geometric warm start of the StreamPETR head before the "
+        "first iteration (models/heads/geometric_warm_start.py, docs/demo.md); 0: off, as the reference. "
+        "For training from scratch in few iterations; pair it with small lr_multipliers on the modules "
+        "it trains.",
+    )
+    lr: float = Field(2e-3, gt=0, description="Learning rate of the warm start's Adam.")
+    points: int = Field(256, ge=1, description="Random 3D points per frame and step.")
+    frames: int = Field(8, ge=1, description="Training frames, spread over the training set, whose cameras it uses.")
+
+
 class OptimizationConfig(Section):
     optimizer: ComponentSpec = Field(description="Optimiser (registry: optimizers), e.g. adamw with lr, weight_decay.")
     lr_multipliers: Dict[str, float] = Field(
@@ -101,6 +114,9 @@ class OptimizationConfig(Section):
     grad_clip: Optional[GradClipConfig] = Field(default_factory=GradClipConfig, description="Gradient clipping; null: off.")
     amp: AmpConfig = Field(default_factory=AmpConfig, description="Mixed precision.")
     lr_scheduler: ComponentSpec = Field(description="Learning-rate schedule (registry: lr_schedulers).")
+    geometric_warm_start: GeometricWarmStartConfig = Field(
+        default_factory=GeometricWarmStartConfig, description="Geometric warm start of the head; off by default."
+    )
 
 
 class RuntimeConfig(Section):

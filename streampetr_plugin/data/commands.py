@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from .infos import create_infos
-from .synthetic import MINI_TRAIN_SCENES, MINI_VAL_SCENES, SyntheticDataset, make_synthetic
+from .synthetic import SyntheticDataset, make_synthetic, synthetic_version
 
 __all__ = ["make_synthetic_command", "create_data_command"]
 
@@ -18,7 +18,7 @@ def make_synthetic_command(dir: str | Path, scenes: int = 10, seed: int = 0) -> 
 
     Up to 10 scenes use the v1.0-mini layout and split names, more use v1.0-trainval.
     """
-    version = "v1.0-mini" if scenes <= len(MINI_TRAIN_SCENES) + len(MINI_VAL_SCENES) else "v1.0-trainval"
+    version = synthetic_version(scenes)
     dataset = make_synthetic(dir, num_scenes=scenes, seed=seed, version=version)
     logger.info(
         "wrote synthetic nuScenes %s to %s: %d train scenes, %d val scenes, %d samples; next: "

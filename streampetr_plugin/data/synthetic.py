@@ -46,7 +46,7 @@ from .geometry import (
     yaw_to_quaternion,
 )
 
-__all__ = ["SyntheticDataset", "make_synthetic", "CLASS_COLOURS"]
+__all__ = ["SyntheticDataset", "make_synthetic", "synthetic_version", "CLASS_COLOURS"]
 
 FULL_WIDTH, FULL_HEIGHT = 1600, 900
 KEYFRAME_INTERVAL_US = 500_000
@@ -218,6 +218,12 @@ class _TokenFactory:
         return hashlib.md5(text.encode()).hexdigest()
 
 
+def synthetic_version(num_scenes: int) -> str:
+    """The nuScenes version whose official scene names a synthetic set of ``num_scenes`` scenes takes:
+    v1.0-mini up to its 10 scenes, v1.0-trainval beyond."""
+    return "v1.0-mini" if num_scenes <= len(MINI_TRAIN_SCENES) + len(MINI_VAL_SCENES) else "v1.0-trainval"
+
+
 def _scene_names(version: str, num_scenes: int) -> Tuple[List[str], List[str]]:
     if version == "v1.0-mini":
         train_pool, val_pool = MINI_TRAIN_SCENES, MINI_VAL_SCENES
@@ -302,10 +308,13 @@ def _place_object(
 
 
 def _spawn_objects(
-    rng: np.random.Generator, ego: _EgoMotion, times: np.ndarray, count: int
+    rng: np.random.Generator, ego: _EgoMotion, times: np.ndarray, count: int, uniform_classes: bool
 ) -> List[_Object]:
-    """Place up to ``count`` objects around the ego path without overlaps at any key frame."""
-    weights = np.array([spec.weight for spec in _CLASSES])
+    """Place up to ``count`` objects around the ego path without overlaps at any key frame.
+
+    Classes are drawn with nuScenes-like frequencies, or all equally often with ``uniform_classes``.
+    """
+    weights = np.array([1.0 if uniform_classes else spec.weight for spec in _CLASSES])
     weights /= weights.sum()
     ego_poses = [ego.pose(t) for t in times]
     ego_yaws = np.array([yaw for _, yaw in ego_poses])
@@ -644,7 +653,7 @@ class _DatasetWriter:
 
     def write_scene(
         self, scene: str, location: str, start_us: int, num_frames: int, objects_per_scene: int,
-        annotation_range: float,
+        annotation_range: float, uniform_classes: bool,
     ) -> None:
         """One scene: ego motion, objects, and every key frame's sensor data and annotations."""
         rng, token = self.rng, self.token
@@ -661,7 +670,7 @@ class _DatasetWriter:
         jitter_us[0] = 0
         sample_us = [start_us + k * KEYFRAME_INTERVAL_US + int(jitter) for k, jitter in enumerate(jitter_us)]
         times = (np.array(sample_us) - start_us) / 1e6
-        objects = _spawn_objects(rng, ego, times, objects_per_scene)
+        objects = _spawn_objects(rng, ego, times, objects_per_scene, uniform_classes)
         # Each object is annotated over one contiguous span of key frames (near the ego).
         ego_positions = np.stack([ego.pose(t)[0] for t in times])
         spans: List[Optional[Tuple[int, int]]] = []
@@ -792,6 +801,7 @@ def make_synthetic(
     image_size: Tuple[int, int] = (400, 225),
     version: str = "v1.0-mini",
     annotation_range: float = 55.0,
+    uniform_classes: bool = False,
     jpeg_quality: int = 85,
     seed: int = 0,
 ) -> SyntheticDataset:
@@ -799,7 +809,8 @@ def make_synthetic(
 
     ``image_size`` is (width, height); intrinsics are the nuScenes ones scaled by
     ``width / 1600`` and ``height / 900``. Objects are annotated at the key frames where their BEV
-    distance to the ego is below ``annotation_range`` (one contiguous span per object).
+    distance to the ego is below ``annotation_range`` (one contiguous span per object). Classes follow
+    nuScenes-like frequencies (cars most, trailers fewest), or are equally frequent with ``uniform_classes``.
     Default size: 10 scenes x 10 samples, about 10 MB.
     """
     if samples_per_scene < 2:
@@ -813,7 +824,7 @@ def make_synthetic(
             name, _LOCATIONS[scene_index % len(_LOCATIONS)],
             start_us=FIRST_TIMESTAMP_US + int(time_order[scene_index]) * 120_000_000,
             num_frames=samples_per_scene, objects_per_scene=objects_per_scene,
-            annotation_range=annotation_range,
+            annotation_range=annotation_range, uniform_classes=uniform_classes,
         )
     writer.save(version)
     return SyntheticDataset(

@@ -13,7 +13,8 @@ Start-up order (each step needs the one before):
 4. the OPTIMIZER adapters, then the optimiser (per-module lr multipliers) once the model is moved and
    wrapped, the loss scaler, the data, the iteration plan and lr schedule, the training loader;
 5. the resumed state loaded; the start-up log (the recipe in ``recipe.yaml``, the adapter table, the
-   iteration plan); at :meth:`Trainer.train` the ``streampetr_pre_train`` hook.
+   iteration plan); when starting afresh, the geometric warm start if the recipe asks for it
+   (``optimization.geometric_warm_start``); at :meth:`Trainer.train` the ``streampetr_pre_train`` hook.
 
 One iteration, as the reference's ``Fp16OptimizerHook``: set the lr of every group for this iteration
 (the schedule is per iteration), zero grads, forward under autocast, total = the plain sum of every
@@ -52,6 +53,7 @@ from streampetr_plugin.adapters.device import (
 from streampetr_plugin.config.loader import dump_recipe, recipe_to_dict
 from streampetr_plugin.config.schema import Recipe
 from streampetr_plugin.data.build import build_dataset
+from streampetr_plugin.data.collate import collate_frames
 from streampetr_plugin.models.build import build_model
 from streampetr_plugin.plugins import get_plugin_host
 from streampetr_plugin.training import distributed
@@ -86,6 +88,9 @@ from streampetr_plugin.training.precision import MixedPrecision
 logger = logging.getLogger(__name__)
 
 LoaderFactory = Callable[..., Any]
+# The "rank" part of the augmentation draw keys of the warm start's frames: no real rank is this large,
+# so they never repeat a training draw.
+WARM_START_DRAW_KEY = 2**31 - 1
 
 
 class NonFiniteLossError(RuntimeError):
@@ -216,10 +221,13 @@ class Trainer:
         self._build_model()
         self._build_optimizer()
         self._build_data()
+        fresh_start = self._resume_from is None
         if self._resume_from is not None:
             self._load_state(*self._resume_from)
             self._resume_from = None  # the loaded state is not needed any more
         self._announce()
+        if fresh_start and recipe.optimization.geometric_warm_start.steps > 0:
+            self._geometric_warm_start()
         self.context = TrainingContext(
             recipe=recipe,
             model=self.model,
@@ -338,6 +346,45 @@ class Trainer:
         )
         self.train_loader = self._make_loader(self.train_dataset, batch, training=True)
         self.train_sampler = _sampler_of(self.train_loader)
+
+    def _geometric_warm_start(self) -> None:
+        """Align the head's position embeddings with the cameras before iteration 0 (no labels), on
+        frames spread over the training set, the same on every rank; rank 0's result is broadcast."""
+        from streampetr_plugin.models.heads.geometric_warm_start import (
+            geometric_warm_start,
+            warm_start_parameters,
+        )
+
+        options = self.recipe.optimization.geometric_warm_start
+        dataset = self.train_dataset
+        indices = np.linspace(0, len(dataset) - 1, num=min(options.frames, len(dataset))).round().astype(int)
+        keyed = getattr(dataset, "accepts_draw_keys", False)
+        frames = [dataset[(int(index), (WARM_START_DRAW_KEY, slot))] if keyed else dataset[int(index)]
+                  for slot, index in enumerate(indices)]
+        collate = getattr(self.train_loader, "collate_fn", None) or collate_frames
+        size = self.recipe.data.batch_size_per_device
+        batches = [move_to_device(collate(frames[i:i + size]), self.device.torch_device)
+                   for i in range(0, len(frames), size)]
+        started = time.perf_counter()
+        use_grid_mask = getattr(self.model, "use_grid_mask", False)
+        self.model.use_grid_mask = False  # the features of the clean images
+        try:
+            result = geometric_warm_start(
+                self.model, batches, steps=options.steps, lr=options.lr, num_points=options.points,
+                generator=torch.Generator().manual_seed(self.recipe.runtime.seed),
+            )
+        finally:
+            self.model.use_grid_mask = use_grid_mask
+        if self.dist_env.is_distributed:
+            for param in warm_start_parameters(self.model.pts_bbox_head):
+                torch.distributed.broadcast(param.data, src=0)
+        if self.dist_env.is_main:
+            logger.info(
+                "geometric warm start: %d steps on %d frames in %.1f s; cross-entropy %.3f -> %.3f, "
+                "attention on the projected tokens %.3f -> %.3f",
+                result.steps, len(frames), time.perf_counter() - started, result.first_loss,
+                result.last_loss, result.first_target_attention, result.last_target_attention,
+            )
 
     def _make_loader(self, dataset: Any, batch_size: int, *, training: bool) -> Any:
         factory = self._loader_factory or _default_loader_factory()

@@ -112,6 +112,7 @@ class StreamPETRHead(nn.Module):
         max_num: int = 300,
         score_threshold: Optional[float] = None,
         per_camera_focal: bool = False,
+        query_pos_temperature: float = 10000.0,
         criterion: Optional[nn.Module] = None,
     ) -> None:
         super().__init__()
@@ -134,6 +135,7 @@ class StreamPETRHead(nn.Module):
         self.noise_trans = noise_trans
         self.split = split
         self.per_camera_focal = per_camera_focal
+        self.query_pos_temperature = query_pos_temperature
 
         # Configuration kept as frozen parameters because the reference's state dict has them.
         self.code_weights = nn.Parameter(
@@ -267,6 +269,53 @@ class StreamPETRHead(nn.Module):
             position_input = inverse_sigmoid(coords3d)
         return self.position_encoder(position_input), cone
 
+    def image_keys(
+        self,
+        *,
+        img_feats: torch.Tensor,
+        location: torch.Tensor,
+        pad_shape: Tuple[int, int],
+        intrinsics: torch.Tensor,
+        lidar2img: torch.Tensor,
+        topk_indexes: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Image memory (B, L, C) (the cross-attention values) and its 3D position embedding (B, L, C),
+        for the arguments of :meth:`forward`."""
+        batch, num_cams, channels, height, width = img_feats.shape
+        tokens = img_feats.permute(0, 1, 3, 4, 2).reshape(batch, num_cams * height * width, channels)
+        if topk_indexes is not None:
+            tokens = _gather_tokens(tokens, topk_indexes)
+        pos_embed, cone = self._position_embedding(location, pad_shape, intrinsics, lidar2img, topk_indexes)
+        memory = self.memory_embed(tokens)
+        memory = self.spatial_alignment(memory, cone)
+        return memory, self.featurized_pe(pos_embed, memory)
+
+    def fresh_query_positions(self, reference_points: torch.Tensor) -> torch.Tensor:
+        """Position embedding (B, Q, C) of current-frame queries at normalised ``reference_points``
+        (B, Q, 3): what :meth:`forward` adds to their content before attending (query embedding,
+        ego-motion MLN with the identity pose, time embedding of age 0)."""
+        query_pos = self.query_embedding(self._sine_embedding(reference_points))
+        _, query_pos = self._current_query_alignment(torch.zeros_like(query_pos), query_pos)
+        return query_pos
+
+    def _current_query_alignment(
+        self, tgt: torch.Tensor, query_pos: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Ego-motion MLN (zero velocity and age, identity pose: one code for all) and the time
+        embedding of age 0, applied to the current frame's queries."""
+        if self.with_ego_pos:
+            identity_pose = torch.eye(4, device=query_pos.device)[:3, :].flatten()
+            current_code = torch.cat([query_pos.new_zeros(3), identity_pose]).view(1, 1, EGO_MOTION_CODE_SIZE)
+            current_code = nerf_positional_encoding(current_code)  # (1, 1, 180)
+            tgt = self.ego_pose_memory(tgt, current_code)
+            query_pos = self.ego_pose_pe(query_pos, current_code)
+        zero_age = query_pos.new_zeros(1, 1, 1)
+        return tgt, query_pos + self.time_embedding(pos2posemb1d(zero_age, self.embed_dims))
+
+    def _sine_embedding(self, points: torch.Tensor) -> torch.Tensor:
+        """Sine embedding (..., 3 C / 2) of normalised reference points (..., 3), for ``query_embedding``."""
+        return pos2posemb3d(points, self.embed_dims // 2, temperature=self.query_pos_temperature)
+
     def _temporal_alignment(
         self, query_pos: torch.Tensor, tgt: torch.Tensor, reference_points: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -281,25 +330,17 @@ class StreamPETRHead(nn.Module):
             temp_reference_point = (memory.reference_point - low) / (high - low)  # (B, M, 3)
             memory_age = memory.timestamp  # (B, M, 1) float64
             memory_time_feats = pos2posemb1d(memory_age, self.embed_dims).float()  # (B, M, C)
-        temp_pos = self.query_embedding(pos2posemb3d(temp_reference_point, self.embed_dims // 2))
+        temp_pos = self.query_embedding(self._sine_embedding(temp_reference_point))
         temp_memory = memory.embedding
 
+        tgt, query_pos = self._current_query_alignment(tgt, query_pos)
         if self.with_ego_pos:
-            # Current queries: zero velocity and age, identity pose; one code shared by all of them.
-            identity_pose = torch.eye(4, device=query_pos.device)[:3, :].flatten()
-            current_code = torch.cat([query_pos.new_zeros(3), identity_pose]).view(1, 1, EGO_MOTION_CODE_SIZE)
-            current_code = nerf_positional_encoding(current_code)  # (1, 1, 180)
-            tgt = self.ego_pose_memory(tgt, current_code)
-            query_pos = self.ego_pose_pe(query_pos, current_code)
             memory_code = torch.cat(
                 [memory.velo, memory_age.float(), memory.egopose[..., :3, :].flatten(-2)], dim=-1
             )  # (B, M, 15)
             memory_code = nerf_positional_encoding(memory_code)  # (B, M, 180)
             temp_pos = self.ego_pose_pe(temp_pos, memory_code)
             temp_memory = self.ego_pose_memory(temp_memory, memory_code)
-
-        zero_age = query_pos.new_zeros(1, 1, 1)
-        query_pos = query_pos + self.time_embedding(pos2posemb1d(zero_age, self.embed_dims))
         temp_pos = temp_pos + self.time_embedding(memory_time_feats)
 
         if self.num_propagated > 0:
@@ -353,7 +394,7 @@ class StreamPETRHead(nn.Module):
         """
         if timestamp.dtype != torch.float64:
             raise TypeError(f"timestamp must be float64 (absolute seconds), got {timestamp.dtype}")
-        batch, num_cams, channels, height, width = img_feats.shape
+        batch = img_feats.shape[0]
         device = img_feats.device
         pc_low, pc_high = self.pc_range[0:3], self.pc_range[3:6]
         with full_precision(device):
@@ -367,13 +408,10 @@ class StreamPETRHead(nn.Module):
                 pseudo_reference_points=pseudo_points,
             )
 
-        tokens = img_feats.permute(0, 1, 3, 4, 2).reshape(batch, num_cams * height * width, channels)
-        if topk_indexes is not None:
-            tokens = _gather_tokens(tokens, topk_indexes)
-        pos_embed, cone = self._position_embedding(location, pad_shape, intrinsics, lidar2img, topk_indexes)
-        memory = self.memory_embed(tokens)
-        memory = self.spatial_alignment(memory, cone)
-        pos_embed = self.featurized_pe(pos_embed, memory)
+        memory, pos_embed = self.image_keys(
+            img_feats=img_feats, location=location, pad_shape=pad_shape, intrinsics=intrinsics,
+            lidar2img=lidar2img, topk_indexes=topk_indexes,
+        )
 
         attn_mask, mask_dict = None, None
         if self.training and self.with_dn and gt_bboxes_3d is not None and gt_labels_3d is not None:
@@ -395,7 +433,7 @@ class StreamPETRHead(nn.Module):
             reference_points = self.reference_points.weight.unsqueeze(0).repeat(batch, 1, 1)
         pad_size = mask_dict["pad_size"] if mask_dict is not None else 0
 
-        query_pos = self.query_embedding(pos2posemb3d(reference_points, self.embed_dims // 2))  # (B, P+Q, C)
+        query_pos = self.query_embedding(self._sine_embedding(reference_points))  # (B, P+Q, C)
         tgt = torch.zeros_like(query_pos)
         tgt, query_pos, reference_points, temp_memory, temp_pos = self._temporal_alignment(
             query_pos, tgt, reference_points
@@ -550,4 +588,11 @@ class StreamPETRHeadParams(BaseModel):
         default=False,
         description="Give every image token its own camera's focal length in the cone (the reference tiles "
         "the camera axis instead; off reproduces the reference).",
+    )
+    query_pos_temperature: float = Field(
+        default=10000.0,
+        gt=0,
+        description="Temperature of the sine embedding of reference points (reference: 10000). Lower values "
+        "make the queries' position embeddings differ more from the start, which shortens the phase in which "
+        "all queries attend alike when training from scratch (the CPU demo uses 20).",
     )

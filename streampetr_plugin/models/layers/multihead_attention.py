@@ -59,6 +59,14 @@ class MultiheadAttentionCore(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.num_heads, -1).transpose(1, 2)  # (B, h, L, D)
 
+    def attention_logits(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """Scaled dot products (B, h, L, S) of ``query`` (B, L, E) and ``key`` (B, S, E), before softmax."""
+        w_q, w_k, _ = self.in_proj_weight.chunk(3)
+        b_q, b_k, _ = self.in_proj_bias.chunk(3)
+        q = self._split_heads(F.linear(query, w_q, b_q))  # (B, h, L, D)
+        k = self._split_heads(F.linear(key, w_k, b_k))  # (B, h, S, D)
+        return q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+
     def forward(
         self,
         query: torch.Tensor,

@@ -1,0 +1,91 @@
+"""The shipped CPU demo recipe (``recipes/demo_cpu.yaml``).
+
+* It trains: a short schedule of the real detector on the session's tiny synthetic nuScenes
+  (``tests/data_fixtures.py``) must lower its loss. The recipe's own settings are kept (model, optimiser, lr
+  schedule with its warmup, learning-rate multipliers, augmentation); only the data (the fixture instead of
+  generating ``data/synthetic_nuscenes``), the input size (64 x 160), one frame per step, a 2-step geometric
+  warm start and the length are overridden, so the test follows the recipe when it is retuned.
+* Its dataset is generated on first use and generated afresh when the recipe's synthetic options change.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import List
+
+import torch
+
+from streampetr_plugin.config.loader import load_recipe
+from streampetr_plugin.data.prepare_synthetic import (
+    OPTIONS_FILE,
+    SyntheticDataOptions,
+    ensure_synthetic_dataset,
+)
+from streampetr_plugin.training.metrics_log import read_metrics
+from streampetr_plugin.training.trainer import train
+from tests import trainer_helpers
+
+ITERATIONS = 30
+WINDOW = 5  # losses averaged at each end of the run
+
+
+def _train_losses(work_dir: Path) -> List[float]:
+    records = read_metrics(work_dir / "metrics.jsonl")
+    return [record["loss"] for record in records if record["kind"] == "train"]
+
+
+def test_demo_recipe_loss_falls_in_a_short_schedule(synthetic_nuscenes, tmp_path):
+    overrides = trainer_helpers.demo_overrides(synthetic_nuscenes.root, synthetic_nuscenes.version) + [
+        f"runtime.max_iters={ITERATIONS}",
+        "runtime.evaluate_at_end=false",
+        "runtime.checkpoint_interval=1000",
+        "data.num_workers=0",
+        f"runtime.work_dir={tmp_path}",
+    ]
+    recipe = load_recipe(trainer_helpers.DEMO_RECIPE, overrides)
+    threads = torch.get_num_threads()
+    try:
+        train(recipe)
+    finally:
+        torch.set_num_threads(threads)  # the cpu_threads adapter sets the process-wide count
+
+    losses = _train_losses(tmp_path)
+    assert len(losses) == ITERATIONS and all(loss == loss for loss in losses)  # logged every step, no NaN
+    first, last = statistics.mean(losses[:WINDOW]), statistics.mean(losses[-WINDOW:])
+    # Measured: the mean of the first five losses is 31.7, of the last five 25.8 (ratio 0.81); with the
+    # learning rate at 1e-9 (a model that does not learn) they are 32.9 and 33.3 (ratio 1.01).
+    assert last < 0.9 * first, (
+        f"loss did not fall: first {WINDOW} mean {first:.2f}, last {WINDOW} mean {last:.2f}"
+    )
+
+
+INFO_FILES = ("streampetr_infos_train.json", "streampetr_infos_val.json")
+
+
+def test_generated_dataset_is_reused_until_its_options_change(tmp_path):
+    root = tmp_path / "synthetic"
+    options = SyntheticDataOptions(scenes=2, samples_per_scene=2, objects_per_scene=4, image_size=(64, 36))
+    ensure_synthetic_dataset(root, options, info_files=INFO_FILES)
+    assert json.loads((root / OPTIONS_FILE).read_text()) == options.model_dump(mode="json")
+    infos = (root / INFO_FILES[0]).read_text()
+    written = (root / INFO_FILES[0]).stat().st_mtime_ns
+
+    ensure_synthetic_dataset(root, options, info_files=INFO_FILES)
+    assert (root / INFO_FILES[0]).stat().st_mtime_ns == written  # same options: kept as it is
+
+    other = options.model_copy(update={"seed": 1})
+    ensure_synthetic_dataset(root, other, info_files=INFO_FILES)
+    assert json.loads((root / OPTIONS_FILE).read_text())["seed"] == 1
+    assert (root / INFO_FILES[0]).read_text() != infos  # another world: other objects, other tokens
+    assert [path.name for path in tmp_path.iterdir()] == ["synthetic"]  # nothing left aside
+
+
+def test_data_not_generated_here_is_never_replaced(tmp_path):
+    root = tmp_path / "synthetic"
+    options = SyntheticDataOptions(scenes=2, samples_per_scene=2, objects_per_scene=4, image_size=(64, 36))
+    ensure_synthetic_dataset(root, options, info_files=INFO_FILES)
+    (root / OPTIONS_FILE).unlink()  # as a dataset built by `streampetr create-data` from real files
+    infos = (root / INFO_FILES[0]).read_text()
+    ensure_synthetic_dataset(root, options.model_copy(update={"seed": 1}), info_files=INFO_FILES)
+    assert (root / INFO_FILES[0]).read_text() == infos and not (root / OPTIONS_FILE).exists()

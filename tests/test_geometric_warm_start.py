@@ -1,0 +1,134 @@
+"""The geometric warm start of the StreamPETR head: projection targets, what it trains, the trainer's use."""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+
+from streampetr_plugin.models.heads.geometric_warm_start import (
+    NEIGHBOUR_WEIGHT,
+    geometric_warm_start,
+    projection_targets,
+    warm_start_parameters,
+)
+from streampetr_plugin.config.loader import load_recipe
+from streampetr_plugin.models.heads.streampetr_head import StreamPETRHead
+from streampetr_plugin.training.trainer import train
+from tests import trainer_helpers
+
+STRIDE, FEAT_H, FEAT_W = 16, 4, 8
+PAD_HW = (FEAT_H * STRIDE, FEAT_W * STRIDE)  # (64, 128)
+FOCAL = 60.0
+
+
+def _lidar2img(batch=1):
+    """Two pinhole cameras at the LiDAR origin: front looks along +y, back along -y (z up)."""
+    intrinsics = torch.eye(4).repeat(2, 1, 1)
+    intrinsics[:, 0, 0] = intrinsics[:, 1, 1] = FOCAL
+    intrinsics[:, 0, 2], intrinsics[:, 1, 2] = PAD_HW[1] / 2, PAD_HW[0] / 2
+    front = torch.tensor([[1.0, 0, 0, 0], [0, 0, -1, 0], [0, 1, 0, 0], [0, 0, 0, 1]])
+    back = torch.tensor([[-1.0, 0, 0, 0], [0, 0, -1, 0], [0, -1, 0, 0], [0, 0, 0, 1]])
+    lidar2img = intrinsics @ torch.stack([front, back])
+    return intrinsics.expand(batch, -1, -1, -1), lidar2img.expand(batch, -1, -1, -1)
+
+
+def test_projection_targets_weight_the_token_a_point_projects_into_and_its_neighbours():
+    _, lidar2img = _lidar2img()
+    # (0, 10, 0): front camera pixel (64 + 0, 32 + 0) -> token row 2, column 4; behind the back camera.
+    # (10, 10, 0): front pixel (64 + 60, 32) -> row 2, column 7 (the last): 5 neighbours inside.
+    # (0, 0, 10): straight up, seen by neither camera.
+    points = torch.tensor([[[0.0, 10.0, 0.0], [10.0, 10.0, 0.0], [0.0, 0.0, 10.0]]])
+    target, visible = projection_targets(points, lidar2img, pad_hw=PAD_HW, feature_hw=(FEAT_H, FEAT_W),
+                                         stride=STRIDE)
+    assert target.shape == (1, 3, 2 * FEAT_H * FEAT_W)
+    assert visible.tolist() == [[True, True, False]]
+    grid = target.view(1, 3, 2, FEAT_H, FEAT_W)
+
+    expected_centre = torch.zeros(2, FEAT_H, FEAT_W)
+    expected_centre[0, 1:4, 3:6] = NEIGHBOUR_WEIGHT
+    expected_centre[0, 2, 4] = 1.0
+    torch.testing.assert_close(grid[0, 0], expected_centre / expected_centre.sum())
+
+    expected_edge = torch.zeros(2, FEAT_H, FEAT_W)
+    expected_edge[0, 1:4, 6:8] = NEIGHBOUR_WEIGHT
+    expected_edge[0, 2, 7] = 1.0
+    torch.testing.assert_close(grid[0, 1], expected_edge / expected_edge.sum())
+    assert torch.count_nonzero(grid[0, 2]) == 0
+
+
+class _FixedFeatureDetector(nn.Module):
+    """What the warm start needs of a detector: ``extract_img_feats``, ``pts_bbox_head``, ``stride``."""
+
+    def __init__(self, head: StreamPETRHead, channels: int) -> None:
+        super().__init__()
+        self.pts_bbox_head = head
+        self.stride = STRIDE
+        self.norm = nn.BatchNorm2d(channels)  # its running statistics must come back unchanged
+        self.features = nn.Parameter(torch.randn(2, channels, FEAT_H, FEAT_W))
+
+    def extract_img_feats(self, img):
+        return self.norm(self.features).unsqueeze(0).expand(img.shape[0], -1, -1, -1, -1)
+
+
+def test_warm_start_focuses_the_attention_and_changes_only_its_parameters():
+    torch.manual_seed(0)
+    head = StreamPETRHead(in_channels=16, num_classes=3, embed_dims=32, num_query=12, memory_len=16,
+                          topk_proposals=6, num_propagated=4, depth_num=30, num_layers=2, num_heads=4,
+                          feedforward_channels=64, dropout=0.0, with_cp=False,
+                          pc_range=[-20, -20, -3, 20, 20, 3], position_range=[-25, -25, -5, 25, 25, 5])
+    detector = _FixedFeatureDetector(head, channels=16).train()
+    intrinsics, lidar2img = _lidar2img(batch=2)
+    batches = [{"img": torch.zeros(2, 2, 3, *PAD_HW), "intrinsics": intrinsics, "lidar2img": lidar2img}]
+    trained = {id(p) for p in warm_start_parameters(head)}
+    before = {name: p.detach().clone() for name, p in detector.named_parameters()}
+    buffers = {name: b.clone() for name, b in detector.named_buffers()}
+
+    result = geometric_warm_start(detector, batches, steps=150, lr=3e-3, num_points=64,
+                                  generator=torch.Generator().manual_seed(0))
+
+    assert result.last_loss < result.first_loss
+    # At the start the attention is nearly uniform: a 3 x 3 patch of 64 tokens holds about 9 / 64.
+    assert result.first_target_attention < 0.25
+    assert result.last_target_attention > 0.6
+    for name, param in detector.named_parameters():
+        assert param.grad is None, name
+        changed = not torch.equal(param, before[name])
+        assert changed == (id(param) in trained) or "in_proj_bias" in name, name
+    for name, buffer in detector.named_buffers():
+        assert torch.equal(buffer, buffers[name]), name
+
+
+def test_trainer_runs_the_warm_start_before_the_first_iteration(synthetic_nuscenes, tmp_path, caplog):
+    overrides = trainer_helpers.demo_overrides(synthetic_nuscenes.root, synthetic_nuscenes.version) + [
+        f"runtime.work_dir={tmp_path / 'run'}", "runtime.max_iters=1", "runtime.evaluate_at_end=false",
+        "optimization.geometric_warm_start.steps=3",
+    ]
+    with caplog.at_level(logging.INFO, logger="streampetr_plugin.training.trainer"):
+        result = train(load_recipe(trainer_helpers.DEMO_RECIPE, overrides))
+    assert result.iteration == 1
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(message.startswith("geometric warm start: 3 steps on 2 frames") for message in messages)
+
+
+def test_warm_start_aligns_the_embeddings_the_decoder_uses():
+    """``fresh_query_positions`` and ``image_keys`` are exactly the query positions of the learnable queries
+    and the keys the decoder attends with, at the recipe's sine temperature."""
+    from tests.test_streampetr_head import frame, tiny_head
+
+    head = tiny_head(query_pos_temperature=20.0).eval()
+    inputs = frame(0)
+    seen = {}
+    head.transformer.register_forward_pre_hook(lambda module, args: seen.update(args=args))
+    with torch.no_grad():
+        head(**inputs)
+        memory, pos_embed = head.image_keys(**{key: inputs[key] for key in (
+            "img_feats", "location", "pad_shape", "intrinsics", "lidar2img")})
+        query_pos = head.fresh_query_positions(head.reference_points.weight.expand(2, -1, -1))
+        other_temperature = tiny_head(query_pos_temperature=10000.0).fresh_query_positions(
+            head.reference_points.weight.expand(2, -1, -1))
+    decoder_memory, _, decoder_query_pos, decoder_pos_embed = seen["args"][:4]
+    torch.testing.assert_close(memory, decoder_memory)
+    torch.testing.assert_close(pos_embed, decoder_pos_embed)
+    torch.testing.assert_close(query_pos, decoder_query_pos[:, : head.num_query])
+    assert not torch.allclose(query_pos, other_temperature)
