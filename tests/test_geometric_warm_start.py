@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -97,6 +98,13 @@ def test_warm_start_focuses_the_attention_and_changes_only_its_parameters():
         assert changed == (id(param) in trained) or "in_proj_bias" in name, name
     for name, buffer in detector.named_buffers():
         assert torch.equal(buffer, buffers[name]), name
+
+
+def test_a_detector_without_a_streampetr_head_is_refused_by_name():
+    detector = nn.Module()
+    detector.pts_bbox_head = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="optimization.geometric_warm_start needs a StreamPETR head"):
+        geometric_warm_start(detector, [{}], steps=1, lr=1e-3, num_points=4, generator=torch.Generator())
 
 
 def test_trainer_runs_the_warm_start_before_the_first_iteration(synthetic_nuscenes, tmp_path, caplog):

@@ -155,7 +155,12 @@ def geometric_warm_start(
 
     if steps < 1 or not batches:
         raise ValueError("the geometric warm start needs steps >= 1 and at least one batch")
-    head = detector.pts_bbox_head
+    head = getattr(detector, "pts_bbox_head", None)
+    if not all(hasattr(head, name) for name in ("image_keys", "fresh_query_positions", "transformer")):
+        raise ValueError(
+            f"optimization.geometric_warm_start needs a StreamPETR head ({type(detector).__name__} has "
+            f"{type(head).__name__}); set optimization.geometric_warm_start.steps=0"
+        )
     buffers = {name: buffer.clone() for name, buffer in detector.named_buffers()}
     prepared: List[Dict[str, Any]] = []
     with torch.no_grad():
