@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 from streampetr_plugin.adapters.device import DeviceHandle
 from streampetr_plugin.bench.measure import peak_memory_kind, reset_peak_memory
@@ -24,26 +24,12 @@ from streampetr_plugin.bench.report import DataPipelineResult, PhaseResult, Step
 from streampetr_plugin.config.schema import Recipe
 
 
-def _endless(loader: Any) -> Iterator[Any]:
-    """Batches from ``loader`` across epochs (the sampler told each new epoch, as the trainer does)."""
-    epoch = 0
-    while True:
-        yielded = False
-        for batch in loader:
-            yielded = True
-            yield batch
-        if not yielded:
-            raise RuntimeError("the training data loader yielded no batch")
-        epoch += 1
-        set_epoch = getattr(loader.batch_sampler, "set_epoch", None)
-        if callable(set_epoch):
-            set_epoch(epoch)
-
-
 def time_batches(loader: Any, *, steps: int, warmup: int) -> Tuple[List[float], List[float]]:
     """(wall seconds, this process's CPU seconds) spent waiting for each of ``steps`` batches after
     ``warmup`` untimed ones."""
-    batches = _endless(loader)
+    from streampetr_plugin.data.loader import endless_batches
+
+    batches = endless_batches(loader, epoch_sampler=loader.batch_sampler)  # as the trainer draws them
     wall_times, cpu_times = [], []
     for index in range(warmup + steps):
         start, cpu_start = time.perf_counter(), time.process_time()

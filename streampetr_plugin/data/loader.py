@@ -1,7 +1,7 @@
 """DataLoader construction for streaming training and evaluation."""
 from __future__ import annotations
 
-from typing import Dict, Iterator
+from typing import Any, Dict, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, get_worker_info
@@ -10,7 +10,7 @@ from .collate import collate_frames
 from .dataset import NuScenesStreamDataset
 from .sampler import StreamingEvalSampler, StreamingTrainSampler
 
-__all__ = ["StreamingDataLoader", "build_dataloader"]
+__all__ = ["StreamingDataLoader", "build_dataloader", "endless_batches"]
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -84,3 +84,29 @@ def build_dataloader(
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
     )
+
+
+def endless_batches(
+    loader: Any,
+    *,
+    iterator: Optional[Iterator[Any]] = None,
+    first_epoch: int = 0,
+    epoch_sampler: Any = None,
+) -> Iterator[Any]:
+    """Batches from ``loader`` forever: after each pass ``epoch_sampler.set_epoch(next epoch)`` (when it
+    has that method) and a fresh ``iter(loader)``. ``iterator``: the first pass, already started from
+    ``loader`` (default: a new one). An empty pass is an error, not an endless loop."""
+    epoch = first_epoch
+    iterator = iter(loader) if iterator is None else iterator
+    while True:
+        yielded = False
+        for batch in iterator:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise RuntimeError("the training data loader yielded no batch")
+        epoch += 1
+        set_epoch = getattr(epoch_sampler, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+        iterator = iter(loader)

@@ -54,6 +54,7 @@ from streampetr_plugin.config.loader import dump_recipe, recipe_to_dict
 from streampetr_plugin.config.schema import Recipe
 from streampetr_plugin.data.build import build_dataset
 from streampetr_plugin.data.collate import collate_frames
+from streampetr_plugin.data.loader import endless_batches
 from streampetr_plugin.models.build import build_model
 from streampetr_plugin.plugins import get_plugin_host
 from streampetr_plugin.training import distributed
@@ -557,23 +558,6 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------- training
 
-    def _batches(self, iterator: Iterator[Any]) -> Iterator[Any]:
-        """Training batches forever from ``iter(train_loader)``; a finite sampler is re-armed with the
-        next epoch."""
-        epoch = self.iteration // self.iters_per_epoch
-        while True:
-            yielded = False
-            for batch in iterator:
-                yielded = True
-                yield batch
-            if not yielded:
-                raise RuntimeError("the training data loader yielded no batch")
-            epoch += 1
-            set_epoch = getattr(self.train_sampler, "set_epoch", None)
-            if callable(set_epoch):
-                set_epoch(epoch)
-            iterator = iter(self.train_loader)
-
     def _set_lr(self) -> None:
         factor = self.lr_schedule(self.iteration)
         for group in self.optimizer.param_groups:
@@ -660,7 +644,10 @@ class Trainer:
                 # Only now: creating the loader's iterator draws a random seed, in both runs alike.
                 restore_rng_state(self._resume_rng, self.device)
                 self._resume_rng = None
-            self._run_iterations(self._batches(iterator))
+            self._run_iterations(endless_batches(
+                self.train_loader, iterator=iterator, first_epoch=self.iteration // self.iters_per_epoch,
+                epoch_sampler=self.train_sampler,
+            ))
             if runtime.evaluate_at_end:
                 self.context.eval_metrics = self.evaluate()
         except BaseException as error:
