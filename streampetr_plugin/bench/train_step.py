@@ -27,8 +27,7 @@ from streampetr_plugin.adapters.device import (
 from streampetr_plugin.config.schema import Recipe
 from streampetr_plugin.models.build import build_model
 from streampetr_plugin.models.layers.multihead_attention import MultiheadAttentionCore
-from streampetr_plugin.plugins import get_plugin_host
-from streampetr_plugin.training.optimizers import build_param_groups
+from streampetr_plugin.training.optimizers import build_optimizer
 from streampetr_plugin.training.precision import MixedPrecision
 from streampetr_plugin.training.batches import total_loss
 
@@ -116,7 +115,7 @@ class BenchRun:
         self._apply_model_settings(model)
         self.adapters.run(Phase.OPTIMIZER, context)
         self.model = model
-        self.optimizer: Optional[torch.optim.Optimizer] = self._build_optimizer(context)
+        self.optimizer: Optional[torch.optim.Optimizer] = build_optimizer(model, recipe, context)
         self.nonfinite_steps = 0
 
     def _apply_model_settings(self, model: nn.Module) -> None:
@@ -130,15 +129,6 @@ class BenchRun:
         if wanted.channels_last is not None and getattr(model, "img_backbone", None) is not None:
             layout = torch.channels_last if wanted.channels_last else torch.contiguous_format
             model.img_backbone.to(memory_format=layout)
-
-    def _build_optimizer(self, context: AdapterContext) -> torch.optim.Optimizer:
-        spec = self.recipe.optimization.optimizer
-        options = {**spec.options(), **context.optimizer_options}
-        groups = build_param_groups(
-            self.model, base_lr=options["lr"], multipliers=self.recipe.optimization.lr_multipliers
-        )
-        extra = {} if context.optimizer_class is None else {"optimizer_class": context.optimizer_class}
-        return get_plugin_host().registries.optimizers.build(spec.type, options, param_groups=groups, **extra)
 
     # --------------------------------------------------------------------------------------- settings
 

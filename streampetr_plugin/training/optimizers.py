@@ -1,11 +1,17 @@
 """Optimisers and their parameter groups (per-module learning-rate multipliers)."""
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Literal, Mapping, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, List, Literal, Mapping, Tuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+
+from streampetr_plugin.plugins import get_plugin_host
+
+if TYPE_CHECKING:
+    from streampetr_plugin.adapters.base import AdapterContext
+    from streampetr_plugin.config.schema import Recipe
 
 
 def lr_multiplier(name: str, multipliers: Mapping[str, float]) -> float:
@@ -38,6 +44,18 @@ def build_param_groups(
         }
         for multiplier, named in sorted(groups.items())
     ]
+
+
+def build_optimizer(model: nn.Module, recipe: "Recipe", context: "AdapterContext") -> torch.optim.Optimizer:
+    """The recipe's registered optimiser over ``model``'s learning-rate groups, with what the OPTIMIZER
+    adapters left in ``context`` (extra options, a substitute optimiser class)."""
+    spec = recipe.optimization.optimizer
+    options = {**spec.options(), **context.optimizer_options}
+    if "lr" not in options:
+        raise ValueError(f"optimization.optimizer ({spec.type}) has no lr option")
+    groups = build_param_groups(model, base_lr=options["lr"], multipliers=recipe.optimization.lr_multipliers)
+    extra = {} if context.optimizer_class is None else {"optimizer_class": context.optimizer_class}
+    return get_plugin_host().registries.optimizers.build(spec.type, options, param_groups=groups, **extra)
 
 
 class AdamWParams(BaseModel):

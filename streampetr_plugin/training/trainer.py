@@ -83,7 +83,7 @@ from streampetr_plugin.training.evaluation import (
     save_evaluation_outputs,
 )
 from streampetr_plugin.training.metrics_log import MetricsLog, ProgressBar, format_duration
-from streampetr_plugin.training.optimizers import build_param_groups
+from streampetr_plugin.training.optimizers import build_optimizer
 from streampetr_plugin.training.precision import MixedPrecision
 
 logger = logging.getLogger(__name__)
@@ -312,20 +312,8 @@ class Trainer:
             )
 
     def _build_optimizer(self) -> None:
-        recipe = self.recipe
-        registries = get_plugin_host().registries
         self.adapters.run(Phase.OPTIMIZER, self.adapter_context)
-        spec = recipe.optimization.optimizer
-        options = {**spec.options(), **self.adapter_context.optimizer_options}
-        if "lr" not in options:
-            raise ValueError(f"optimization.optimizer ({spec.type}) has no lr option")
-        groups = build_param_groups(
-            self.model, base_lr=options["lr"], multipliers=recipe.optimization.lr_multipliers
-        )
-        extra = {}
-        if self.adapter_context.optimizer_class is not None:
-            extra["optimizer_class"] = self.adapter_context.optimizer_class
-        self.optimizer = registries.optimizers.build(spec.type, options, param_groups=groups, **extra)
+        self.optimizer = build_optimizer(self.model, self.recipe, self.adapter_context)
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
 
