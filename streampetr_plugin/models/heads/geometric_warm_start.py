@@ -174,8 +174,7 @@ def geometric_warm_start(
             location = location.unsqueeze(0).expand(img_feats.shape[0] * img_feats.shape[1], -1, -1, -1)
             prepared.append({"img_feats": img_feats, "location": location, "pad_shape": pad_hw,
                              "intrinsics": batch["intrinsics"], "lidar2img": batch["lidar2img"]})
-    with torch.no_grad():  # batch norm ran in training mode: restore its running statistics
-        for name, buffer in detector.named_buffers():
+        for name, buffer in detector.named_buffers():  # batch norm ran in training mode: restore it
             buffer.copy_(buffers[name])
 
     params = warm_start_parameters(head)
