@@ -46,3 +46,13 @@ def test_post_model_build_hook_sees_the_model():
         reset_plugin_host()
     assert seen == [(type(model).__name__, "demo_cpu")]
     assert isinstance(model, torch.nn.Module)
+
+
+def test_a_stride_that_disagrees_with_the_neck_level_is_named():
+    # stage3 + stage4 put a stride-8 level first; the recipe still says 16 for both heads.
+    recipe = load_recipe("demo_cpu", ["model.backbone.out_features=[stage3,stage4]"])
+    with pytest.raises(ValueError, match=r"has stride 8, but model.stride is 16, model.roi_head.stride is 16"):
+        build_model(recipe)
+    fixed = load_recipe("demo_cpu", ["model.backbone.out_features=[stage3,stage4]", "model.stride=8",
+                                     "model.roi_head.stride=8"])
+    assert build_model(fixed).stride == 8

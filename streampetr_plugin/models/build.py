@@ -21,7 +21,22 @@ def build_model(recipe: Recipe) -> nn.Module:
     backbone_shape = backbone.output_shape()
     neck = registries.necks.build(spec.neck.type, spec.neck.options(), input_shape=backbone_shape)
     detector_options = registries.detectors.validate_options(spec.type, spec.options())
-    level_shape = neck.output_shape(backbone_shape)[detector_options.get("position_level", 0)]
+    position_level = detector_options.get("position_level", 0)
+    level_shape = neck.output_shape(backbone_shape)[position_level]
+    # The heads place their tokens and 2D targets by the configured stride; a mismatch with the level
+    # they read would otherwise surface as a shape error deep inside a loss.
+    strides = {}
+    if "stride" in detector_options:
+        strides["model.stride"] = detector_options["stride"]
+    if spec.roi_head is not None and "stride" in spec.roi_head.options():
+        strides["model.roi_head.stride"] = spec.roi_head.options()["stride"]
+    wrong = {key: value for key, value in strides.items() if value != level_shape.stride}
+    if wrong:
+        raise ValueError(
+            f"neck level {position_level} (model.position_level) has stride {level_shape.stride}, but "
+            + ", ".join(f"{key} is {value}" for key, value in wrong.items())
+            + f"; set them to {level_shape.stride}"
+        )
     roi_head = None
     if spec.roi_head is not None:
         roi_head = registries.heads.build(
