@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from streampetr_plugin.models.heads.geometric_warm_start import (
     NEIGHBOUR_WEIGHT,
+    alignment_loss,
     geometric_warm_start,
     projection_targets,
     warm_start_parameters,
@@ -140,3 +141,61 @@ def test_warm_start_aligns_the_embeddings_the_decoder_uses():
     torch.testing.assert_close(pos_embed, decoder_pos_embed)
     torch.testing.assert_close(query_pos, decoder_query_pos[:, : head.num_query])
     assert not torch.allclose(query_pos, other_temperature)
+
+
+def _frame_keys(head, inputs):
+    memory, pos_embed = head.image_keys(**{key: inputs[key] for key in (
+        "img_feats", "location", "pad_shape", "intrinsics", "lidar2img")})
+    return memory + pos_embed  # (B, L, C)
+
+
+def test_alignment_loss_reads_keys_in_the_2d_heads_token_order():
+    """Keys gathered in another token order (the 2D head's ranking) give the same loss and share when that
+    order is passed along: the targets follow the tokens."""
+    from tests.test_streampetr_head import FEAT_H, FEAT_W, PAD_HW as HEAD_PAD_HW, frame, tiny_head
+
+    head = tiny_head().eval()
+    inputs = frame(0)
+    points = torch.rand(2, 24, 3, generator=torch.Generator().manual_seed(1))
+    common = dict(lidar2img=inputs["lidar2img"], pad_shape=HEAD_PAD_HW, feature_hw=(FEAT_H, FEAT_W),
+                  stride=HEAD_PAD_HW[1] // FEAT_W, reference_points=points)
+    with torch.no_grad():
+        keys = _frame_keys(head, inputs)
+        order = torch.stack([torch.randperm(keys.shape[1], generator=torch.Generator().manual_seed(b))
+                             for b in range(2)])  # (B, L)
+        shuffled = keys.gather(1, order[..., None].expand(-1, -1, keys.shape[-1]))
+        loss, share = alignment_loss(head, keys=keys, **common)
+        loss_shuffled, share_shuffled = alignment_loss(head, keys=shuffled, token_order=order, **common)
+        loss_unordered, _ = alignment_loss(head, keys=shuffled, **common)
+    torch.testing.assert_close(loss_shuffled, loss)
+    torch.testing.assert_close(share_shuffled, share)
+    assert not torch.allclose(loss_unordered, loss)
+
+
+def test_geometric_guidance_adds_the_weighted_alignment_loss_of_the_frame_in_training_only():
+    from tests.test_streampetr_head import FEAT_H, FEAT_W, PAD_HW as HEAD_PAD_HW, frame, gt_for, tiny_head
+
+    head = tiny_head(geometric_guidance_weight=0.5, geometric_guidance_points=16, dropout=0.0).train()
+    inputs = frame(0)
+    boxes, labels = gt_for([3, 2])
+    torch.manual_seed(7)
+    losses = head.loss(boxes, labels, head(**inputs))
+    torch.manual_seed(7)
+    points = torch.rand(2, 16, 3)  # the guidance draws its points first in the forward pass
+    with torch.no_grad():
+        expected, expected_share = alignment_loss(
+            head, keys=_frame_keys(head, inputs), lidar2img=inputs["lidar2img"], pad_shape=HEAD_PAD_HW,
+            feature_hw=(FEAT_H, FEAT_W), stride=HEAD_PAD_HW[1] // FEAT_W, reference_points=points)
+    torch.testing.assert_close(losses["loss_geometric_guidance"].detach(), 0.5 * expected)
+    torch.testing.assert_close(losses["geometric_guidance_share"], expected_share)
+    assert not losses["geometric_guidance_share"].requires_grad
+
+    losses["loss_geometric_guidance"].backward()
+    assert head.query_embedding[0].weight.grad.abs().sum() > 0
+    assert head.position_encoder[0].weight.grad.abs().sum() > 0
+    assert head.cls_branches[0][0].weight.grad is None  # the guidance does not train the predictions
+
+    assert head.eval()(**frame(0))["geometric_guidance"] is None
+    plain = tiny_head().train()
+    plain_losses = plain.loss(boxes, labels, plain(**frame(0)))
+    assert not any("geometric_guidance" in name for name in plain_losses)

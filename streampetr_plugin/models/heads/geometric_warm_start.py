@@ -18,11 +18,15 @@ It uses the camera calibration and the untrained image features only: no labels.
 cross-attention in-projections; the value rows get no gradient); everything else is left as it was.
 Keep those modules on a small learning-rate multiplier in the main training so that the alignment
 survives the first iterations (the CPU demo uses 0.02).
+
+Guidance. The same loss can stay on during training as an auxiliary, label-free term on every frame's
+keys (the head's ``geometric_guidance_weight``): without it, some seeds of the CPU demo still fall back into
+the attention-on-constant-tokens state within a few hundred iterations (docs/demo.md).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -100,26 +104,29 @@ def warm_start_parameters(head: nn.Module) -> List[nn.Parameter]:
 def alignment_loss(
     head: nn.Module,
     *,
-    img_feats: torch.Tensor,
-    location: torch.Tensor,
-    pad_shape: Tuple[int, int],
-    intrinsics: torch.Tensor,
+    keys: torch.Tensor,
     lidar2img: torch.Tensor,
-    reference_points: torch.Tensor,
+    pad_shape: Tuple[int, int],
+    feature_hw: Tuple[int, int],
     stride: int,
+    reference_points: torch.Tensor,
+    token_order: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy between each decoder layer's cross-attention of fresh queries at ``reference_points``
     (B, P, 3), normalised to ``pc_range``, and :func:`projection_targets`; and the attention share on
-    the target tokens. Both are means over visible points, heads and layers."""
-    memory, pos_embed = head.image_keys(img_feats=img_feats, location=location, pad_shape=pad_shape,
-                                        intrinsics=intrinsics, lidar2img=lidar2img)
-    keys = memory + pos_embed  # (B, L, C)
+    the target tokens. Both are means over visible points, heads and layers.
+
+    ``keys`` (B, L, C) are the image memory plus its 3D position embedding (``head.image_keys``), tokens
+    camera-major (N, h, w), or in ``token_order`` (B, L) (indices into that order: the 2D head's ranking).
+    """
     query_pos = head.fresh_query_positions(reference_points)  # (B, P, C)
     low, high = head.pc_range[0:3], head.pc_range[3:6]
     target, visible = projection_targets(
-        reference_points * (high - low) + low, lidar2img, pad_hw=pad_shape,
-        feature_hw=tuple(img_feats.shape[-2:]), stride=stride,
-    )
+        reference_points * (high - low) + low, lidar2img, pad_hw=pad_shape, feature_hw=feature_hw,
+        stride=stride,
+    )  # (B, P, N h w), (B, P)
+    if token_order is not None:
+        target = target.gather(-1, token_order[:, None, :].expand(-1, target.shape[1], -1))
     weight = visible.float()[:, None]  # (B, 1, P)
     count = weight.sum().clamp(min=1.0)
     on_target = (target > 0).float()[:, None]  # (B, 1, P, L)
@@ -185,8 +192,12 @@ def geometric_warm_start(
         batch_size = inputs["img_feats"].shape[0]
         device = inputs["img_feats"].device
         reference_points = torch.rand(batch_size, num_points, 3, generator=generator).to(device)
-        loss, share = alignment_loss(head, reference_points=reference_points, stride=detector.stride,
-                                     **inputs)
+        memory, pos_embed = head.image_keys(**inputs)
+        loss, share = alignment_loss(
+            head, keys=memory + pos_embed, lidar2img=inputs["lidar2img"], pad_shape=inputs["pad_shape"],
+            feature_hw=tuple(inputs["img_feats"].shape[-2:]), stride=detector.stride,
+            reference_points=reference_points,
+        )
         # autograd.grad, not backward(): nothing accumulates into other parameters, and the gradient
         # accumulation hooks of a DistributedDataParallel wrapper around the detector never fire.
         grads = torch.autograd.grad(loss, params, allow_unused=True)

@@ -30,6 +30,7 @@ import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
 
 from streampetr_plugin.models.coders.nms_free_coder import NMSFreeCoder
+from streampetr_plugin.models.heads.geometric_warm_start import alignment_loss
 from streampetr_plugin.models.layers.denoising import build_denoising_queries
 from streampetr_plugin.models.layers.functional import bias_init_with_prob, inverse_sigmoid
 from streampetr_plugin.models.layers.memory import StreamingMemory
@@ -113,6 +114,8 @@ class StreamPETRHead(nn.Module):
         score_threshold: Optional[float] = None,
         per_camera_focal: bool = False,
         query_pos_temperature: float = 10000.0,
+        geometric_guidance_weight: float = 0.0,
+        geometric_guidance_points: int = 64,
         criterion: Optional[nn.Module] = None,
     ) -> None:
         super().__init__()
@@ -136,6 +139,8 @@ class StreamPETRHead(nn.Module):
         self.split = split
         self.per_camera_focal = per_camera_focal
         self.query_pos_temperature = query_pos_temperature
+        self.geometric_guidance_weight = geometric_guidance_weight
+        self.geometric_guidance_points = geometric_guidance_points
 
         # Configuration kept as frozen parameters because the reference's state dict has them.
         self.code_weights = nn.Parameter(
@@ -413,6 +418,13 @@ class StreamPETRHead(nn.Module):
             lidar2img=lidar2img, topk_indexes=topk_indexes,
         )
 
+        guidance = None
+        if self.training and self.geometric_guidance_weight > 0:
+            guidance = self._geometric_guidance(
+                keys=memory + pos_embed, lidar2img=lidar2img, pad_shape=pad_shape,
+                feature_hw=(int(img_feats.shape[-2]), int(img_feats.shape[-1])), topk_indexes=topk_indexes,
+            )
+
         attn_mask, mask_dict = None, None
         if self.training and self.with_dn and gt_bboxes_3d is not None and gt_labels_3d is not None:
             dn = build_denoising_queries(
@@ -476,8 +488,28 @@ class StreamPETRHead(nn.Module):
                 "all_cls_scores": matching_cls,
                 "all_bbox_preds": matching_boxes,
                 "dn_mask_dict": mask_dict,
+                "geometric_guidance": guidance,
             }
-        return {"all_cls_scores": all_cls_scores, "all_bbox_preds": all_bbox_preds, "dn_mask_dict": None}
+        return {"all_cls_scores": all_cls_scores, "all_bbox_preds": all_bbox_preds, "dn_mask_dict": None,
+                "geometric_guidance": guidance}
+
+    def _geometric_guidance(
+        self,
+        *,
+        keys: torch.Tensor,
+        lidar2img: torch.Tensor,
+        pad_shape: Tuple[int, int],
+        feature_hw: Tuple[int, int],
+        topk_indexes: Optional[torch.Tensor],
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The warm start's alignment loss and attention share on this frame's keys (B, L, C), at
+        ``geometric_guidance_points`` random points per sample."""
+        points = torch.rand(keys.shape[0], self.geometric_guidance_points, 3, device=keys.device)
+        return alignment_loss(
+            self, keys=keys, lidar2img=lidar2img, pad_shape=pad_shape, feature_hw=feature_hw,
+            stride=pad_shape[1] // feature_hw[1], reference_points=points,
+            token_order=None if topk_indexes is None else topk_indexes[..., 0],
+        )
 
     # ------------------------------------------------------------------ losses and decoding
 
@@ -488,8 +520,10 @@ class StreamPETRHead(nn.Module):
         preds: Dict[str, Any],
     ) -> Dict[str, torch.Tensor]:
         """3D losses of :meth:`forward`'s outputs against per-sample GT boxes (n, 9) (gravity-centre z) and
-        labels (n,). Keys: ``loss_cls``, ``loss_bbox``, ``d0..d4.loss_*`` and the ``dn_`` counterparts."""
-        return self.criterion(
+        labels (n,). Keys: ``loss_cls``, ``loss_bbox``, ``d0..d4.loss_*`` and the ``dn_`` counterparts; with
+        geometric guidance also ``loss_geometric_guidance`` (weighted) and ``geometric_guidance_share`` (the
+        attention share on the target tokens, detached)."""
+        losses = self.criterion(
             preds["all_cls_scores"],
             preds["all_bbox_preds"],
             preds["dn_mask_dict"],
@@ -498,6 +532,11 @@ class StreamPETRHead(nn.Module):
             self.code_weights,
             self.match_costs,
         )
+        if preds.get("geometric_guidance") is not None:
+            loss, share = preds["geometric_guidance"]
+            losses["loss_geometric_guidance"] = self.geometric_guidance_weight * loss
+            losses["geometric_guidance_share"] = share
+        return losses
 
     @torch.no_grad()
     def get_bboxes(self, preds: Dict[str, Any]) -> List[Dict[str, torch.Tensor]]:
@@ -595,4 +634,15 @@ class StreamPETRHeadParams(BaseModel):
         description="Temperature of the sine embedding of reference points (reference: 10000). Lower values "
         "make the queries' position embeddings differ more from the start, which shortens the phase in which "
         "all queries attend alike when training from scratch (the CPU demo uses 20).",
+    )
+    geometric_guidance_weight: float = Field(
+        default=0.0,
+        ge=0,
+        description="Weight of an auxiliary, label-free loss in training: the geometric warm start's "
+        "alignment of the cross-attention of fresh queries with the tokens their points project into "
+        "(models/heads/geometric_warm_start.py), on each frame's keys. 0: off, as the reference. Keeps "
+        "the attention geometric when training from scratch (the CPU demo; docs/demo.md).",
+    )
+    geometric_guidance_points: int = Field(
+        default=64, gt=0, description="Random points per sample for the geometric guidance loss."
     )
