@@ -28,8 +28,9 @@ def build_model(recipe: Recipe) -> nn.Module:
     strides = {}
     if "stride" in detector_options:
         strides["model.stride"] = detector_options["stride"]
-    if spec.roi_head is not None and "stride" in spec.roi_head.options():
-        strides["model.roi_head.stride"] = spec.roi_head.options()["stride"]
+    roi_head_options = spec.roi_head.options() if spec.roi_head is not None else {}
+    if "stride" in roi_head_options:
+        strides["model.roi_head.stride"] = roi_head_options["stride"]
     wrong = {key: value for key, value in strides.items() if value != level_shape.stride}
     if wrong:
         raise ValueError(
@@ -40,7 +41,7 @@ def build_model(recipe: Recipe) -> nn.Module:
     roi_head = None
     if spec.roi_head is not None:
         roi_head = registries.heads.build(
-            spec.roi_head.type, spec.roi_head.options(), input_shape=level_shape, num_classes=num_classes
+            spec.roi_head.type, roi_head_options, input_shape=level_shape, num_classes=num_classes
         )
     head = registries.heads.build(spec.head.type, spec.head.options(), input_shape=level_shape, num_classes=num_classes)
     model = registries.detectors.get(spec.type).factory(
