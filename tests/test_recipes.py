@@ -112,6 +112,17 @@ def test_overrides_set_parse_and_delete():
     assert load_recipe(DEMO, ["optimization.grad_clip=null"]).optimization.grad_clip is None
 
 
+def test_override_reaches_an_existing_key_with_dots():
+    # The demo's lr_multipliers has the key "attentions.1.attn.in_proj" (a substring of parameter names).
+    base = load_recipe(DEMO).optimization.lr_multipliers
+    assert base["attentions.1.attn.in_proj"] != 0.3
+    recipe = load_recipe(DEMO, ["optimization.lr_multipliers.attentions.1.attn.in_proj=0.3",
+                                "optimization.lr_multipliers.new_key=0.5"])
+    multipliers = recipe.optimization.lr_multipliers
+    assert multipliers["attentions.1.attn.in_proj"] == 0.3 and multipliers["new_key"] == 0.5
+    assert set(multipliers) == set(base) | {"new_key"}
+
+
 def test_bad_override_is_reported_as_command_line():
     errors = errors_of(DEMO, ["runtime.seed=-1", "~runtime.nonexistent"])
     assert any(e.startswith("<command line>: runtime.nonexistent: ") for e in errors)

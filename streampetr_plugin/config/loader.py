@@ -141,7 +141,7 @@ def _apply_overrides(located: _Located, overrides: Iterable[str]) -> List[str]:
     errors = []
     for override in overrides:
         if override.startswith("~"):
-            keys = tuple(override[1:].split("."))
+            keys = _override_keys(located.data, override[1:])
             parent = _walk(located.data, keys[:-1])
             if not isinstance(parent, dict) or keys[-1] not in parent:
                 errors.append(f"{OVERRIDE_SOURCE}: {override[1:]}: cannot delete, the key does not exist")
@@ -152,7 +152,7 @@ def _apply_overrides(located: _Located, overrides: Iterable[str]) -> List[str]:
             errors.append(f"{OVERRIDE_SOURCE}: {override}: overrides look like a.b=value or ~a.b")
             continue
         dotted, text = override.split("=", 1)
-        keys = tuple(dotted.strip().split("."))
+        keys = _override_keys(located.data, dotted.strip())
         try:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
@@ -165,6 +165,19 @@ def _apply_overrides(located: _Located, overrides: Iterable[str]) -> List[str]:
         node[keys[-1]] = value
         located.lines[keys] = (OVERRIDE_SOURCE, None)
     return errors
+
+
+def _override_keys(data: Dict[str, Any], dotted: str) -> KeyPath:
+    """Split ``dotted`` at its dots, except where the rest names an existing key that contains dots
+    (``optimization.lr_multipliers.attentions.1.attn.in_proj``: the last key is one name)."""
+    parts = dotted.split(".")
+    node: Any = data
+    for index, part in enumerate(parts):
+        rest = ".".join(parts[index:])
+        if isinstance(node, dict) and index < len(parts) - 1 and rest in node:
+            return tuple(parts[:index]) + (rest,)
+        node = node.get(part) if isinstance(node, dict) else None
+    return tuple(parts)
 
 
 def _walk(data: Any, keys: KeyPath) -> Any:
