@@ -121,6 +121,8 @@ def test_override_reaches_an_existing_key_with_dots():
     multipliers = recipe.optimization.lr_multipliers
     assert multipliers["attentions.1.attn.in_proj"] == 0.3 and multipliers["new_key"] == 0.5
     assert set(multipliers) == set(base) | {"new_key"}
+    deleted = load_recipe(DEMO, ["~optimization.lr_multipliers.attentions.1.attn.in_proj"])
+    assert set(deleted.optimization.lr_multipliers) == set(base) - {"attentions.1.attn.in_proj"}
 
 
 def test_bad_override_is_reported_as_command_line():

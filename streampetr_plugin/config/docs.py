@@ -43,7 +43,8 @@ editors).
 - `_base_: file.yaml` (or a list) inherits other recipes, merged deeply; the child wins. A mapping
   with `_delete_: true` replaces the inherited one instead of merging into it.
 - Command-line overrides: `a.b=value` sets a key (the value is parsed as YAML), `~a.b` deletes it; an
-  existing key that contains dots is reached whole (`optimization.lr_multipliers.attentions.1.attn.in_proj=0.1`).
+  existing key that contains dots is reached whole
+  (`optimization.lr_multipliers.attentions.1.attn.in_proj=0.1`).
 - A section with a `type` key is a **component**: `type` names an entry of a registry (see
   [Components](#components), or `streampetr plugins` for what plugins add) and the other keys are
   that component's options, validated by the model its plugin registered.
