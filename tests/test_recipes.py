@@ -112,16 +112,22 @@ def test_overrides_set_parse_and_delete():
     assert load_recipe(DEMO, ["optimization.grad_clip=null"]).optimization.grad_clip is None
 
 
-def test_override_reaches_an_existing_key_with_dots():
-    # The demo's lr_multipliers has the key "attentions.1.attn.in_proj" (a substring of parameter names).
-    base = load_recipe(DEMO).optimization.lr_multipliers
-    assert base["attentions.1.attn.in_proj"] != 0.3
-    recipe = load_recipe(DEMO, ["optimization.lr_multipliers.attentions.1.attn.in_proj=0.3",
+def test_override_reaches_an_existing_key_with_dots(tmp_path):
+    # lr_multipliers keys are substrings of parameter names and may contain dots.
+    path = write(tmp_path / "dotted.yaml", f"""
+        _base_: {DEMO}
+        optimization:
+          lr_multipliers:
+            attentions.1.attn.in_proj: 0.02
+        """)
+    base = load_recipe(path).optimization.lr_multipliers
+    assert base["attentions.1.attn.in_proj"] == 0.02
+    recipe = load_recipe(path, ["optimization.lr_multipliers.attentions.1.attn.in_proj=0.3",
                                 "optimization.lr_multipliers.new_key=0.5"])
     multipliers = recipe.optimization.lr_multipliers
     assert multipliers["attentions.1.attn.in_proj"] == 0.3 and multipliers["new_key"] == 0.5
     assert set(multipliers) == set(base) | {"new_key"}
-    deleted = load_recipe(DEMO, ["~optimization.lr_multipliers.attentions.1.attn.in_proj"])
+    deleted = load_recipe(path, ["~optimization.lr_multipliers.attentions.1.attn.in_proj"])
     assert set(deleted.optimization.lr_multipliers) == set(base) - {"attentions.1.attn.in_proj"}
 
 
