@@ -3,19 +3,27 @@ detector, data pipeline and metric, tiny overrides) through ``python -m streampe
 
 The test plugin of ``tests/trainer_helpers.py`` is installed as an entry point for the child
 processes; its ``streampetr_post_train`` hook writes each rank's parameters and the sample tokens its
-training forwards saw to ``<work_dir>/rank<r>.pt``.
+training forwards saw to ``<work_dir>/rank<r>.pt`` (after the final checkpoint and evaluation).
 """
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
+from streampetr_plugin.config.loader import load_recipe
+from streampetr_plugin.data.build import build_dataset
 from streampetr_plugin.data.infos import load_info_file
+from streampetr_plugin.data.loader import build_dataloader
+from streampetr_plugin.evaluation.predictions import load_predictions
+from streampetr_plugin.models.build import build_model
 from streampetr_plugin.training.checkpointing import load_checkpoint
+from streampetr_plugin.training.evaluation import collect_predictions
 from streampetr_plugin.training.metrics_log import read_metrics
 from tests import trainer_helpers
 
@@ -28,14 +36,18 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _overrides(synthetic_nuscenes, work_dir):
+    return trainer_helpers.demo_overrides(synthetic_nuscenes.root, synthetic_nuscenes.version) + [
+        f"runtime.work_dir={work_dir}", f"runtime.max_iters={ITERATIONS}", "runtime.checkpoint_interval=2",
+    ]
+
+
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory, synthetic_nuscenes):
     root = tmp_path_factory.mktemp("ddp")
     plugin_path = trainer_helpers.install_as_distribution(root / "dist")
     work_dir = root / "run"
-    overrides = trainer_helpers.demo_overrides(synthetic_nuscenes.root, synthetic_nuscenes.version) + [
-        f"runtime.work_dir={work_dir}", f"runtime.max_iters={ITERATIONS}", "runtime.checkpoint_interval=2",
-    ]
+    overrides = _overrides(synthetic_nuscenes, work_dir)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
         "--master-port", str(_free_port()), "-m", "streampetr_plugin.cli.run",
@@ -56,10 +68,45 @@ def test_parameters_stay_identical_across_ranks(two_process_run):
         assert torch.equal(rank0["final"][key], rank1["final"][key]), key
     changed = [k for k in rank0["final"] if not torch.equal(rank0["initial"][k], rank0["final"][k])]
     assert {k.split(".")[0] for k in changed} >= {"img_backbone", "img_neck", "img_roi_head", "pts_bbox_head"}
-    # Buffers are not broadcast (the reference's broadcast_buffers=False): the demo's trainable
-    # BatchNorm statistics follow each rank's own frames.
-    statistics = [k for k in rank0["buffers"] if k.endswith("running_mean")]
-    assert statistics and any(not torch.equal(rank0["buffers"][k], rank1["buffers"][k]) for k in statistics)
+
+
+def test_ranks_evaluate_and_checkpoint_rank0s_buffers(two_process_run):
+    # Training does not broadcast buffers (the reference's broadcast_buffers=False), so the demo's
+    # trainable BatchNorm statistics follow each rank's own frames; before the checkpoint and the
+    # evaluation every rank takes rank 0's, and the checkpoint holds exactly those.
+    work_dir, (rank0, rank1), _ = two_process_run
+    saved = load_checkpoint(work_dir / "checkpoints" / f"iter_{ITERATIONS:08d}.pth")["state_dict"]
+    assert any(key.endswith("running_mean") for key in rank0["buffers"])
+    for key, value in rank0["buffers"].items():
+        assert torch.equal(value, rank1["buffers"][key]), key
+        assert torch.equal(value, saved[key]), key
+
+
+def test_two_rank_evaluation_equals_one_process_on_the_saved_checkpoint(two_process_run, synthetic_nuscenes):
+    work_dir, _, _ = two_process_run
+    recipe = load_recipe(trainer_helpers.DEMO_RECIPE, _overrides(synthetic_nuscenes, work_dir))
+    model = build_model(recipe)
+    checkpoint = work_dir / "checkpoints" / f"iter_{ITERATIONS:08d}.pth"
+    model.load_state_dict(load_checkpoint(checkpoint)["state_dict"])
+    dataset = build_dataset(recipe, training=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the training processes, so that the sums run in the same order
+    try:
+        # Each rank's slice of the val set in this one process: the same streams the ranks ran.
+        expected = {}
+        for rank in (0, 1):
+            loader = build_dataloader(dataset, batch_size=recipe.data.val_batch_size_per_device,
+                                      num_workers=0, rank=rank, world_size=2, seed=0, training=False)
+            expected[rank] = collect_predictions(model, loader, device=torch.device("cpu"),
+                                                 autocast=contextlib.nullcontext())
+    finally:
+        torch.set_num_threads(threads)
+    scored = load_predictions(work_dir / "eval" / f"iter_{ITERATIONS:08d}" / "predictions.npz")
+    assert expected[1] and set(scored) == set(expected[0]) | set(expected[1])
+    for predictions in expected.values():
+        for token, output in predictions.items():
+            for key, value in output.items():
+                np.testing.assert_allclose(scored[token][key], value.numpy(), rtol=0, atol=1e-6)
 
 
 def test_each_rank_trains_on_its_own_shard(two_process_run, synthetic_nuscenes):

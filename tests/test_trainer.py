@@ -286,9 +286,9 @@ def test_dynamic_loss_scale_skips_the_nonfinite_step_and_backs_off(standin_recip
 
 def test_consecutive_nonfinite_losses_stop_with_a_clear_message(standin_recipe, tmp_path):
     recipe = _recipe(standin_recipe, tmp_path, "model.nan_calls=[2, 3, 5, 6, 7, 8]",
-                     "runtime.max_consecutive_nonfinite=3", "runtime.max_iters=10")
-    with pytest.raises(NonFiniteLossError, match=r"iteration 7: the loss was not finite in 3 consecutive .*"
-                                                 r"max_consecutive_nonfinite=3.*loss_main"):
+                     "runtime.max_nonfinite_steps=3", "runtime.max_iters=10")
+    with pytest.raises(NonFiniteLossError, match=r"iteration 7: the loss or the gradients were not finite in "
+                                                 r"3 consecutive .*max_nonfinite_steps=3.*loss_main"):
         train(recipe)
     skipped = [r["skipped_steps"] for r in read_metrics(tmp_path / "metrics.jsonl")]
     assert skipped == [0, 1, 1, 0, 1, 1]  # iteration 7 raised before its line was written

@@ -57,6 +57,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from streampetr_plugin.adapters.device import DeviceError
     from streampetr_plugin.data.dataset import ImageReadError
     from streampetr_plugin.data.infos import UnsafePickleError
+    from streampetr_plugin.errors import StreamPETRError
     from streampetr_plugin.interop.checkpoint import UnsafeCheckpointError
     from streampetr_plugin.training.checkpointing import CheckpointError
     from streampetr_plugin.training.distributed import DistributedSetupError
@@ -64,6 +65,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         result = train(recipe)
+    except StreamPETRError as error:
+        logger.error("%s", error)  # one line naming the file or key and the fix
+        return error.exit_status
     except (NonFiniteLossError, DeviceError, DistributedSetupError, CheckpointError) as error:
         logger.error("%s", error)
         return EXIT_TRAINING_STOPPED

@@ -6,9 +6,12 @@ Structure is validated here (unknown keys are errors); the options of each regis
 """
 from __future__ import annotations
 
+import logging
 from typing import Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+
+logger = logging.getLogger(__name__)
 
 NUSCENES_CLASSES = [
     "car",
@@ -144,9 +147,19 @@ class RuntimeConfig(Section):
     )
     tensorboard: bool = Field(False, description="Also write TensorBoard scalars (needs the tensorboard extra).")
     progress_bar: Literal["auto", "on", "off"] = Field("auto", description="Rank-0 progress bar; 'auto': on a TTY.")
-    max_consecutive_nonfinite: int = Field(
-        20, ge=1, description="Stop with an error after this many non-finite losses in a row."
+    max_nonfinite_steps: int = Field(
+        20, ge=1, description="Stop with an error after this many steps in a row skipped as non-finite."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: object) -> object:
+        """Accept ``max_consecutive_nonfinite``, the old name of ``max_nonfinite_steps``, with a warning."""
+        if isinstance(data, dict) and "max_consecutive_nonfinite" in data:
+            logger.warning("runtime.max_consecutive_nonfinite is deprecated: use runtime.max_nonfinite_steps")
+            data = dict(data)
+            data.setdefault("max_nonfinite_steps", data.pop("max_consecutive_nonfinite"))
+        return data
 
 
 class AdapterSwitch(BaseModel):

@@ -21,12 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from streampetr_plugin.safe_loading import RestrictedUnpickler, UnsafePickleError
 
 from .geometry import invert_rigid, pose_matrix
 
@@ -132,10 +133,6 @@ class InfoSet:
 
 class InfoFileNotFoundError(FileNotFoundError):
     """An info file is missing; the message names the path and the command that creates it."""
-
-
-class UnsafePickleError(pickle.UnpicklingError):
-    """A pickle asked for a global outside the NumPy / builtins allow-list."""
 
 
 def info_file_name(split: str) -> str:
@@ -538,18 +535,6 @@ _ALLOWED_GLOBALS = frozenset(
 )
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if module == "__builtin__":  # protocol-2 pickles name the Python 2 module
-            module = "builtins"
-        if (module, name) not in _ALLOWED_GLOBALS:
-            raise UnsafePickleError(
-                f"refusing to load {module}.{name}: reference info files may only contain NumPy arrays, "
-                "dtypes, scalars and builtin containers"
-            )
-        return super().find_class(module, name)
-
-
 def _reference_sample(info: dict) -> SampleInfo:
     def array(key: str, shape: Tuple[int, ...], dtype) -> np.ndarray:
         return np.asarray(info[key], dtype=dtype).reshape(shape) if key in info else np.zeros(shape, dtype)
@@ -613,7 +598,11 @@ def load_reference_pkl(path: str | Path, *, root: str | Path | None = None,
     if not path.exists():
         raise _missing_info_error(path, Path(root) if root is not None else path.parent, version)
     with open(path, "rb") as handle:
-        data = _RestrictedUnpickler(handle).load()
+        data = RestrictedUnpickler(
+            handle, path=path, allowed=lambda module, name: (module, name) in _ALLOWED_GLOBALS,
+            allowed_description="NumPy arrays, dtypes, scalars and builtin containers",
+            fix="use info files from a source you trust, or create them with `streampetr create-data`",
+        ).load()
     if not isinstance(data, dict) or "infos" not in data:
         raise ValueError(f"{path} is not a reference info file (expected a dict with 'infos' and 'metadata')")
     metadata = data.get("metadata") or {}

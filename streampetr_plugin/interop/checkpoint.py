@@ -13,7 +13,9 @@ the file safely, unwrapping its layout and reporting what did not match:
   mapped under ``img_backbone.`` automatically when none of its keys match the model as they are.
 
 Files are always read with ``torch.load(..., weights_only=True)``: a file that needs arbitrary
-classes to be unpickled is refused (:class:`UnsafeCheckpointError`) rather than executed.
+classes to be unpickled is refused (:class:`UnsafeCheckpointError`) rather than executed. A training
+checkpoint of this package (it carries a content checksum) is verified first, so ``load_from`` and
+``streampetr eval`` refuse a damaged one; every refusal is one line naming the file.
 
 The reference shares one classification and one regression branch across the six decoder layers,
 so its checkpoints hold six identical copies (``pts_bbox_head.cls_branches.0-5.*``). They load into
@@ -23,7 +25,6 @@ separate modules; copies that disagree while landing on one shared tensor are re
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Mapping as MappingABC
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple, Union
@@ -31,14 +32,23 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from streampetr_plugin.errors import InputError, describe
+from streampetr_plugin.safe_loading import UnsafePickleError, load_torch_file
+from streampetr_plugin.training.checkpointing import verify_checksum
+from streampetr_plugin.training.checksum import CHECKSUM_KEY
+
 BACKBONE_PREFIX = "img_backbone."
 _DDP_PREFIX = "module."
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-class UnsafeCheckpointError(RuntimeError):
-    """The file needs classes outside torch's weights-only allowlist to be unpickled."""
+# The file needs classes outside torch's weights-only allowlist to be unpickled.
+UnsafeCheckpointError = UnsafePickleError
+
+
+class NotAStateDictError(InputError, ValueError):
+    """The file loads but holds no state dict of tensors."""
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -103,36 +113,34 @@ class LoadReport:
 def read_checkpoint_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
     """The state dict held by a checkpoint file (mmcv layout or plain), ``module.`` prefixes removed.
 
-    Raises :class:`UnsafeCheckpointError` if the file cannot be read with ``weights_only=True`` and
-    ``ValueError`` if it holds no state dict.
+    Raises :class:`UnsafeCheckpointError` if the file needs code to be unpickled,
+    ``safe_loading.UnreadableFileError`` if it cannot be read, ``CheckpointError`` if it is a training
+    checkpoint whose checksum does not match and :class:`NotAStateDictError` if it holds no state dict.
     """
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        try:
-            needed = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path)) or "unknown"
-        except (RuntimeError, ValueError, pickle.UnpicklingError):
-            needed = "unknown"
-        raise UnsafeCheckpointError(
-            f"refusing to load checkpoint {os.fspath(path)}: it needs code to be unpickled "
-            f"(classes outside torch's weights-only allowlist: {needed}). Re-save its tensors as a "
-            f"plain state dict or {{'state_dict': ...}} in a trusted environment."
-        ) from error
+    content = load_torch_file(path, what="checkpoint")
+    if isinstance(content, MappingABC) and CHECKSUM_KEY in content:
+        verify_checksum(content, path)
     if isinstance(content, MappingABC) and isinstance(content.get("state_dict"), MappingABC):
         content = content["state_dict"]
     if not isinstance(content, MappingABC) or not content:
-        raise ValueError(f"checkpoint {os.fspath(path)} holds no state dict (found {type(content).__name__})")
-    not_tensors = [key for key, value in content.items() if not isinstance(value, torch.Tensor)]
+        raise NotAStateDictError(describe(
+            os.fspath(path), f"holds no state dict (found {type(content).__name__})",
+            "point at a .pth file holding a state dict or {'state_dict': ...}",
+        ))
+    not_tensors = [key for key in content if not isinstance(content[key], torch.Tensor)]
     if not_tensors:
-        raise ValueError(
-            f"checkpoint {os.fspath(path)} holds no state dict: entries {not_tensors[:8]} are not tensors "
-            f"(top-level keys: {list(content)[:8]})"
-        )
+        raise NotAStateDictError(describe(
+            os.fspath(path), f"holds no state dict: entries {not_tensors[:8]} are not tensors "
+            f"(top-level keys: {list(content)[:8]})",
+            "point at a .pth file holding a state dict or {'state_dict': ...}",
+        ))
     state: Dict[str, torch.Tensor] = {}
     for key, value in content.items():
         name = key[len(_DDP_PREFIX):] if key.startswith(_DDP_PREFIX) else key
         if name in state:
-            raise ValueError(f"checkpoint {os.fspath(path)}: key {name!r} appears with and without 'module.'")
+            raise NotAStateDictError(
+                describe(os.fspath(path), f"key {name!r} appears with and without 'module.'")
+            )
         state[name] = value
     return state
 

@@ -13,9 +13,12 @@ from typing import Any, List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from streampetr_plugin.errors import RunError
 
 
-class DistributedSetupError(RuntimeError):
+class DistributedSetupError(RunError):
     """The launcher's environment is incomplete or inconsistent."""
 
 
@@ -112,6 +115,21 @@ def all_gather_objects(value: Any) -> List[Any]:
     gathered: List[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Copy rank 0's persistent buffers (BatchNorm running statistics) to every rank (collective).
+
+    Training does not broadcast buffers before each forward (the reference's ``broadcast_buffers=False``),
+    so each rank's statistics follow its own frames; this makes them one set again where it matters.
+    Non-persistent buffers are per-rank working state and stay as they are.
+    """
+    if not is_active():
+        return
+    persistent = set(model.state_dict(keep_vars=True))
+    for name, buffer in model.named_buffers():
+        if name in persistent:
+            dist.broadcast(buffer.data, src=0)
 
 
 def destroy_process_group() -> None:

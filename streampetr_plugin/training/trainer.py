@@ -9,7 +9,8 @@ Start-up order (each step needs the one before):
    and the process group (HCCL / NCCL / gloo);
 3. the checkpoint to resume from (``runtime.resume``), if any, then seeds, the model (on the CPU, with
    the ``load_from`` weights unless resuming), moved to the device, the MODEL adapters, the DDP
-   wrapper (``find_unused_parameters=False``, no buffer broadcast, plus adapter options);
+   wrapper (``find_unused_parameters=False``, no buffer broadcast before each forward, plus adapter
+   options; rank 0's buffers are broadcast before every evaluation and checkpoint instead);
 4. the OPTIMIZER adapters, then the optimiser (per-module lr multipliers) once the model is moved and
    wrapped, the loss scaler, the data, the iteration plan and lr schedule, the training loader;
 5. the resumed state loaded; the start-up log (the recipe in ``recipe.yaml``, the adapter table, the
@@ -21,8 +22,14 @@ One iteration, as the reference's ``Fp16OptimizerHook``: set the lr of every gro
 entry whose name contains ``"loss"``, (scaled) backward, unscale, clip the gradient norm, step unless
 the loss or the gradients are not finite, update the loss scale. The logged loss terms are the means
 over ranks (one small all-reduce per iteration, which also makes every rank take the same skip
-decision). A non-finite loss skips the step; ``runtime.max_consecutive_nonfinite`` of them in a row
-stop the run with :class:`NonFiniteLossError`.
+decision). A non-finite loss or gradient skips the step; ``runtime.max_nonfinite_steps`` skipped steps
+in a row stop the run with :class:`NonFiniteLossError`, and so does a checkpoint due while the weights,
+buffers or optimiser state hold a NaN or an infinity: such a checkpoint is never written.
+
+Checkpoints (:mod:`streampetr_plugin.training.checkpointing`): ``runtime.resume=none`` refuses a work
+dir that already holds checkpoints; ``auto`` takes the newest one that loads and verifies; pruning
+only removes checkpoints older than the one just written; a checkpoint that does not fit this run
+(another recipe) is a one-line error.
 """
 from __future__ import annotations
 
@@ -55,6 +62,7 @@ from streampetr_plugin.config.schema import Recipe
 from streampetr_plugin.data.build import build_dataset
 from streampetr_plugin.data.collate import collate_frames
 from streampetr_plugin.data.loader import endless_batches
+from streampetr_plugin.errors import InputError, RunError, describe
 from streampetr_plugin.models.build import build_model
 from streampetr_plugin.plugins import get_plugin_host
 from streampetr_plugin.training import distributed
@@ -62,17 +70,23 @@ from streampetr_plugin.training.batches import move_to_device, total_loss
 from streampetr_plugin.training.checkpointing import (
     CHECKPOINT_DIR,
     CHECKPOINT_FORMAT,
+    CheckpointWriteError,
     capture_rng_state,
+    check_model_fits,
     checkpoint_path,
     find_latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     load_stream_states,
+    nonfinite_entries,
     prune_checkpoints,
     remove_stale_temporaries,
     restore_rng_state,
-    save_atomic,
+    resume_mismatch,
     stream_states,
     to_cpu,
+    write_checkpoint,
+    write_failure,
 )
 from streampetr_plugin.training.distributed import DistributedEnv
 from streampetr_plugin.training.evaluation import (
@@ -94,8 +108,13 @@ LoaderFactory = Callable[..., Any]
 WARM_START_DRAW_KEY = 2**31 - 1
 
 
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive iterations with a non-finite loss."""
+class NonFiniteLossError(RunError):
+    """Training went non-finite: too many steps in a row skipped for a non-finite loss or gradient, or a
+    checkpoint due while the weights or optimiser state hold a NaN or an infinity."""
+
+
+class WorkDirNotEmptyError(InputError):
+    """``runtime.resume=none`` in a work dir that already holds checkpoints."""
 
 
 @dataclass
@@ -397,27 +416,49 @@ class Trainer:
         """``(state, path)`` to continue from, per ``runtime.resume``; every rank reads the file rank 0 chose
         (multi-node resume needs the work dir on a shared filesystem)."""
         source = self._resume_source()
+        is_main = self.dist_env.is_main
         if source is None:
+            # Starting afresh beside older checkpoints would mix two runs in one directory.
+            existing = [path.name for _, path in list_checkpoints(self.checkpoint_dir)] if is_main else None
+            existing = distributed.all_gather_objects(existing)[0]
+            if existing:
+                raise WorkDirNotEmptyError(describe(
+                    str(self.checkpoint_dir),
+                    f"holds {len(existing)} checkpoint(s) ({existing[0]} .. {existing[-1]}) and "
+                    "runtime.resume=none would start a new run among them",
+                    "runtime.resume=auto continues from the newest; to start afresh, set a new "
+                    "runtime.work_dir or move the checkpoints away",
+                ))
             return None
         if source != "auto":
             return load_checkpoint(Path(source)), Path(source)
-        if self.dist_env.is_main:
+        if is_main:
             removed = remove_stale_temporaries(self.checkpoint_dir)
             if removed:
                 logger.info("removed %d partial checkpoint file(s) left by an interrupted save", len(removed))
-        found = find_latest_checkpoint(self.checkpoint_dir) if self.dist_env.is_main else None
+        found = find_latest_checkpoint(self.checkpoint_dir) if is_main else None
         chosen = distributed.all_gather_objects(None if found is None else str(found[0]))[0]
         if chosen is None:
+            skipped = [path.name for _, path in list_checkpoints(self.checkpoint_dir)] if is_main else []
+            if skipped:
+                logger.warning(
+                    "NO USABLE CHECKPOINT in %s: skipped %s (see the warnings above); training starts from "
+                    "iteration 0 and leaves those files in place", self.checkpoint_dir, ", ".join(skipped),
+                )
             return None
         if found is not None:
             return found[1], found[0]
         return load_checkpoint(Path(chosen)), Path(chosen)
 
     def _load_state(self, state: Dict[str, Any], path: Path) -> None:
+        check_model_fits(path, state["state_dict"], self.model)
         self.model.load_state_dict(state["state_dict"])
         current = _qualified_name(type(self.optimizer))
         if state.get("optimizer_class", current) == current:
-            self.optimizer.load_state_dict(state["optimizer"])
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except (ValueError, KeyError, IndexError) as error:
+                raise resume_mismatch(path, "the optimiser state", str(error).splitlines()[0]) from error
         else:
             logger.warning(
                 "%s was written with optimiser %s, this run uses %s: optimiser moments start afresh",
@@ -429,7 +470,10 @@ class Trainer:
         if state.get("world_size") == self.dist_env.world_size:
             rank = self.dist_env.rank
             if self.train_sampler is not None and state["sampler"][rank] is not None:
-                self.train_sampler.load_state_dict(state["sampler"][rank])
+                try:
+                    self.train_sampler.load_state_dict(state["sampler"][rank])
+                except (ValueError, KeyError, TypeError) as error:
+                    raise resume_mismatch(path, "the data sampler state", str(error)) from error
             load_stream_states(self.model, state["streams"][rank], self.device.torch_device)
             self._resume_rng = state["rng"][rank]
         elif self.dist_env.is_main:
@@ -437,11 +481,19 @@ class Trainer:
                 "%s was written by %s processes, this run has %d: data order, streams and RNG start afresh",
                 path, state.get("world_size"), self.dist_env.world_size,
             )
+        self._last_checkpoint = path
         if self.dist_env.is_main:
             logger.info("resumed from %s at iteration %d", path, self.iteration)
 
-    def save_checkpoint(self) -> Optional[Path]:
-        """Write the checkpoint of the current iteration (collective: call it on every rank)."""
+    def save_checkpoint(self) -> Path:
+        """Write the checkpoint of the current iteration (collective: call it on every rank).
+
+        Every rank first takes rank 0's buffers, so the file holds what each rank continues with.
+        Raises :class:`NonFiniteLossError` instead of writing non-finite weights, buffers or optimiser
+        state, and :class:`CheckpointWriteError` on every rank when rank 0 cannot write the file.
+        """
+        distributed.broadcast_buffers(self.model)
+        self._refuse_nonfinite_state()
         sampler_state = self.train_sampler.state_dict() if self.train_sampler is not None else None
         per_rank = distributed.all_gather_objects(
             {
@@ -451,6 +503,7 @@ class Trainer:
             }
         )
         path = checkpoint_path(self.checkpoint_dir, self.iteration)
+        failure: Optional[CheckpointWriteError] = None
         if self.dist_env.is_main:
             state = {
                 "format": CHECKPOINT_FORMAT,
@@ -470,12 +523,38 @@ class Trainer:
                 "recipe": recipe_to_dict(self.recipe),
                 "plugin_versions": get_plugin_host().versions(),
             }
-            save_atomic(state, path)
-            prune_checkpoints(self.checkpoint_dir, self.recipe.runtime.keep_last)
-            logger.info("saved %s", path)
-        distributed.barrier()
+            try:
+                write_checkpoint(state, path)
+            except CheckpointWriteError as error:
+                failure = error
+            else:
+                prune_checkpoints(self.checkpoint_dir, self.recipe.runtime.keep_last, self.iteration)
+                logger.info("saved %s", path)
+        # Rank 0's outcome, on every rank: a failed write stops them all instead of leaving them waiting.
+        outcome = distributed.all_gather_objects(None if failure is None else str(failure))[0]
+        if outcome is not None:
+            raise failure or CheckpointWriteError(outcome)
         self._last_checkpoint = path
         return path
+
+    def _refuse_nonfinite_state(self) -> None:
+        """:class:`NonFiniteLossError` when the weights, buffers or optimiser state hold a NaN or an
+        infinity (e.g. a damaged optimiser moment turned finite-loss steps into NaN weights); the
+        decision is summed over ranks so that all of them stop together."""
+        bad = nonfinite_entries(
+            {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()["state"]}
+        )
+        count = torch.tensor([float(len(bad))], device=self.device.torch_device)
+        if distributed.all_reduce_sum(count).item() == 0:
+            return
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise NonFiniteLossError(describe(
+            f"iteration {self.iteration}",
+            f"not saving a checkpoint: the training state is not finite ({shown or 'on another rank'}); "
+            f"last good checkpoint: {self._last_checkpoint or 'none'}",
+            "resume from the last good checkpoint with a lower learning rate, or check the data and the "
+            "checkpoint it was resumed from",
+        ))
 
     # --------------------------------------------------------------------------------------- logging
 
@@ -483,11 +562,14 @@ class Trainer:
         env = self.dist_env
         if not env.is_main:
             return
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        (self.work_dir / "recipe.yaml").write_text(dump_recipe(self.recipe), encoding="utf-8")
         runtime = self.recipe.runtime
         tensorboard_dir = self.work_dir / "tensorboard" if runtime.tensorboard else None
-        self._metrics_log = MetricsLog(self.work_dir / "metrics.jsonl", tensorboard_dir=tensorboard_dir)
+        try:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            (self.work_dir / "recipe.yaml").write_text(dump_recipe(self.recipe), encoding="utf-8")
+            self._metrics_log = MetricsLog(self.work_dir / "metrics.jsonl", tensorboard_dir=tensorboard_dir)
+        except OSError as error:
+            raise write_failure(Path(error.filename or self.work_dir), error) from error
         backend = resolve_distributed_backend(self.recipe.accelerator.distributed_backend, self.device.kind)
         processes = f"{env.world_size} processes, {backend}" if env.is_distributed else "1 process"
         title = f"device {self.device.describe()} [{self.device_choice}], {processes}; adapters:"
@@ -596,28 +678,33 @@ class Trainer:
             step_taken = loss_finite and math.isfinite(grad_norm)
             if step_taken:
                 self.optimizer.step()
-        self._nonfinite_streak = 0 if loss_finite else self._nonfinite_streak + 1
+        self._nonfinite_streak = 0 if step_taken else self._nonfinite_streak + 1
         terms["grad_norm"] = grad_norm
         terms["skipped"] = 0.0 if step_taken else 1.0
         return terms
 
     def _check_nonfinite(self, terms: Mapping[str, float]) -> None:
-        limit = self.recipe.runtime.max_consecutive_nonfinite
+        limit = self.recipe.runtime.max_nonfinite_steps
         if self._nonfinite_streak == 0:
             return
         logger.warning(
-            "iteration %d: non-finite loss (%s), step skipped (%d in a row, limit %d)",
-            self.iteration, terms["loss"], self._nonfinite_streak, limit,
+            "iteration %d: non-finite loss or gradient (loss %s, grad_norm %s), step skipped "
+            "(%d in a row, limit %d)",
+            self.iteration, terms["loss"], terms["grad_norm"], self._nonfinite_streak, limit,
         )
         if self._nonfinite_streak >= limit:
             bad = sorted(name for name, value in terms.items() if not math.isfinite(value))
-            raise NonFiniteLossError(
-                f"stopping at iteration {self.iteration}: the loss was not finite in "
-                f"{self._nonfinite_streak} consecutive iterations "
-                f"(runtime.max_consecutive_nonfinite={limit}); non-finite terms: {', '.join(bad)}. "
-                "Check the data (degenerate boxes, NaN inputs), lower the learning rate, "
-                "or train without fp16 (optimization.amp.enabled=false)."
-            )
+            weights = nonfinite_entries(dict(self.model.named_parameters()))
+            raise NonFiniteLossError(describe(
+                f"iteration {self.iteration}",
+                f"the loss or the gradients were not finite in {self._nonfinite_streak} consecutive "
+                f"iterations (runtime.max_nonfinite_steps={limit}; non-finite: {', '.join(bad)}"
+                + (f"; {len(weights)} weight tensors are not finite, e.g. {weights[0]}" if weights else "")
+                + f"); last good checkpoint: {self._last_checkpoint or 'none'}",
+                "check the data (degenerate boxes, NaN inputs), lower the learning rate, or train "
+                "without fp16 (optimization.amp.enabled=false); runtime.resume=auto continues from the "
+                "last good checkpoint",
+            ))
 
     def train(self) -> TrainResult:
         """Run to ``max_iters`` (evaluating and checkpointing on the way); then evaluate if configured."""
@@ -702,6 +789,7 @@ class Trainer:
         Collective: call it on every rank. Returns the metrics on rank 0, an empty dict elsewhere.
         """
         data = self.recipe.data
+        distributed.broadcast_buffers(self.model)  # every rank scores with the statistics checkpoints hold
         if self._val_loader is None:
             self._val_dataset = build_dataset(self.recipe, training=False)
             self._val_loader = self._make_loader(
