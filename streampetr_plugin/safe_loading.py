@@ -79,8 +79,12 @@ def load_torch_file(path: PathLike, *, what: str = "torch.save file") -> Any:
         refused = _REFUSED_GLOBAL.search(str(error))
         if refused is None:
             raise unreadable_file_error(path, error, what) from error
+        try:  # full names (torch's message drops "builtins."); scans the pickle without running it
+            needed = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except Exception:  # a file in torch's legacy (non-zip) format: the message's name it is
+            needed = ""
         raise unsafe_file_error(
-            path, refused.group(1), "tensors, numbers, strings and plain containers",
+            path, needed or refused.group(1), "tensors, numbers, strings and plain containers",
             "re-save its tensors as a plain state dict in a trusted environment",
         ) from error
     except Exception as error:  # a damaged file fails in many ways (zip, pickle, EOF, index, key errors)
