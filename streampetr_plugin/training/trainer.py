@@ -458,7 +458,7 @@ class Trainer:
             try:
                 self.optimizer.load_state_dict(state["optimizer"])
             except (ValueError, KeyError, IndexError) as error:
-                raise resume_mismatch(path, "the optimiser state", str(error).splitlines()[0]) from error
+                raise resume_mismatch(path, "the optimiser state", str(error).split("\n")[0]) from error
         else:
             logger.warning(
                 "%s was written with optimiser %s, this run uses %s: optimiser moments start afresh",
@@ -473,7 +473,8 @@ class Trainer:
                 try:
                     self.train_sampler.load_state_dict(state["sampler"][rank])
                 except (ValueError, KeyError, TypeError) as error:
-                    raise resume_mismatch(path, "the data sampler state", str(error)) from error
+                    detail = str(error).split("\n")[0]
+                    raise resume_mismatch(path, "the data sampler state", detail) from error
             load_stream_states(self.model, state["streams"][rank], self.device.torch_device)
             self._resume_rng = state["rng"][rank]
         elif self.dist_env.is_main:
