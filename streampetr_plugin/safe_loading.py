@@ -45,7 +45,7 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def unsafe_file_error(path: PathLike, needed: str, allowed: str, fix: str) -> UnsafePickleError:
+def _unsafe_file_error(path: PathLike, needed: str, allowed: str, fix: str) -> UnsafePickleError:
     """The one-line error for ``path``, which asked for ``needed`` where only ``allowed`` may be loaded."""
     return UnsafePickleError(describe(
         os.fspath(path), f"refusing to unpickle {needed}: only {allowed} may be loaded, nothing was run", fix,
@@ -70,8 +70,8 @@ def unreadable_file_error(path: PathLike, error: BaseException, what: str) -> Un
 def load_torch_file(path: PathLike, *, what: str = "torch.save file") -> Any:
     """``torch.load(path, map_location="cpu", weights_only=True)`` with one-line errors.
 
-    Raises :class:`UnsafePickleError` when the file needs code to be unpickled (it names the first
-    refused global) and :class:`UnreadableFileError` (naming ``what`` was expected) otherwise.
+    Raises :class:`UnsafePickleError` when the file needs code to be unpickled (naming the refused
+    globals) and :class:`UnreadableFileError` (naming ``what`` was expected) otherwise.
     """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -83,7 +83,7 @@ def load_torch_file(path: PathLike, *, what: str = "torch.save file") -> Any:
             needed = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path))
         except Exception:  # a file in torch's legacy (non-zip) format: the message's name it is
             needed = ""
-        raise unsafe_file_error(
+        raise _unsafe_file_error(
             path, needed or refused.group(1), "tensors, numbers, strings and plain containers",
             "re-save its tensors as a plain state dict in a trusted environment",
         ) from error
@@ -117,6 +117,6 @@ class RestrictedUnpickler(pickle.Unpickler):
         if module == "__builtin__":  # protocol-2 pickles name the Python 2 module
             module = "builtins"
         if not self._allowed(module, name):
-            raise unsafe_file_error(self._path, f"{module}.{name}", self._allowed_description, self._fix)
+            raise _unsafe_file_error(self._path, f"{module}.{name}", self._allowed_description, self._fix)
         return super().find_class(module, name)
 

@@ -53,16 +53,16 @@ def resolve_checkpoint_dir(path: Union[str, Path]) -> Path:
     )
 
 
+# What torch's DCP writer pickles into ``.metadata`` (the checkpoint id is a path when saved with one).
 _METADATA_CLASSES = frozenset(
     [("torch.distributed.checkpoint.metadata", name) for name in (
         "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
         "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING",
     )]
     + [("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-       ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")]
-    + [(module, name) for module in ("pathlib", "pathlib._local")
-       for name in ("PosixPath", "PurePosixPath", "PureWindowsPath")]
+       ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib._local", "PosixPath")]
 )
+_TRUSTED_SOURCE = "only load distributed checkpoints from a source you trust"
 
 
 def _metadata_global_allowed(module: str, name: str) -> bool:
@@ -88,7 +88,7 @@ def read_dcp_metadata(directory: Union[str, Path], file_name: str = ".metadata")
             metadata = RestrictedUnpickler(
                 handle, path=path, allowed=_metadata_global_allowed,
                 allowed_description="DCP metadata classes, torch.Size, dtypes, layouts and paths",
-                fix="only load distributed checkpoints from a source you trust",
+                fix=_TRUSTED_SOURCE,
             ).load()
     except UnsafePickleError:
         raise
@@ -104,7 +104,7 @@ def read_dcp_metadata(directory: Union[str, Path], file_name: str = ".metadata")
         if not isinstance(relative, str) or (root / relative).resolve().parent != root:
             raise UnreadableFileError(describe(
                 str(path), f"names a data file outside its checkpoint directory ({relative!r})",
-                "only load distributed checkpoints from a source you trust",
+                _TRUSTED_SOURCE,
             ))
     return metadata
 
