@@ -121,3 +121,24 @@ def test_verbose_opens_the_project_debug_records_only(restore_project_loggers):
         assert not logging.getLogger(third_party).isEnabledFor(logging.DEBUG)
     setup_logging(verbose=False)
     assert not logging.getLogger("streampetr_plugin.training.trainer").isEnabledFor(logging.DEBUG)
+
+
+def test_an_error_record_is_the_last_line_until_the_bar_moves_on():
+    terminal = Terminal()
+    handler = ProgressAwareHandler(terminal)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    log = logging.getLogger("test_metrics_log.error")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        bar = ProgressBar(total=10, stream=terminal)
+        bar.update(4, "loss nan")
+        log.error("stopping at iteration 4: the loss was not finite")
+    finally:
+        log.removeHandler(handler)
+    shown = [line for line in screen(terminal.getvalue()) if line]
+    assert shown == ["ERROR stopping at iteration 4: the loss was not finite"]
+    bar.update(5, "loss 1.0")
+    shown = [line for line in screen(terminal.getvalue()) if line]
+    assert len(shown) == 2 and "5/10" in shown[1]
+    bar.close()

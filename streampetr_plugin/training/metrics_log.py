@@ -196,7 +196,9 @@ class ProgressBar:
 
 class ProgressAwareHandler(logging.StreamHandler):
     """A stream handler that clears the progress bar's line before writing a record and redraws the
-    bar after it, so that records start on a line of their own above the bar."""
+    bar after it, so that records start on a line of their own above the bar. After an error record
+    the bar waits for its next update: an error usually ends the run, and the bar should not outlive
+    it as the last line on the screen."""
 
     def emit(self, record: logging.LogRecord) -> None:
         bar = _active_bar
@@ -205,4 +207,5 @@ class ProgressAwareHandler(logging.StreamHandler):
             return
         bar.clear()
         super().emit(record)
-        bar.redraw()
+        if record.levelno < logging.ERROR:
+            bar.redraw()
