@@ -1,5 +1,6 @@
 """Progress for people: the ETA's pace, the progress bar on a terminal and in a log file, log records
 beside the bar, and which loggers ``-v`` opens."""
+import contextlib
 import io
 import logging
 import math
@@ -84,23 +85,30 @@ def test_bar_on_a_terminal_is_redrawn_in_place():
     assert "20/20" in shown[0] and "it/s" in shown[0] and "ETA" in shown[0] and "loss 1.0" in shown[0]
 
 
-def test_log_records_appear_on_their_own_lines_above_the_bar():
-    terminal = Terminal()
+@contextlib.contextmanager
+def logging_to(terminal: Terminal, name: str):
+    """A logger writing ``LEVEL message`` records to ``terminal`` through the bar-aware handler."""
     handler = ProgressAwareHandler(terminal)
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    log = logging.getLogger("test_metrics_log.bar")
+    log = logging.getLogger(name)
     log.addHandler(handler)
     log.propagate = False
     log.setLevel(logging.INFO)
     try:
+        yield log
+    finally:
+        log.removeHandler(handler)
+
+
+def test_log_records_appear_on_their_own_lines_above_the_bar():
+    terminal = Terminal()
+    with logging_to(terminal, "test_metrics_log.bar") as log:
         bar = ProgressBar(total=30, stream=terminal)
         for iteration in range(1, 31):
             bar.update(iteration, "loss 2.5000")
             if iteration % 10 == 0:
                 log.info("iter %d/30", iteration)
         bar.close()
-    finally:
-        log.removeHandler(handler)
     shown = [line for line in screen(terminal.getvalue()) if line]
     assert shown[:3] == ["INFO iter 10/30", "INFO iter 20/30", "INFO iter 30/30"]
     assert len(shown) == 4 and shown[3].startswith("[") and "30/30" in shown[3]
@@ -125,17 +133,10 @@ def test_verbose_opens_the_project_debug_records_only(restore_project_loggers):
 
 def test_an_error_record_is_the_last_line_until_the_bar_moves_on():
     terminal = Terminal()
-    handler = ProgressAwareHandler(terminal)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    log = logging.getLogger("test_metrics_log.error")
-    log.addHandler(handler)
-    log.propagate = False
-    try:
+    with logging_to(terminal, "test_metrics_log.error") as log:
         bar = ProgressBar(total=10, stream=terminal)
         bar.update(4, "loss nan")
         log.error("stopping at iteration 4: the loss was not finite")
-    finally:
-        log.removeHandler(handler)
     shown = [line for line in screen(terminal.getvalue()) if line]
     assert shown == ["ERROR stopping at iteration 4: the loss was not finite"]
     bar.update(5, "loss 1.0")
