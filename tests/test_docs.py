@@ -27,7 +27,7 @@ def test_every_hook_is_documented_with_its_exact_signature():
 # ------------------------------------------------------------------------ references to files
 
 REPO = DOCS.parent
-USER_DOCS = sorted([REPO / "README.md", *DOCS.glob("*.md")])
+USER_DOCS = sorted([REPO / "README.md", *DOCS.glob("*.md"), *REPO.glob("examples/*/README.md")])
 MARKDOWN_LINK = re.compile(r"\]\(([^)\s]+)\)")
 # a path inside the repository named in the text: docs/x.md, streampetr_plugin/..., recipes/..., ...
 REPOSITORY_PATH = re.compile(r"(?<![\w./-])((?:docs|streampetr_plugin|recipes|tests|examples)/[\w./-]*[\w/])")
