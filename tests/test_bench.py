@@ -3,6 +3,7 @@ import argparse
 import contextlib
 import io
 import json
+import logging
 import math
 
 import numpy as np
@@ -13,7 +14,7 @@ from data_fixtures import synthetic_nuscenes  # noqa: F401  (session fixture)
 from streampetr_plugin.adapters.device import DeviceHandle
 from streampetr_plugin.bench import VARIANT_GROUPS
 from streampetr_plugin.bench.command import add_bench_arguments, bench_command
-from streampetr_plugin.bench.measure import count_flops, counting_setup, reset_peak_memory
+from streampetr_plugin.bench.measure import count_flops, counting_setup, reset_peak_memory, time_steps
 from streampetr_plugin.bench.report import StepTimes
 from streampetr_plugin.bench.synthetic_batch import StreamShape, SyntheticStreams, box_corners, stream_shape
 from streampetr_plugin.bench.train_step import BenchRun
@@ -202,6 +203,19 @@ def test_step_time_summary_median_and_p90():
     assert (summary.min, summary.max, summary.mean) == (1.0, 10.0, 4.0)
     with pytest.raises(ValueError):
         StepTimes.from_times([])
+
+
+def test_long_steps_are_reported_while_they_run(caplog):
+    calls = []
+    with caplog.at_level(logging.INFO, logger="streampetr_plugin.bench.measure"):
+        times, _ = time_steps(calls.append, lambda index: index, steps=3, warmup=2,
+                              device=DeviceHandle("cpu"), label="bench demo, training")
+    assert calls == [0, 1, 2, 3, 4] and len(times) == 3
+    lines = [record.getMessage() for record in caplog.records]
+    # steps this short: the first one and the last one (at most one line every 10 s in between)
+    assert len(lines) == 2
+    assert lines[0].startswith("bench demo, training: warm-up 1/2 ")
+    assert lines[1].startswith("bench demo, training: step 3/3 ") and lines[1].endswith(" s")
 
 
 def test_flop_count_of_a_linear_layer_forward_and_backward():

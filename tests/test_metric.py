@@ -119,3 +119,14 @@ def test_attributes_ranges_and_missing_samples(val_infos):
     del predictions[sample.token]
     with pytest.raises(ValueError, match="1 missing"):
         format_nuscenes_results(predictions, val_infos)
+
+
+def test_devkit_progress_bars_leave_no_fragments_in_a_log_file(
+    tmp_path, synthetic_nuscenes, val_infos, nusc, capsys  # noqa: F811
+):
+    # Under capsys stderr is not a terminal, as when a run's output goes to a file.
+    evaluate_nuscenes(_ground_truth_predictions(val_infos), val_infos, root=synthetic_nuscenes.root,
+                      output_dir=tmp_path, nusc=nusc)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert f"/{len(val_infos.samples)}" not in err  # no "0/60"-style counter

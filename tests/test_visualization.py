@@ -14,7 +14,12 @@ from streampetr_plugin.data.dataset import NuScenesDatasetParams, build_nuscenes
 from streampetr_plugin.data.infos import CAMERA_NAMES
 from streampetr_plugin.data.transforms import normalize_images
 from streampetr_plugin.evaluation.predictions import predictions_path, save_predictions
-from streampetr_plugin.visualization.command import VisualizationError, sample_lidar2img, visualize_command
+from streampetr_plugin.visualization.command import (
+    VisualizationError,
+    dataset_frame,
+    sample_lidar2img,
+    visualize_command,
+)
 from streampetr_plugin.visualization.render import (
     bottom_to_gravity,
     box_corners,
@@ -150,6 +155,66 @@ def test_bev_shows_ground_truth_and_predictions_with_scores():
     assert [text.get_text() for text in bev.texts if text.get_gid() == "score"] == ["0.80"]
 
 
+def score_texts(ax):
+    return [text for text in ax.texts if text.get_gid() == "score"]
+
+
+def test_bev_spans_the_given_detection_range():
+    figure = draw_frame(**one_camera_frame(bev_extent=(-25.0, -20.0, 25.0, 30.0)))
+    bev = axes_by_label(figure)["bev"]
+    assert bev.get_xlim() == (-25.0, 25.0) and bev.get_ylim() == (-20.0, 30.0)
+
+
+def test_camera_views_label_each_prediction_with_its_score():
+    predictions = {
+        "boxes_3d": torch.tensor([[2.0, 10.0, -1.0, 2.0, 2.0, 2.0, 0.0, 0.0, 0.0],
+                                  [-3.0, 12.0, -1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0],
+                                  [0.0, -10.0, -1.0, 2.0, 2.0, 2.0, 0.0, 0.0, 0.0]]),  # behind the camera
+        "scores_3d": torch.tensor([0.8, 0.45, 0.9]),
+        "labels_3d": torch.tensor([1, 2, 0]),
+    }
+    figure = draw_frame(**one_camera_frame(predictions=predictions))
+    camera = axes_by_label(figure)["CAM_TEST"]
+    texts = score_texts(camera)
+    assert sorted(text.get_text() for text in texts) == ["0.45", "0.80"]
+    for text in texts:
+        u, v = text.get_position()
+        assert 0 <= u < WIDTH and 0 <= v < HEIGHT
+
+
+def test_labels_of_stacked_boxes_do_not_overlap_and_the_best_score_shows():
+    stack = [[5.0 + 0.1 * k, 10.0, -1.0, 2.0, 2.0, 2.0, 0.0, 0.0, 0.0] for k in range(4)]
+    apart = [[-15.0, -15.0, -1.0, 2.0, 2.0, 2.0, 0.0, 0.0, 0.0]]
+    predictions = {
+        "boxes_3d": torch.tensor(stack + apart),
+        "scores_3d": torch.tensor([0.5, 0.9, 0.7, 0.6, 0.4]),
+        "labels_3d": torch.tensor([0, 0, 1, 2, 1]),
+    }
+    figure = draw_frame(**one_camera_frame(predictions=predictions))
+    renderer = figure.canvas.get_renderer()
+    for ax in figure.axes:
+        extents = [text.get_window_extent(renderer) for text in score_texts(ax)]
+        for i, first in enumerate(extents):
+            assert not any(first.overlaps(second) for second in extents[i + 1:]), ax.get_label()
+    shown = sorted(text.get_text() for text in score_texts(axes_by_label(figure)["bev"]))
+    assert shown == ["0.40", "0.90"]  # the box apart and the best of the stack
+
+
+def test_bev_axis_labels_stay_clear_of_the_camera_panels():
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 256, size=(HEIGHT, WIDTH, 3), dtype=np.uint8) for _ in CAMERA_NAMES]
+    lidar2img = np.stack([forward_camera()] * len(CAMERA_NAMES))
+    figure = draw_frame(**one_camera_frame(images=images, lidar2img=lidar2img, camera_names=CAMERA_NAMES))
+    renderer = figure.canvas.get_renderer()
+    axes = axes_by_label(figure)
+    bev_with_labels = axes["bev"].get_tightbbox(renderer)  # ticks, tick labels and axis labels
+    for name in CAMERA_NAMES:
+        assert not bev_with_labels.overlaps(axes[name].get_window_extent(renderer)), name
+    assert bev_with_labels.x1 <= figure.bbox.x1  # nothing cut off at the right edge
+    legend = figure.legends[0].get_window_extent(renderer)
+    assert not legend.overlaps(bev_with_labels)
+
+
 def test_png_pixels_show_the_projected_prediction():
     figure = draw_frame(**one_camera_frame())
     figure.canvas.draw()
@@ -222,6 +287,17 @@ def test_visualize_renders_the_first_val_sample_of_the_newest_predictions(
 
     chosen = visualize_command(str(run_dir), sample=second.token, out=run_dir / "second.png")
     assert chosen == run_dir / "second.png" and chosen.is_file()
+
+
+def test_a_dataset_frame_spans_the_dataset_detection_range(synthetic_nuscenes):  # noqa: F811
+    params = NuScenesDatasetParams(
+        root=str(synthetic_nuscenes.root), version="v1.0-mini", final_dim=(64, 160),
+        point_cloud_range=(-25.0, -20.0, -5.0, 25.0, 30.0, 3.0),
+    )
+    dataset = build_nuscenes_dataset(params, split="val")
+    empty = {"boxes_3d": np.zeros((0, 9)), "scores_3d": [], "labels_3d": []}
+    frame = dataset_frame(dataset, 0, empty, class_names=dataset.classes)
+    assert tuple(frame["bev_extent"]) == (-25.0, -20.0, 25.0, 30.0)
 
 
 def test_sample_projection_puts_box_centres_on_the_converter_2d_centres(synthetic_nuscenes):  # noqa: F811

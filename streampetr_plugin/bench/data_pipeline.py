@@ -9,34 +9,42 @@ The training dataset and loader are built exactly as the trainer builds them (``
   bursts, so throughput is taken over the total time; the first ``max(warmup, num_workers)`` batches
   (worker start-up) are not timed.
 
-A loader that is slower than the training step makes the step wait (the issue's goal: data time under
-5% of step time), so the report gives the shortest step the loader can keep fed.
+A loader that is slower than the training step makes the step wait (the aim: data time under 5% of
+step time), so the report gives the shortest step the loader can keep fed.
 """
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from typing import Any, List, Optional, Tuple
 
 from streampetr_plugin.adapters.device import DeviceHandle
-from streampetr_plugin.bench.measure import peak_memory_kind, reset_peak_memory
+from streampetr_plugin.bench.measure import StepProgress, peak_memory_kind, reset_peak_memory
 from streampetr_plugin.bench.report import DataPipelineResult, PhaseResult, StepTimes
 from streampetr_plugin.config.schema import Recipe
 
+logger = logging.getLogger(__name__)
 
-def time_batches(loader: Any, *, steps: int, warmup: int) -> Tuple[List[float], List[float]]:
+
+def time_batches(
+    loader: Any, *, steps: int, warmup: int, label: str = "bench data"
+) -> Tuple[List[float], List[float]]:
     """(wall seconds, this process's CPU seconds) spent waiting for each of ``steps`` batches after
-    ``warmup`` untimed ones."""
+    ``warmup`` untimed ones; progress is logged under ``label``."""
     from streampetr_plugin.data.loader import endless_batches
 
     batches = endless_batches(loader, epoch_sampler=loader.batch_sampler)  # as the trainer draws them
+    progress = StepProgress(label, steps=steps, warmup=warmup)
     wall_times, cpu_times = [], []
     for index in range(warmup + steps):
         start, cpu_start = time.perf_counter(), time.process_time()
         next(batches)
+        seconds = time.perf_counter() - start
         if index >= warmup:
-            wall_times.append(time.perf_counter() - start)
+            wall_times.append(seconds)
             cpu_times.append(time.process_time() - cpu_start)
+        progress.step_done(index, seconds)
     return wall_times, cpu_times
 
 
@@ -64,6 +72,7 @@ def bench_data_pipeline(recipe: Recipe, *, steps: int, warmup: int) -> DataPipel
 
     data = recipe.data
     host_cpu = DeviceHandle("cpu")
+    logger.info("bench data: building the training dataset of %s", recipe.name)
     dataset = build_dataset(recipe, training=True)
     batch_size = data.batch_size_per_device
 
@@ -74,13 +83,14 @@ def bench_data_pipeline(recipe: Recipe, *, steps: int, warmup: int) -> DataPipel
         )
 
     reset_worked = reset_peak_memory(host_cpu)
-    times, cpu_times = time_batches(loader(0), steps=steps, warmup=warmup)
+    times, cpu_times = time_batches(loader(0), steps=steps, warmup=warmup, label="bench data, one process")
     single = _phase(times, cpu_times, batch_size, reset_worked)
     with_workers = None
     workers = data.num_workers
     if workers > 0:
         reset_worked = reset_peak_memory(host_cpu)
-        times, _ = time_batches(loader(workers), steps=steps, warmup=max(warmup, workers))
+        times, _ = time_batches(loader(workers), steps=steps, warmup=max(warmup, workers),
+                                label=f"bench data, {workers} workers")
         with_workers = _phase(times, None, batch_size, reset_worked)  # the work is in the workers
     throughput = (with_workers or single).samples_per_s
     options = data.train.options()

@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import os
 import platform
 import time
@@ -26,8 +28,35 @@ from torch.utils.flop_counter import FlopCounterMode
 from streampetr_plugin.adapters.device import DeviceHandle
 from streampetr_plugin.models.layers.multihead_attention import MultiheadAttentionCore
 
+logger = logging.getLogger(__name__)
+
 CLEAR_REFS = Path("/proc/self/clear_refs")
 RESET_PEAK_RSS = "5"  # clear_refs command: reset the peak resident set size (Linux >= 4.0)
+PROGRESS_INTERVAL_S = 10.0
+
+
+class StepProgress:
+    """INFO lines while steps run (a CPU step of a full-size recipe takes half a minute):
+    ``<label>: warm-up 1/2 31.2 s``, ``<label>: step 3/10 30.9 s``; the first step, then at most one
+    line every ``interval_s`` seconds, and the last step."""
+
+    def __init__(
+        self, label: str, *, steps: int, warmup: int, interval_s: float = PROGRESS_INTERVAL_S
+    ) -> None:
+        self.label, self.steps, self.warmup, self.interval_s = label, steps, warmup, interval_s
+        self._last_line_at = -math.inf
+
+    def step_done(self, index: int, seconds: float) -> None:
+        """Step ``index`` (warm-up steps first, counting from 0) took ``seconds``."""
+        now = time.monotonic()
+        last = index == self.warmup + self.steps - 1
+        if not last and now - self._last_line_at < self.interval_s:
+            return
+        self._last_line_at = now
+        if index < self.warmup:
+            logger.info("%s: warm-up %d/%d %.1f s", self.label, index + 1, self.warmup, seconds)
+        else:
+            logger.info("%s: step %d/%d %.1f s", self.label, index - self.warmup + 1, self.steps, seconds)
 
 
 def time_steps(
@@ -37,13 +66,16 @@ def time_steps(
     steps: int,
     warmup: int,
     device: DeviceHandle,
+    label: str = "bench",
 ) -> Tuple[List[float], List[float]]:
     """(wall seconds, process CPU seconds) of each of ``steps`` timed calls ``step(prepare(i))`` after
-    ``warmup`` untimed ones; ``prepare(i)`` builds the input of step ``i`` and is not timed.
+    ``warmup`` untimed ones; ``prepare(i)`` builds the input of step ``i`` and is not timed. Progress
+    is logged under ``label`` (:class:`StepProgress`).
 
     The CPU seconds (user + system, all threads of this process) change little when other processes
     share the CPUs, unlike the wall time; on an accelerator they are the host's share of the step.
     """
+    progress = StepProgress(label, steps=steps, warmup=warmup)
     wall_times, cpu_times = [], []
     for index in range(warmup + steps):
         inputs = prepare(index)
@@ -51,9 +83,11 @@ def time_steps(
         start, cpu_start = time.perf_counter(), time.process_time()
         step(inputs)
         device.synchronize()
+        seconds = time.perf_counter() - start
         if index >= warmup:
-            wall_times.append(time.perf_counter() - start)
+            wall_times.append(seconds)
             cpu_times.append(time.process_time() - cpu_start)
+        progress.step_done(index, seconds)
     return wall_times, cpu_times
 
 

@@ -97,6 +97,7 @@ def _measure_phase(
     *,
     training: bool,
     flops_per_sample: Optional[int],
+    label: str,
 ) -> PhaseResult:
     device = run.device
     streams = SyntheticStreams(
@@ -109,7 +110,7 @@ def _measure_phase(
     step = run.train_step if training else run.infer_step
     times, cpu_times = time_steps(
         step, lambda index: streams.frame(index, device.torch_device), steps=plan.steps, warmup=plan.warmup,
-        device=device,
+        device=device, label=label,
     )
     return PhaseResult.from_times(
         times,
@@ -129,13 +130,15 @@ def measure_configuration(
     settings = run.settings()
     logger.info("bench %s: %s", name, ", ".join(f"{k} {v}" for k, v in settings.items()))
     train = _measure_phase(
-        run, stream_shape(recipe, training=True), plan, training=True, flops_per_sample=flops.train
+        run, stream_shape(recipe, training=True), plan, training=True, flops_per_sample=flops.train,
+        label=f"bench {name}, training",
     )
     infer = None
     if inference:
         run.release_training_state()
         infer = _measure_phase(
-            run, stream_shape(recipe, training=False), plan, training=False, flops_per_sample=flops.inference
+            run, stream_shape(recipe, training=False), plan, training=False, flops_per_sample=flops.inference,
+            label=f"bench {name}, inference",
         )
     logger.info("bench %s: %.3f s/step median", name, train.step_time_s.median)
     return ConfigurationResult(name=name, settings=settings, train=train, inference=infer)
@@ -150,8 +153,10 @@ def bench_model(
     step time, the baseline included) and the adapter records of the baseline configuration.
     """
     recipe = load([])
+    logger.info("bench baseline: building %s on %s", recipe.name, device.describe())
     run = BenchRun(recipe, device)
     adapters = adapter_rows(run.adapters.records)
+    logger.info("bench: counting the model's FLOPs on one frame (forward and backward, no checkpointing)")
     flops = count_model_flops(run, recipe, plan)
     baseline = measure_configuration("baseline", run, recipe, plan, flops, inference=plan.inference)
     del run
@@ -186,6 +191,7 @@ def _run_variant(
     if reason is not None:
         return VariantOutcome(group, option, "skipped", reason)
     try:
+        logger.info("bench %s: building", variant.name)
         run = BenchRun(load(variant.recipe_overrides(device.kind)), device, variant.model_settings())
         result = measure_configuration(
             variant.name, run, run.recipe, plan, flops, inference=plan.inference and variant.affects_inference

@@ -7,7 +7,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-# The seed's figure to beat (STREAMPETR_SPEC.md, section 5): V2-99 800x320, batch 2 per device.
+# The figure to beat: the step time the Ascend port of StreamPETR (Ascend/DrivingSDK,
+# model_examples/StreamPETR) reports in its README for V2-99 800x320, batch 2 per device. The JSON
+# report carries it as ``seed_reference``: the port this project started from.
 SEED_SECONDS_PER_STEP = 0.615
 SEED_DEVICE = "Ascend Atlas 800T A2 (8 devices, batch 2 per device, V2-99 800x320, fp16)"
 
@@ -199,7 +201,7 @@ class BenchReport:
         lines.extend(_table(header, rows))
         median = baseline.train.step_time_s.median
         lines.append(
-            f"seed reference: {SEED_SECONDS_PER_STEP} s/step on {SEED_DEVICE}; "
+            f"Ascend port (DrivingSDK) reference: {SEED_SECONDS_PER_STEP} s/step on {SEED_DEVICE}; "
             f"this baseline: {median:.3f} s/step (comparable only for vov_8p at batch 2)"
         )
         if self.winners:

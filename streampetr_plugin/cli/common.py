@@ -6,6 +6,7 @@ import sys
 from typing import Callable, TypeVar
 
 from streampetr_plugin.config.loader import RecipeError
+from streampetr_plugin.training.metrics_log import ProgressAwareHandler
 
 T = TypeVar("T")
 
@@ -26,10 +27,18 @@ class _Formatter(logging.Formatter):
         return super().format(record)
 
 
+# The loggers ``-v`` turns to DEBUG; every other library (matplotlib, PIL, ...) stays at INFO.
+PROJECT_LOGGERS = ("streampetr_plugin", "streampetr")
+
+
 def setup_logging(verbose: bool = False) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    """Timestamped records on stderr, above the training progress bar; ``verbose``: this project's
+    debug records too."""
+    handler = ProgressAwareHandler(sys.stderr)
     handler.setFormatter(_Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    for name in PROJECT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.NOTSET)
 
 
 def exit_on_recipe_error(action: Callable[[], T]) -> T:

@@ -8,10 +8,13 @@ v1.0-trainval, ``mini_val`` for v1.0-mini).
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
+import sys
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, TextIO
 
 import numpy as np
 
@@ -166,11 +169,14 @@ def evaluate_nuscenes(
     results_path = output_dir / "results_nusc.json"
     with open(results_path, "w") as handle:
         json.dump(submission, handle)
-    if nusc is None:
-        nusc = NuScenes(version=version, dataroot=str(root), verbose=False)
-    evaluator = DetectionEval(nusc, config=config, result_path=str(results_path), eval_set=eval_set,
-                              output_dir=str(output_dir), verbose=False)
-    metrics, _ = evaluator.evaluate()
+    logger.info("nuScenes detection metric: %d samples of %s %s; files in %s", len(infos.samples), version,
+                eval_set, output_dir)
+    with _devkit_progress_bars_on_terminals_only():
+        if nusc is None:
+            nusc = NuScenes(version=version, dataroot=str(root), verbose=False)
+        evaluator = DetectionEval(nusc, config=config, result_path=str(results_path), eval_set=eval_set,
+                                  output_dir=str(output_dir), verbose=False)
+        metrics, _ = evaluator.evaluate()
     summary = metrics.serialize()
     summary["meta"] = dict(evaluator.meta)
     with open(output_dir / "metrics_summary.json", "w") as handle:
@@ -187,6 +193,49 @@ def evaluate_nuscenes(
     result["results_path"] = str(results_path)
     _log_metrics(result)
     return result
+
+
+class _CompleteLines(io.TextIOBase):
+    """A text stream that passes complete lines on to ``target`` and drops what was redrawn in place
+    (everything before a line's last carriage return)."""
+
+    def __init__(self, target: TextIO) -> None:
+        self.target = target
+        self._pending = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        *lines, self._pending = (self._pending + text).split("\n")
+        for line in lines:
+            self._pass_on(line)
+        return len(text)
+
+    def _pass_on(self, line: str) -> None:
+        kept = line.rsplit("\r", 1)[-1]
+        if kept.strip():
+            self.target.write(kept + "\n")
+
+    def close_pending(self) -> None:
+        self._pass_on(self._pending)
+        self._pending = ""
+
+
+@contextlib.contextmanager
+def _devkit_progress_bars_on_terminals_only() -> Iterator[None]:
+    """The devkit draws tqdm bars on stderr whatever its ``verbose`` says (loading the ground truth);
+    in a log file they leave fragments such as ``0/60``. Where stderr is not a terminal, only complete
+    lines (warnings) get through."""
+    if sys.stderr.isatty():
+        yield
+        return
+    stream = _CompleteLines(sys.stderr)
+    try:
+        with contextlib.redirect_stderr(stream):
+            yield
+    finally:
+        stream.close_pending()
 
 
 def _log_metrics(result: Mapping[str, Any]) -> None:

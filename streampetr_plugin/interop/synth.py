@@ -2,8 +2,9 @@
 
 Every value is an exact function of (tensor key, flat element index) through a 32-bit integer hash,
 evaluated in int64 and float64 and rounded once to float32, so the result is the same on every
-platform and torch version. The rules are those of ``shared/fidelity/README.md`` sections 1-2: the
-fixture's reference outputs were computed with exactly these weights and images.
+platform and torch version. The reference detector produced the fidelity fixture's outputs
+(``tests/fixtures/r50_128x352_3frames.pt``) from exactly these weights and images, so our model can be
+given the same ones without storing them.
 """
 from __future__ import annotations
 
@@ -113,7 +114,7 @@ def make_images(
 
 
 def load_key_list(path: Union[str, Path]) -> Dict[str, Tuple[int, ...]]:
-    """key -> shape from a reference state-dict JSON (``shared/spec/reference_state_dict_*.json``)."""
+    """key -> shape from a reference state-dict JSON (``tests/fixtures/reference_state_dict_*.json``)."""
     with open(path, encoding="utf-8") as handle:
         entries = json.load(handle)["state_dict"]
     return {key: tuple(entry["shape"]) for key, entry in entries.items()}

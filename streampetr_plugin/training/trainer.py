@@ -96,7 +96,7 @@ from streampetr_plugin.training.evaluation import (
     merge_predictions,
     save_evaluation_outputs,
 )
-from streampetr_plugin.training.metrics_log import MetricsLog, ProgressBar, format_duration
+from streampetr_plugin.training.metrics_log import IterationPace, MetricsLog, ProgressBar, format_duration
 from streampetr_plugin.training.optimizers import build_optimizer
 from streampetr_plugin.training.precision import MixedPrecision
 
@@ -618,7 +618,8 @@ class Trainer:
         self.device.reset_peak_memory()
         if self._metrics_log is not None:
             self._metrics_log.write(record)
-        remaining = (self.max_iters - self.iteration) * record["step_time"]
+        self._pace.add(interval.step_time, interval.steps)
+        remaining = self._pace.remaining(self.max_iters - self.iteration)
         logger.info(
             "iter %d/%d loss %.4f lr %.3e grad_norm %.3f%s %.3f s/it (data %.3f) eta %s mem %.0f MiB",
             self.iteration, self.max_iters, record["loss"], record["lr"], record["grad_norm"],
@@ -739,6 +740,7 @@ class Trainer:
     def _run_iterations(self, batches: Iterator[Any]) -> None:
         runtime = self.recipe.runtime
         bar = self._progress_bar()
+        self._pace = IterationPace()
         interval = _Interval()
         device = self.device.torch_device
         tick = time.perf_counter()

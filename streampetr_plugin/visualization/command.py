@@ -8,18 +8,19 @@ calibration of the sample, its ground-truth annotations and the newest predictio
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from streampetr_plugin.data.geometry import invert_rigid, rigid_matrix
 from streampetr_plugin.data.infos import CAMERA_NAMES, SampleInfo
 from streampetr_plugin.evaluation.predictions import list_predictions, load_predictions
-from streampetr_plugin.visualization.render import render_frame
+from streampetr_plugin.visualization.render import NUSCENES_BEV_EXTENT, render_frame
 
 __all__ = [
     "RECIPE_FILE",
     "VisualizationError",
+    "dataset_frame",
     "render_dataset_sample",
     "sample_lidar2img",
     "visualize_command",
@@ -45,6 +46,43 @@ def sample_lidar2img(sample: SampleInfo) -> np.ndarray:
     return np.stack(projections)
 
 
+def dataset_frame(
+    dataset: Any,
+    index: int,
+    prediction: Mapping[str, Any],
+    *,
+    class_names: Sequence[str],
+    score_threshold: float = 0.3,
+) -> Dict[str, Any]:
+    """The keyword arguments of :func:`~streampetr_plugin.visualization.render.draw_frame` for sample
+    ``index`` of a nuScenes-style dataset (``samples[index]`` a
+    :class:`~streampetr_plugin.data.infos.SampleInfo`, ``load_images(index)`` its PIL images) with
+    ``prediction`` (``boxes_3d`` (K, 9) bottom-centre z, ``scores_3d``, ``labels_3d``).
+
+    Ground truth: the sample's annotations of ``class_names``, those with LiDAR or radar points (the
+    boxes the metric scores). The bird's-eye view spans the dataset's detection range (its
+    ``point_cloud_range``).
+    """
+    sample: SampleInfo = dataset.samples[index]
+    range_filter = getattr(dataset, "range_filter", None)
+    bev_extent = NUSCENES_BEV_EXTENT if range_filter is None else (
+        range_filter.x_min, range_filter.y_min, range_filter.x_max, range_filter.y_max
+    )
+    keep = sample.valid_flag & np.isin(sample.gt_names, list(class_names))
+    gt_labels = np.array([list(class_names).index(name) for name in sample.gt_names[keep]], dtype=np.int64)
+    return dict(
+        images=[np.asarray(image) for image in dataset.load_images(index)],
+        lidar2img=sample_lidar2img(sample),
+        gt_boxes=sample.gt_boxes[keep].reshape(-1, 7),
+        gt_labels=gt_labels,
+        predictions=prediction,
+        class_names=class_names,
+        camera_names=CAMERA_NAMES,
+        score_threshold=score_threshold,
+        bev_extent=bev_extent,
+    )
+
+
 def render_dataset_sample(
     dataset: Any,
     index: int,
@@ -55,28 +93,13 @@ def render_dataset_sample(
     score_threshold: float = 0.3,
     title: Optional[str] = None,
 ) -> Path:
-    """Render sample ``index`` of a nuScenes-style dataset (``samples[index]`` a
-    :class:`~streampetr_plugin.data.infos.SampleInfo`, ``load_images(index)`` its PIL images) with
-    ``prediction`` (``boxes_3d`` (K, 9) bottom-centre z, ``scores_3d``, ``labels_3d``) to a PNG.
-
-    Ground truth: the sample's annotations of ``class_names``, those with LiDAR or radar points (the
-    boxes the metric scores). Returns ``out_path``.
-    """
+    """Render :func:`dataset_frame` (same arguments) to a PNG at ``out_path``; returns the path."""
     sample: SampleInfo = dataset.samples[index]
-    keep = sample.valid_flag & np.isin(sample.gt_names, list(class_names))
-    gt_labels = np.array([list(class_names).index(name) for name in sample.gt_names[keep]], dtype=np.int64)
-    return render_frame(
-        out_path,
-        images=[np.asarray(image) for image in dataset.load_images(index)],
-        lidar2img=sample_lidar2img(sample),
-        gt_boxes=sample.gt_boxes[keep].reshape(-1, 7),
-        gt_labels=gt_labels,
-        predictions=prediction,
-        class_names=class_names,
-        camera_names=CAMERA_NAMES,
-        score_threshold=score_threshold,
-        title=title if title is not None else f"sample {sample.token} (scene {sample.scene_token})",
+    frame = dataset_frame(
+        dataset, index, prediction, class_names=class_names, score_threshold=score_threshold
     )
+    title = title if title is not None else f"sample {sample.token} (scene {sample.scene_token})"
+    return render_frame(out_path, title=title, **frame)
 
 
 def visualize_command(

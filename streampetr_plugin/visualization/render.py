@@ -4,8 +4,10 @@ Boxes follow the batch contract (:mod:`streampetr_plugin.data.batch`): LiDAR fra
 x_size, y_size, z_size, yaw, ...)`` with ``x_size`` along the heading and yaw about +z. Ground truth
 has its z at the gravity centre, the detector's predictions at the bottom centre. Camera panels draw
 the 12 edges of every box through ``lidar2img``, clipped at a near plane in front of the camera; the
-bird's-eye view draws footprints (x to the right, y up) with a heading tick and each prediction's
-score. Ground truth is dashed, predictions are solid, colours are per class.
+bird's-eye view draws footprints (x to the right, y up) with a heading tick over the recipe's detection
+range. Every panel labels each prediction with its score; where boxes stack, the label of the higher
+score is kept and those that would overlap it are left out. Ground truth is dashed, predictions are
+solid, colours are per class.
 
 Drawing uses matplotlib's object API on an Agg canvas (no pyplot state), imported on first use.
 """
@@ -28,6 +30,7 @@ __all__ = [
     "BOX_EDGES",
     "CAMERA_GRID",
     "NEAR_PLANE",
+    "NUSCENES_BEV_EXTENT",
     "bottom_to_gravity",
     "box_corners",
     "box_edge_segments",
@@ -49,6 +52,12 @@ CAMERA_GRID: Tuple[str, ...] = (
     "CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_LEFT", "CAM_BACK", "CAM_BACK_RIGHT",
 )
 NEAR_PLANE = 0.1  # m: edge parts closer to (or behind) the camera plane are not drawn
+# (x_min, y_min, x_max, y_max), m: the BEV part of the nuScenes recipes' point_cloud_range
+NUSCENES_BEV_EXTENT = (-51.2, -51.2, 51.2, 51.2)
+SCORE_FONT_SIZE = 7.0
+EDGE_SAMPLES = np.linspace(0.0, 1.0, 17)  # where a box edge is looked at to place its score label
+SCORE_PAD_PX = 2.0  # the label box's padding (0.15 of the font size), in pixels at 100 dpi
+BEV_TICK_MARGIN_IN = 0.55  # right of the bird's-eye view, for its tick labels and axis label
 FIGURE_HEIGHT_IN = 6.0
 PLOT_HEIGHT_FRACTION = 0.85  # of the figure height, for the panels (the rest: title and legend)
 
@@ -155,6 +164,28 @@ def _panel_order(camera_names: Sequence[str]) -> Sequence[int]:
     return list(range(len(camera_names)))
 
 
+def _place_score_labels(
+    ax: "Axes", anchors: np.ndarray, scores: np.ndarray, labels: np.ndarray, *, vertical: str
+) -> None:
+    """Write each score at its anchor (data coordinates), best score first; a label that would overlap
+    one already written is left out, so stacked boxes keep one legible label."""
+    ax.apply_aspect()  # the final data -> pixel transform, before measuring the labels
+    renderer = ax.figure.canvas.get_renderer()
+    taken = []
+    for index in np.argsort(-scores, kind="stable"):
+        # white on the class colour: legible on camera images and on the white bird's-eye view alike
+        text = ax.text(
+            anchors[index, 0], anchors[index, 1], f"{scores[index]:.2f}", fontsize=SCORE_FONT_SIZE,
+            color="white", va=vertical, ha="left", clip_on=True, gid="score",
+            bbox={"boxstyle": "square,pad=0.15", "facecolor": class_colour(labels[index]), "linewidth": 0},
+        )
+        extent = text.get_window_extent(renderer).padded(SCORE_PAD_PX)  # the coloured box around it
+        if any(extent.overlaps(other) for other in taken):
+            text.remove()
+        else:
+            taken.append(extent)
+
+
 def _draw_camera(
     ax: "Axes",
     image: np.ndarray,
@@ -164,20 +195,30 @@ def _draw_camera(
     gt_labels: np.ndarray,
     pred_corners: np.ndarray,
     pred_labels: np.ndarray,
+    pred_scores: np.ndarray,
 ) -> None:
     from matplotlib.collections import LineCollection
 
     height, width = image.shape[:2]
     ax.imshow(image)  # pixel (row i, column j) centred at (j, i), as lidar2img projects
+    anchors, shown = [], []
     for gid, corners, labels, style in (
         ("gt_boxes", gt_corners, gt_labels, "--"),
         ("predicted_boxes", pred_corners, pred_labels, "-"),
     ):
         segments, colours = [], []
-        for box, label in zip(corners, labels):
+        for index, (box, label) in enumerate(zip(corners, labels)):
             edges = box_edge_segments(box, lidar2img)
             segments.extend(edges)
             colours.extend([class_colour(label)] * len(edges))
+            if gid == "predicted_boxes":
+                # points along the edges (E, 17, 2); those on the image place the label
+                points = edges[:, :1] + EDGE_SAMPLES[:, None] * (edges[:, 1:] - edges[:, :1])
+                points = points.reshape(-1, 2)
+                on_image = points[(points >= 0).all(axis=1) & (points < [width, height]).all(axis=1)]
+                if len(on_image):
+                    anchors.append(on_image.min(axis=0))  # the top-left corner of the visible part
+                    shown.append(index)
         ax.add_collection(
             LineCollection(segments, colors=colours, linewidths=1.2, linestyles=style, gid=gid)
         )
@@ -186,6 +227,8 @@ def _draw_camera(
     ax.set_title(name, fontsize=9)
     ax.set_axis_off()
     ax.set_label(name)
+    if shown:
+        _place_score_labels(ax, np.array(anchors), pred_scores[shown], pred_labels[shown], vertical="top")
 
 
 def _draw_bev(
@@ -195,9 +238,11 @@ def _draw_bev(
     pred_corners: np.ndarray,
     pred_labels: np.ndarray,
     pred_scores: np.ndarray,
-    bev_range: float,
+    bev_extent: Sequence[float],
 ) -> None:
     from matplotlib.collections import LineCollection, PolyCollection
+
+    x_min, y_min, x_max, y_max = bev_extent
 
     for gid, corners, labels, style, fill in (
         ("gt_boxes", gt_corners, gt_labels, "--", 0.15),
@@ -217,19 +262,22 @@ def _draw_bev(
             LineCollection(np.stack([centres, fronts], axis=1), colors=colours, linewidths=1.0,
                            gid=f"{gid}_heading")
         )
-    for corners, score in zip(pred_corners, pred_scores):
-        top = corners[:4, :2].max(axis=0)
-        if max(abs(top[0]), abs(top[1])) < bev_range:
-            ax.text(top[0], top[1], f"{score:.2f}", fontsize=5, clip_on=True, gid="score")
     ax.plot([0.0], [0.0], marker="^", color="black", markersize=6)  # the ego LiDAR, facing +y
-    ax.set_xlim(-bev_range, bev_range)
-    ax.set_ylim(-bev_range, bev_range)
+    ax.set_xlim(x_min, x_max)
+    ax.set_ylim(y_min, y_max)
     ax.set_aspect("equal")
     ax.grid(True, linewidth=0.3, alpha=0.5)
+    # Ticks and label on the right: on the left they would run into the camera panels.
+    ax.yaxis.tick_right()
+    ax.yaxis.set_label_position("right")
     ax.tick_params(labelsize=7)
     ax.set_xlabel("x (m, LiDAR)", fontsize=8)
     ax.set_ylabel("y (m, LiDAR)", fontsize=8)
     ax.set_label("bev")
+    top_right = pred_corners[:, :4, :2].max(axis=1)  # (K, 2) label anchors
+    inside = ((top_right[:, 0] > x_min) & (top_right[:, 0] < x_max)
+              & (top_right[:, 1] > y_min) & (top_right[:, 1] < y_max))
+    _place_score_labels(ax, top_right[inside], pred_scores[inside], pred_labels[inside], vertical="bottom")
 
 
 def draw_frame(
@@ -242,7 +290,7 @@ def draw_frame(
     class_names: Sequence[str],
     camera_names: Sequence[str] = CAMERA_NAMES,
     score_threshold: float = 0.3,
-    bev_range: float = 55.0,
+    bev_extent: Sequence[float] = NUSCENES_BEV_EXTENT,
     title: str = "",
     dpi: int = 100,
 ) -> "Figure":
@@ -255,10 +303,11 @@ def draw_frame(
         predictions: ``boxes_3d`` (K, >=7) z at the bottom centre, ``scores_3d`` (K,), ``labels_3d`` (K,)
             (arrays or tensors); only scores >= ``score_threshold`` are drawn.
         class_names: names of the class indices (legend).
-        bev_range: half width of the bird's-eye view, m.
+        bev_extent: ``(x_min, y_min, x_max, y_max)`` of the bird's-eye view, m: the detection range,
+            i.e. the recipe's ``point_cloud_range`` without its z entries.
 
     Axes are labelled (``Axes.get_label()``) with the camera names and ``"bev"``; in each, the box
-    artists have gids ``"gt_boxes"`` and ``"predicted_boxes"``.
+    artists have gids ``"gt_boxes"`` and ``"predicted_boxes"``, the score labels ``"score"``.
     Size in pixels: height ``6 dpi``, width ``dpi (columns * 0.85 * 6 / rows * W / H + 6)`` rounded, with
     ``columns = ceil(N / 2)`` and ``rows = 2`` (1 for a single camera).
     """
@@ -295,14 +344,15 @@ def draw_frame(
     FigureCanvasAgg(figure)
     grid = figure.add_gridspec(
         rows, columns + 1, width_ratios=[panel_width] * columns + [bev_width],
-        left=0.01, right=0.99, top=0.9, bottom=0.08, wspace=0.05, hspace=0.12,
+        left=0.01, right=1.0 - BEV_TICK_MARGIN_IN / figure_width, top=0.9, bottom=0.08, wspace=0.05,
+        hspace=0.12,
     )
     for camera, slot in enumerate(_panel_order(camera_names)):
         ax = figure.add_subplot(grid[slot // columns, slot % columns])
         _draw_camera(ax, images[camera], lidar2img[camera], camera_names[camera], gt_corners, gt_labels,
-                     pred_corners, pred_labels)
+                     pred_corners, pred_labels, pred_scores)
     bev = figure.add_subplot(grid[:, columns])
-    _draw_bev(bev, gt_corners, gt_labels, pred_corners, pred_labels, pred_scores, bev_range)
+    _draw_bev(bev, gt_corners, gt_labels, pred_corners, pred_labels, pred_scores, bev_extent)
 
     present = sorted(set(gt_labels.tolist()) | set(pred_labels.tolist()))
     handles = [
@@ -312,7 +362,9 @@ def draw_frame(
     ] + [
         Patch(color=class_colour(label), label=_class_name(class_names, label)) for label in present
     ]
-    figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    # under the camera panels: below the bird's-eye view it would run into its axis label
+    figure.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.01, 0.0), ncol=len(handles),
+                  fontsize=8, frameon=False)
     if title:
         figure.suptitle(title, fontsize=10)
     return figure

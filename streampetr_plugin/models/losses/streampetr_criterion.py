@@ -1,7 +1,7 @@
 """The 3D head's training loss: per-decoder-layer Hungarian matching + focal / L1, and the denoising losses.
 
 Reference: ``StreamPETRHead.loss`` with ``loss_single``, ``dn_loss_single``, ``prepare_for_loss`` and
-``get_targets`` (streampetr_head.py:661-1012). Normalisers (spec section 2.6, pitfall 7):
+``get_targets`` (streampetr_head.py:661-1012). The normalisers, which a port easily gets wrong:
 
 - focal classification of matching queries: ``max(local matched count, 1)`` (all-reduced only with
   ``sync_cls_avg_factor``);
