@@ -1,10 +1,10 @@
-"""Our detector reproduces the reference StreamPETR's numbers on the golden fixture (issue 9).
+"""Our detector reproduces the reference StreamPETR's numbers on the golden fixture.
 
-The fixture (``tests/fixtures/r50_128x352_3frames.pt``, see ``shared/fidelity/README.md``) holds the
-reference's outputs on synthetic weights and images over three frames of one scene. Bands are the
-README's section 8 (``fx["recommended_tolerance"]``): frame 0 from a fresh memory and frames 1-2 with
-the reference's memory loaded first must meet the **strict** band; free-running frames 1-2 are a
-smoke test in the **equivalent** band on the learnable rows and the sorted scores.
+The fixture (``tests/fixtures/r50_128x352_3frames.pt``) holds the reference's outputs over three
+frames of one scene, on weights and images from ``streampetr_plugin.interop.synth``. Its bands are
+``fx["recommended_tolerance"]`` (tabulated in docs/interop.md): frame 0 from a fresh memory and frames
+1-2 with the reference's memory loaded first must meet the **strict** band; free-running frames 1-2 are
+a smoke test in the **equivalent** band on the learnable rows and the sorted scores.
 """
 from pathlib import Path
 from typing import Dict, List

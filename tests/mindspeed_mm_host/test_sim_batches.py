@@ -1,6 +1,6 @@
 """The batch's way through the SIMULATED host: collate, ``move_to_device``, FSDP2 input casts, forward.
 
-Behaviours #9-#16 of MINDSPEED_MM_HOST.md section 5.
+Behaviours #9-#16 of the simulated host (numbered in its docstrings).
 """
 
 import importlib

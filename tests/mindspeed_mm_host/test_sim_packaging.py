@@ -1,7 +1,7 @@
 """Plugin import, registration, configuration and model construction under the SIMULATED host.
 
-Behaviours #1-#6, #25, #27 of MINDSPEED_MM_HOST.md section 5; each test would fail if the
-integration relied on the opposite behaviour.
+Behaviours #1-#6, #25, #27 of the simulated host (numbered in its docstrings); each test would fail
+if the integration relied on the opposite behaviour.
 """
 
 import importlib

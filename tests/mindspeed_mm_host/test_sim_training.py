@@ -1,6 +1,6 @@
 """Training the tiny recipe through the SIMULATED host, stock entry and our custom entry.
 
-Behaviours #7, #8, #17-#24, #26-#28 of MINDSPEED_MM_HOST.md section 5.
+Behaviours #7, #8, #17-#24, #26-#28 of the simulated host (numbered in its docstrings).
 """
 
 import json
