@@ -76,8 +76,8 @@ def candidate_device(requested: str, *, environ: Optional[Mapping[str, str]] = N
     from streampetr_plugin.plugins import get_plugin_host
 
     environ = os.environ if environ is None else environ
-    chosen = get_plugin_host().pm.hook.streampetr_select_accelerator(
-        env={"requested": requested, "environ": dict(environ)}
+    chosen = get_plugin_host().call_hook(
+        "streampetr_select_accelerator", env={"requested": requested, "environ": dict(environ)}
     )
     if chosen is not None:
         if chosen not in DISTRIBUTED_BACKENDS:

@@ -332,7 +332,7 @@ def load_recipe(path_or_name: Union[str, Path], overrides: Sequence[str] = ()) -
     recipe._source = str(path)
     from streampetr_plugin.plugins import get_plugin_host
 
-    get_plugin_host().pm.hook.streampetr_configure(recipe=recipe)
+    get_plugin_host().call_hook("streampetr_configure", recipe=recipe)
     return recipe
 
 

@@ -625,7 +625,7 @@ class Trainer:
         host = get_plugin_host()
         runtime = self.recipe.runtime
         self.model.train()
-        host.pm.hook.streampetr_pre_train(context=self.context)
+        host.call_hook("streampetr_pre_train", context=self.context)
         try:
             iterator = iter(self.train_loader)
             if self._resume_rng is not None:
@@ -643,7 +643,7 @@ class Trainer:
             raise
         finally:
             self.context.iteration = self.iteration
-            host.pm.hook.streampetr_post_train(context=self.context)
+            host.call_hook("streampetr_post_train", context=self.context)
             if self._metrics_log is not None:
                 self._metrics_log.close()
         return TrainResult(self.iteration, self.context.eval_metrics, self._last_checkpoint)
