@@ -21,6 +21,8 @@ from typing import Any, Mapping, Optional, Tuple
 
 import torch
 
+from streampetr_plugin.errors import RunError
+
 logger = logging.getLogger(__name__)
 
 DISTRIBUTED_BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
@@ -29,7 +31,7 @@ VISIBLE_DEVICES_VARIABLE = {"npu": "ASCEND_RT_VISIBLE_DEVICES", "cuda": "CUDA_VI
 _said_once: set = set()
 
 
-class DeviceError(RuntimeError):
+class DeviceError(RunError):
     """The requested device cannot be used (with what to do about it)."""
 
 

@@ -6,9 +6,9 @@ Structure is validated here (unknown keys are errors); the options of each regis
 """
 from __future__ import annotations
 
-from typing import Dict, List, Literal, Optional, Union
+from typing import Annotated, Dict, List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, model_validator
 
 NUSCENES_CLASSES = [
     "car",
@@ -22,6 +22,17 @@ NUSCENES_CLASSES = [
     "pedestrian",
     "traffic_cone",
 ]
+
+
+def _switch_word(value: object) -> object:
+    """YAML 1.1 reads unquoted ``on`` / ``off`` as booleans: take them back as the words they were."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value
+
+
+# 'auto', 'on' or 'off', written quoted or not.
+AutoOnOff = Annotated[Literal["auto", "on", "off"], BeforeValidator(_switch_word)]
 
 
 class Section(BaseModel):
@@ -143,7 +154,7 @@ class RuntimeConfig(Section):
         "work_dirs/{recipe}", description="Run directory; '{recipe}' is replaced by the recipe's name."
     )
     tensorboard: bool = Field(False, description="Also write TensorBoard scalars (needs the tensorboard extra).")
-    progress_bar: Literal["auto", "on", "off"] = Field("auto", description="Rank-0 progress bar; 'auto': on a TTY.")
+    progress_bar: AutoOnOff = Field("auto", description="Rank-0 progress bar; 'auto': on a TTY.")
     max_consecutive_nonfinite: int = Field(
         20, ge=1, description="Stop with an error after this many non-finite losses in a row."
     )

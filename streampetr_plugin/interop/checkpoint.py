@@ -13,7 +13,8 @@ the file safely, unwrapping its layout and reporting what did not match:
   mapped under ``img_backbone.`` automatically when none of its keys match the model as they are.
 
 Files are always read with ``torch.load(..., weights_only=True)``: a file that needs arbitrary
-classes to be unpickled is refused (:class:`UnsafeCheckpointError`) rather than executed.
+classes to be unpickled is refused (:class:`UnsafeCheckpointError`) rather than executed; one that
+is empty, truncated, not a checkpoint at all or holds no state dict is :class:`UnusableCheckpointError`.
 
 The reference shares one classification and one regression branch across the six decoder layers,
 so its checkpoints hold six identical copies (``pts_bbox_head.cls_branches.0-5.*``). They load into
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from collections.abc import Mapping as MappingABC
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple, Union
@@ -31,14 +33,20 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from streampetr_plugin.errors import InputError, describe
+
 BACKBONE_PREFIX = "img_backbone."
 _DDP_PREFIX = "module."
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-class UnsafeCheckpointError(RuntimeError):
+class UnsafeCheckpointError(InputError):
     """The file needs classes outside torch's weights-only allowlist to be unpickled."""
+
+
+class UnusableCheckpointError(InputError, ValueError):
+    """The file is empty, truncated or damaged, not a checkpoint, or holds no state dict."""
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -100,40 +108,69 @@ class LoadReport:
         return "\n".join(lines)
 
 
+def _needed_globals(path: PathLike, error: pickle.UnpicklingError) -> List[str]:
+    """The globals outside torch's allowlist that the file asks for ([]: it is no valid pickle at all)."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except (RuntimeError, ValueError, pickle.UnpicklingError):  # not a zip checkpoint: read torch's message
+        return re.findall(r"GLOBAL (\S+) was not an allowed global", str(error))
+
+
+def _unreadable(path: PathLike, error: Exception) -> UnusableCheckpointError:
+    name = os.fspath(path)
+    if os.path.getsize(name) == 0:
+        problem = "is empty (0 bytes)"
+    elif isinstance(error, pickle.UnpicklingError):  # torch's text would suggest weights_only=False: no
+        problem = "is not a PyTorch checkpoint (its content is not valid checkpoint data)"
+    else:
+        first_sentence = str(error).strip().split(". ")[0].splitlines()[0] if str(error).strip() else ""
+        problem = f"is not a readable PyTorch checkpoint ({type(error).__name__}: {first_sentence})"
+    fix = "the file is truncated, damaged or of another kind: copy it again or choose another file"
+    return UnusableCheckpointError(describe(name, problem, fix))
+
+
 def read_checkpoint_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
     """The state dict held by a checkpoint file (mmcv layout or plain), ``module.`` prefixes removed.
 
-    Raises :class:`UnsafeCheckpointError` if the file cannot be read with ``weights_only=True`` and
-    ``ValueError`` if it holds no state dict.
+    Raises :class:`UnsafeCheckpointError` if the file needs code to be unpickled (it is not read),
+    :class:`UnusableCheckpointError` if it is empty, damaged, not a checkpoint or holds no state dict.
     """
+    name = os.fspath(path)
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        try:
-            needed = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path)) or "unknown"
-        except (RuntimeError, ValueError, pickle.UnpicklingError):
-            needed = "unknown"
-        raise UnsafeCheckpointError(
-            f"refusing to load checkpoint {os.fspath(path)}: it needs code to be unpickled "
-            f"(classes outside torch's weights-only allowlist: {needed}). Re-save its tensors as a "
-            f"plain state dict or {{'state_dict': ...}} in a trusted environment."
-        ) from error
+        needed = _needed_globals(path, error)
+        if not needed:
+            raise _unreadable(path, error) from error
+        raise UnsafeCheckpointError(describe(
+            name, f"refusing to load: it needs code to be unpickled (classes outside torch's weights-only "
+            f"allowlist: {', '.join(needed)})",
+            "re-save its tensors as a plain state dict or {'state_dict': ...} in a trusted environment",
+        )) from error
+    except Exception as error:  # torch.load fails in many ways on a damaged file (zip, EOF, OS, key errors)
+        if isinstance(error, OSError) and error.filename is not None:
+            raise  # the file system's own error (missing file, permissions), reported as such
+        raise _unreadable(path, error) from error
     if isinstance(content, MappingABC) and isinstance(content.get("state_dict"), MappingABC):
         content = content["state_dict"]
+    fix = "give a file that holds the model's weights"
     if not isinstance(content, MappingABC) or not content:
-        raise ValueError(f"checkpoint {os.fspath(path)} holds no state dict (found {type(content).__name__})")
+        problem = f"holds no state dict (found {type(content).__name__})"
+        raise UnusableCheckpointError(describe(name, problem, fix))
     not_tensors = [key for key, value in content.items() if not isinstance(value, torch.Tensor)]
     if not_tensors:
-        raise ValueError(
-            f"checkpoint {os.fspath(path)} holds no state dict: entries {not_tensors[:8]} are not tensors "
-            f"(top-level keys: {list(content)[:8]})"
-        )
+        raise UnusableCheckpointError(describe(
+            name, f"holds no state dict: entries {not_tensors[:8]} are not tensors "
+            f"(top-level keys: {list(content)[:8]})", fix,
+        ))
     state: Dict[str, torch.Tensor] = {}
     for key, value in content.items():
-        name = key[len(_DDP_PREFIX):] if key.startswith(_DDP_PREFIX) else key
-        if name in state:
-            raise ValueError(f"checkpoint {os.fspath(path)}: key {name!r} appears with and without 'module.'")
-        state[name] = value
+        stripped = key[len(_DDP_PREFIX):] if key.startswith(_DDP_PREFIX) else key
+        if stripped in state:
+            raise UnusableCheckpointError(describe(
+                name, f"key {stripped!r} appears with and without 'module.'", "keep one of the two copies"
+            ))
+        state[stripped] = value
     return state
 
 
@@ -176,9 +213,9 @@ def load_reference_checkpoint(
     for key, value in file_state.items():
         name = _rename(key, prefix_map)
         if name in renamed:
-            raise ValueError(
-                f"checkpoint {os.fspath(path)}: two keys map to {name!r} under {dict(prefix_map)}"
-            )
+            raise UnusableCheckpointError(describe(
+                os.fspath(path), f"two keys map to {name!r} under {dict(prefix_map)}", "keep one of the two"
+            ))
         renamed[name] = value
 
     report = LoadReport(path=os.fspath(path), prefix_map=dict(prefix_map))

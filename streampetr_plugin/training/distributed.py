@@ -14,8 +14,10 @@ from typing import Any, List, Mapping, Optional
 import torch
 import torch.distributed as dist
 
+from streampetr_plugin.errors import RunError
 
-class DistributedSetupError(RuntimeError):
+
+class DistributedSetupError(RunError):
     """The launcher's environment is incomplete or inconsistent."""
 
 

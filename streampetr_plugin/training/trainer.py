@@ -55,6 +55,7 @@ from streampetr_plugin.config.schema import Recipe
 from streampetr_plugin.data.build import build_dataset
 from streampetr_plugin.data.collate import collate_frames
 from streampetr_plugin.data.loader import endless_batches
+from streampetr_plugin.errors import InputError, describe
 from streampetr_plugin.models.build import build_model
 from streampetr_plugin.plugins import get_plugin_host
 from streampetr_plugin.training import distributed
@@ -76,6 +77,7 @@ from streampetr_plugin.training.checkpointing import (
 )
 from streampetr_plugin.training.distributed import DistributedEnv
 from streampetr_plugin.training.evaluation import (
+    EvaluationOutputs,
     Evaluator,
     collect_predictions,
     default_evaluator,
@@ -122,11 +124,15 @@ class TrainingContext:
 
 @dataclass
 class TrainResult:
-    """The outcome of :meth:`Trainer.train` (evaluation metrics only on rank 0)."""
+    """The outcome of :meth:`Trainer.train` (evaluation metrics, metrics file and evaluation outputs only
+    on rank 0)."""
 
     iteration: int
     eval_metrics: Dict[str, Any]
     last_checkpoint: Optional[Path]
+    work_dir: Optional[Path] = None
+    metrics_file: Optional[Path] = None
+    evaluation: Optional[EvaluationOutputs] = None  # the last evaluation's directory and picture
 
 
 @dataclass
@@ -204,6 +210,7 @@ class Trainer:
         self._resume_from: Optional[tuple] = None
         self._owns_process_group = False
         self._last_checkpoint: Optional[Path] = None
+        self._last_evaluation: Optional[EvaluationOutputs] = None
         self._is_set_up = False
 
     # ----------------------------------------------------------------------------------------- set-up
@@ -286,10 +293,11 @@ class Trainer:
             from streampetr_plugin.interop.checkpoint import load_reference_checkpoint
 
             if not Path(load_from).is_file():
-                raise FileNotFoundError(
-                    f"runtime.load_from: {load_from} does not exist (reference weights: see "
-                    "docs/reproducing.md; runtime.load_from=null trains from the initialisation)"
-                )
+                raise InputError(describe(
+                    "runtime.load_from", f"{load_from} does not exist",
+                    "reference weights: see docs/reproducing.md; runtime.load_from=null trains from the "
+                    "initialisation",
+                ))
 
             report = load_reference_checkpoint(model, load_from)
             if self.dist_env.is_main:
@@ -646,7 +654,9 @@ class Trainer:
             host.call_hook("streampetr_post_train", context=self.context)
             if self._metrics_log is not None:
                 self._metrics_log.close()
-        return TrainResult(self.iteration, self.context.eval_metrics, self._last_checkpoint)
+        metrics_file = self._metrics_log.path if self._metrics_log is not None else None
+        return TrainResult(self.iteration, self.context.eval_metrics, self._last_checkpoint, self.work_dir,
+                           metrics_file, self._last_evaluation)
 
     def _run_iterations(self, batches: Iterator[Any]) -> None:
         runtime = self.recipe.runtime
@@ -719,7 +729,9 @@ class Trainer:
             output_dir.mkdir(parents=True, exist_ok=True)
             evaluator = self._evaluator or default_evaluator
             metrics = dict(evaluator(merged, self._val_dataset, output_dir))
-            save_evaluation_outputs(merged, self._val_dataset, output_dir, class_names=data.class_names)
+            self._last_evaluation = save_evaluation_outputs(
+                merged, self._val_dataset, output_dir, class_names=data.class_names
+            )
             logger.info(
                 "evaluation at iteration %d: %d samples in %.1f s: %s",
                 self.iteration, len(merged), time.perf_counter() - started,
