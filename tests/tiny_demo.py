@@ -7,7 +7,7 @@ from typing import List
 
 from tests.trainer_helpers import demo_overrides
 
-# 32 channels, 16 queries, a short depth axis; the data loaded in the main process.
+# 32 channels, 16 queries, a short depth axis.
 TINY_MODEL = [
     "model.neck.out_channels=32",
     "model.roi_head.embed_dims=32",
@@ -20,12 +20,11 @@ TINY_MODEL = [
     "model.head.depth_num=30",
     "model.head.feedforward_channels=64",
     "model.head.max_num=10",
-    "data.num_workers=0",
 ]
 
 
 def tiny_demo_overrides(root: Path, version: str, work_dir: Path, max_iters: int = 2) -> List[str]:
-    """Overrides of ``demo_cpu`` for ``max_iters`` iterations of the tiny model on the data at ``root``,
-    writing into ``work_dir``."""
-    return [*demo_overrides(root, version), *TINY_MODEL, f"runtime.work_dir={work_dir}",
+    """Overrides of ``demo_cpu`` for ``max_iters`` iterations of the tiny model on the data at ``root``
+    (loaded in the main process), writing into ``work_dir``."""
+    return [*demo_overrides(root, version), *TINY_MODEL, "data.num_workers=0", f"runtime.work_dir={work_dir}",
             f"runtime.max_iters={max_iters}"]
