@@ -1,24 +1,29 @@
 """Plugin discovery and the component registries.
 
-Entry points of the ``streampetr`` group are loaded one by one: a plugin that fails to import is
-reported once (distribution, entry-point name, error) and skipped, unless
-``STREAMPETR_STRICT_PLUGINS=1``. ``STREAMPETR_LOAD_PLUGINS=a,b`` loads only those entry points
-(empty: none); ``STREAMPETR_DISABLE_PLUGINS=a,b`` blocks some. The built-in plugin is always loaded.
-Loading is idempotent within a process (every distributed rank loads plugins once).
+Entry points of the ``streampetr`` group are loaded one by one: a plugin that fails to import (any
+exception, ``SystemExit`` included) is reported once (distribution, entry-point name, error) and
+skipped, unless ``STREAMPETR_STRICT_PLUGINS=1``. ``STREAMPETR_LOAD_PLUGINS=a,b`` loads only those
+entry points (empty: none); ``STREAMPETR_DISABLE_PLUGINS=a,b`` blocks some. The built-in plugin is
+always loaded. Loading is idempotent within a process (every distributed rank loads plugins once).
+
+Hooks are called through :meth:`PluginHost.call_hook`: an exception inside a plugin's implementation
+becomes a :class:`PluginHookError` naming the plugin and the hook.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import threading
 from dataclasses import dataclass, field
 from functools import partial
 from importlib import metadata
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import pluggy
 
 from streampetr_plugin import hookspecs
+from streampetr_plugin.errors import RunError, StreamPETRError, describe
 from streampetr_plugin.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -39,8 +44,12 @@ REGISTRY_KINDS = (
 )
 
 
-class PluginLoadError(RuntimeError):
+class PluginLoadError(RunError):
     """A plugin failed to load while ``STREAMPETR_STRICT_PLUGINS=1``."""
+
+
+class PluginHookError(RunError):
+    """A plugin's hook implementation raised; the message names the plugin and the hook."""
 
 
 @dataclass
@@ -90,6 +99,26 @@ def _strict() -> bool:
     return os.environ.get("STREAMPETR_STRICT_PLUGINS", "").lower() in ("1", "true", "yes", "on")
 
 
+def _disable_hint(plugin: str) -> str:
+    return f"fix or update the plugin, or leave it out with STREAMPETR_DISABLE_PLUGINS={plugin}"
+
+
+def _raising_plugin(caller: pluggy.HookCaller, error: BaseException) -> Optional[str]:
+    """The plugin whose implementation of ``caller``'s hook ``error`` was raised in (None: not in one)."""
+    plugins = {}
+    for impl in caller.get_hookimpls():
+        function = inspect.unwrap(getattr(impl.function, "__func__", impl.function))
+        code = getattr(function, "__code__", None)
+        if code is not None:
+            plugins[code] = impl.plugin_name
+    frame = error.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_code in plugins:
+            return plugins[frame.tb_frame.f_code]
+        frame = frame.tb_next
+    return None
+
+
 class PluginHost:
     """The pluggy manager plus the registries filled from it."""
 
@@ -121,13 +150,13 @@ class PluginHost:
             try:
                 plugin = entry_point.load()
                 self.pm.register(plugin, name=entry_point.name)
-            except Exception as error:  # a broken third-party plugin must not take the host down
+            except (Exception, SystemExit) as error:  # a broken plugin must not take the host down
                 failure = PluginFailure(dist_name, entry_point.name, f"{type(error).__name__}: {error}")
                 if _strict():
-                    raise PluginLoadError(
-                        f"plugin {failure.entry_point!r} from {failure.distribution} failed to load: "
-                        f"{failure.error}"
-                    ) from error
+                    raise PluginLoadError(describe(
+                        f"plugin {failure.entry_point!r} from {failure.distribution}",
+                        f"failed to load ({failure.error})", _disable_hint(failure.entry_point),
+                    )) from error
                 self.failures.append(failure)
                 logger.warning(
                     "skipping plugin %r from %s: %s (set STREAMPETR_STRICT_PLUGINS=1 to make this an error)",
@@ -161,22 +190,48 @@ class PluginHost:
             caller = getattr(self.pm.hook, f"streampetr_register_{kind}")
             registry = registries.kind(kind)
             for impl in caller.get_hookimpls():  # in plugin registration order: the built-in plugin first
-                self._call_registration(impl, partial(registry.register, provider=impl.plugin_name))
+                register = partial(registry.register, provider=impl.plugin_name)
+                self._call_registration(impl, caller.name, register)
         return registries
 
-    def _call_registration(self, impl: pluggy.HookImpl, register) -> None:
+    def _call_registration(self, impl: pluggy.HookImpl, hook: str, register) -> None:
         try:
             impl.function(register=register)
-        except Exception as error:
-            if impl.plugin_name == BUILTIN_PLUGIN_NAME or _strict():
+        except (Exception, SystemExit) as error:
+            if impl.plugin_name == BUILTIN_PLUGIN_NAME or (_strict() and isinstance(error, StreamPETRError)):
                 raise
+            if _strict():
+                raise self._hook_error(impl.plugin_name, hook, error) from error
             failure = PluginFailure(
                 self.distributions.get(impl.plugin_name, ("<unknown distribution>",))[0],
                 impl.plugin_name,
                 f"{type(error).__name__}: {error}",
             )
             self.failures.append(failure)
-            logger.warning("plugin %r failed while registering components: %s", impl.plugin_name, failure.error)
+            logger.warning("plugin %r failed in %s, its components are skipped: %s",
+                           impl.plugin_name, hook, failure.error)
+
+    def _hook_error(self, plugin: str, hook: str, error: BaseException) -> PluginHookError:
+        distribution = self.distributions.get(plugin, ("<unknown distribution>",))[0]
+        return PluginHookError(describe(
+            f"plugin {plugin!r} from {distribution}", f"hook {hook} raised {type(error).__name__}: {error}",
+            _disable_hint(plugin),
+        ))
+
+    def call_hook(self, hook: str, **kwargs: Any) -> Any:
+        """``pm.hook.<hook>(**kwargs)``. An exception raised inside a plugin's implementation (``SystemExit``
+        included) becomes :class:`PluginHookError` naming the plugin and the hook; errors written for the
+        user (:class:`StreamPETRError`) and the built-in plugin's own errors pass unchanged."""
+        caller = getattr(self.pm.hook, hook)
+        try:
+            return caller(**kwargs)
+        except StreamPETRError:
+            raise
+        except (Exception, SystemExit) as error:
+            plugin = _raising_plugin(caller, error)
+            if plugin is None or plugin == BUILTIN_PLUGIN_NAME:
+                raise
+            raise self._hook_error(plugin, hook, error) from error
 
     def infos(self) -> List[PluginInfo]:
         registries = self.registries

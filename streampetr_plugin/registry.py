@@ -7,10 +7,12 @@ from typing import Any, Callable, Dict, Generic, Iterator, List, Mapping, Option
 
 from pydantic import BaseModel
 
+from streampetr_plugin.errors import InputError
+
 T = TypeVar("T")
 
 
-class RegistryError(LookupError):
+class RegistryError(InputError, LookupError):
     """A duplicate or unknown component name."""
 
 

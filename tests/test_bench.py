@@ -22,6 +22,7 @@ from streampetr_plugin.bench.variants import Variant, expand_groups
 from streampetr_plugin.config.loader import load_recipe
 from streampetr_plugin.data.batch import CAMERA_KEYS, IMAGE_KEYS, META_KEYS, POSE_KEYS, TARGET_KEYS
 from streampetr_plugin.models.layers.multihead_attention import MultiheadAttentionCore
+from tests.tiny_demo import TINY_MODEL
 
 # The CPU demo recipe shrunk further (64 x 160 images, 32 channels, 16 queries), with activation
 # checkpointing switched on so that the checkpointing variant has something to switch; one CPU thread.
@@ -29,17 +30,7 @@ RECIPE = "demo_cpu"
 TINY = [
     "model.backbone.with_cp=true",
     "model.head.with_cp=true",
-    "model.neck.out_channels=32",
-    "model.roi_head.embed_dims=32",
-    "model.head.embed_dims=32",
-    "model.head.num_query=16",
-    "model.head.memory_len=16",
-    "model.head.topk_proposals=4",
-    "model.head.num_propagated=4",
-    "model.head.scalar=2",
-    "model.head.depth_num=30",
-    "model.head.feedforward_channels=64",
-    "model.head.max_num=10",
+    *TINY_MODEL,
     "data.train.final_dim=[64,160]",
     "data.val.final_dim=[64,160]",
     "accelerator.adapters.cpu_threads.num_threads=1",

@@ -1,13 +1,18 @@
 import json
 import logging
 import re
+import sys
 
 import pytest
+import torch
 
 from streampetr_plugin import hookimpl
 from streampetr_plugin.cli.main import main as streampetr_main
+from streampetr_plugin.cli.run import main as streampetr_run
+from streampetr_plugin.errors import EXIT_FAILURE
 from streampetr_plugin.plugins import BUILTIN_PLUGIN_NAME, PluginLoadError, get_plugin_host, reset_plugin_host
 from streampetr_plugin.registry import RegistryError
+from tests import trainer_helpers
 from tests.plugin_helpers import TINY_BACKBONE_PLUGIN, activate, write_distribution
 
 BROKEN_PLUGIN = "raise ImportError('needs libfoo, which is not installed')\n"
@@ -134,3 +139,89 @@ def test_plugins_command_lists_builtin_and_installed(fresh_host, installed, caps
     assert by_name["tiny"]["components"] == {"backbones": ["tiny_conv"]}
     assert "streampetr_register_backbones" in by_name[BUILTIN_PLUGIN_NAME]["hooks"]
     assert payload["failures"][0]["entry_point"] == "broken"
+
+
+# ------------------------------------------------------------------ plugins that exit or raise
+
+EXITING_PLUGIN = "import sys\nsys.exit('exiting_plugin: giving up at import')\n"
+
+
+@pytest.fixture
+def exiting(tmp_path, monkeypatch):
+    """A distribution whose plugin module calls sys.exit() when imported."""
+    write_distribution(tmp_path / "exiting", "streampetr-exiting", {"exiting": "exiting_plugin"},
+                       {"exiting_plugin.py": EXITING_PLUGIN})
+    activate(tmp_path / "exiting", monkeypatch)
+
+
+@pytest.fixture
+def standin(fresh_host):
+    """The trainer tests' stand-in components, registered once the entry points are loaded."""
+    threads = torch.get_num_threads()
+    get_plugin_host().register_plugin(trainer_helpers, name=trainer_helpers.PLUGIN_NAME)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_plugin_exiting_at_import_does_not_stop_the_commands(fresh_host, exiting, capsys, caplog):
+    with caplog.at_level(logging.WARNING):
+        assert streampetr_main(["plugins"]) == 0
+    listed = capsys.readouterr().out
+    assert "FAILED exiting (streampetr-exiting): SystemExit: exiting_plugin: giving up" in listed
+    assert any("skipping plugin 'exiting' from streampetr-exiting" in r.getMessage() for r in caplog.records)
+    assert streampetr_main(["validate", "demo_cpu"]) == 0
+
+
+def test_plugin_exiting_at_import_does_not_stop_training(fresh_host, exiting, standin, tmp_path):
+    recipe = trainer_helpers.write_recipe(tmp_path)
+    assert get_plugin_host().failures[0].entry_point == "exiting"
+    assert streampetr_run([str(recipe), f"runtime.work_dir={tmp_path / 'run'}", "runtime.max_iters=2"]) == 0
+    assert (tmp_path / "run" / "checkpoints" / "iter_00000002.pth").is_file()
+
+
+def test_strict_mode_refuses_a_plugin_that_exits_by_name(fresh_host, exiting, monkeypatch, capsys):
+    monkeypatch.setenv("STREAMPETR_STRICT_PLUGINS", "1")
+    assert streampetr_main(["plugins"]) == EXIT_FAILURE
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: plugin 'exiting' from streampetr-exiting: failed to load (SystemExit: ")
+    assert "STREAMPETR_DISABLE_PLUGINS=exiting" in line
+
+
+class RaisingHooks:
+    """Hooks that fail at call time, as a buggy plugin's would."""
+
+    @hookimpl
+    def streampetr_configure(self, recipe):
+        if recipe.description == "break configure":
+            raise KeyError("missing_option")
+
+    @hookimpl
+    def streampetr_pre_train(self, context):
+        raise RuntimeError("pre-train check failed")
+
+
+def test_hook_raising_at_call_time_is_reported_with_plugin_and_hook(standin, tmp_path, capsys):
+    get_plugin_host().register_plugin(RaisingHooks(), name="raising")
+    recipe = trainer_helpers.write_recipe(tmp_path)
+    assert streampetr_main(["validate", str(recipe), "description='break configure'"]) == EXIT_FAILURE
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: plugin 'raising' from <registered in process>: hook streampetr_configure "
+                           "raised KeyError: 'missing_option' (")
+    run = [str(recipe), f"runtime.work_dir={tmp_path / 'run'}", "runtime.max_iters=2"]
+    assert streampetr_run(run) == EXIT_FAILURE
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert lines == ["error: plugin 'raising' from <registered in process>: hook streampetr_pre_train raised "
+                     "RuntimeError: pre-train check failed (fix or update the plugin, or leave it out with "
+                     "STREAMPETR_DISABLE_PLUGINS=raising)"]
+
+
+def test_registration_hook_exiting_is_skipped(fresh_host):
+    class Exiting:
+        @hookimpl
+        def streampetr_register_necks(self, register):
+            sys.exit(3)
+
+    host = get_plugin_host()
+    host.register_plugin(Exiting(), name="exits")
+    assert "cpfpn" in host.registries.necks
+    assert host.failures[-1].entry_point == "exits" and host.failures[-1].error == "SystemExit: 3"

@@ -198,9 +198,50 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
 
 def test_validate_command_exit_code_and_one_line_per_error(tmp_path, capsys):
     bad = write(tmp_path / "bad.yaml", f"_base_: {DEMO}\nruntime:\n  sed: 1\n")
-    with pytest.raises(SystemExit) as info:
-        streampetr_main(["validate", str(bad)])
-    assert info.value.code == 2
+    assert streampetr_main(["validate", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"{bad}:3: runtime.sed: unknown key")
+    assert len(err) == 1 and err[0].startswith(f"error: {bad}:3: runtime.sed: unknown key")
     assert streampetr_main(["validate", "vov_8p"]) == 0
+
+
+@pytest.mark.parametrize("written, read", [("off", "off"), ("on", "on"), ("'off'", "off"), ("auto", "auto")])
+def test_on_off_switches_accept_unquoted_yaml_words(tmp_path, written, read):
+    recipe = write(tmp_path / "switch.yaml", f"_base_: {DEMO}\nruntime:\n  progress_bar: {written}\n")
+    assert load_recipe(recipe).runtime.progress_bar == read
+    assert load_recipe(DEMO, [f"runtime.progress_bar={written}"]).runtime.progress_bar == read
+
+
+@pytest.mark.parametrize("override, key", [
+    (".runtime.max_iters=5", ".runtime.max_iters"),
+    ("runtime..max_iters=5", "runtime..max_iters"),
+    ("runtime.max_itres=5", "runtime.max_itres"),
+    ("runtim.max_iters=5", "runtim"),
+])
+def test_override_errors_are_attributed_to_the_command_line(override, key):
+    (line,) = errors_of(DEMO, [override])
+    assert line.startswith(f"<command line>: {key}: "), line
+
+
+@pytest.mark.parametrize("override, suggestion, allowed", [
+    ("model.head.num_qurey=64", "num_query", "embed_dims"),
+    ("model.use_grid_msk=true", "use_grid_mask", "backbone"),
+    ("optimization.optimizer.weight_decai=0.1", "weight_decay", "lr"),
+    ("runtime.max_itres=5", "max_iters", "log_interval"),
+])
+def test_unknown_keys_get_the_allowed_list_and_a_close_match(override, suggestion, allowed):
+    (line,) = errors_of(DEMO, [override])
+    match = re.search(r"unknown key \(did you mean '(\w+)'\? allowed: (.*)\)$", line)
+    assert match, line
+    assert match.group(1) == suggestion
+    listed = match.group(2).split(", ")
+    assert suggestion in listed and allowed in listed and override.split("=")[0].split(".")[-1] not in listed
+
+
+def test_cp_names_the_copy_after_its_file(tmp_path, capsys):
+    dest = tmp_path / "my.yaml"
+    assert streampetr_main(["cp", "vov_8p", str(dest)]) == 0
+    copy = load_recipe(dest)
+    assert copy.name == "my" and copy.work_dir() == "work_dirs/my"
+    assert copy.model.backbone == load_recipe("vov_8p").model.backbone
+    assert streampetr_main(["cp", "vov_8p", str(dest)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: {dest}: exists (use --force to overwrite it)"

@@ -21,6 +21,8 @@ from typing import Any, Mapping, Optional, Tuple
 
 import torch
 
+from streampetr_plugin.errors import RunError
+
 logger = logging.getLogger(__name__)
 
 DISTRIBUTED_BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
@@ -29,7 +31,7 @@ VISIBLE_DEVICES_VARIABLE = {"npu": "ASCEND_RT_VISIBLE_DEVICES", "cuda": "CUDA_VI
 _said_once: set = set()
 
 
-class DeviceError(RuntimeError):
+class DeviceError(RunError):
     """The requested device cannot be used (with what to do about it)."""
 
 
@@ -76,8 +78,8 @@ def candidate_device(requested: str, *, environ: Optional[Mapping[str, str]] = N
     from streampetr_plugin.plugins import get_plugin_host
 
     environ = os.environ if environ is None else environ
-    chosen = get_plugin_host().pm.hook.streampetr_select_accelerator(
-        env={"requested": requested, "environ": dict(environ)}
+    chosen = get_plugin_host().call_hook(
+        "streampetr_select_accelerator", env={"requested": requested, "environ": dict(environ)}
     )
     if chosen is not None:
         if chosen not in DISTRIBUTED_BACKENDS:

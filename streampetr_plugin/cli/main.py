@@ -8,7 +8,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import List, Optional
 
-from streampetr_plugin.cli.common import exit_on_recipe_error, setup_logging
+from streampetr_plugin.cli.common import (
+    CommandParser,
+    add_output_arguments,
+    add_version_argument,
+    run_command,
+    setup_logging,
+)
+from streampetr_plugin.errors import InputError, describe
 
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,7 +26,7 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from streampetr_plugin.config.loader import load_recipe
 
-    recipe = exit_on_recipe_error(lambda: load_recipe(args.recipe, args.overrides))
+    recipe = load_recipe(args.recipe, args.overrides)
     print(f"{recipe.source}: OK ({recipe.name})")
     return 0
 
@@ -27,8 +34,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_show(args: argparse.Namespace) -> int:
     from streampetr_plugin.config.loader import dump_recipe, load_recipe
 
-    recipe = exit_on_recipe_error(lambda: load_recipe(args.recipe, args.overrides))
-    sys.stdout.write(dump_recipe(recipe))
+    sys.stdout.write(dump_recipe(load_recipe(args.recipe, args.overrides)))
     return 0
 
 
@@ -63,14 +69,17 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
 def _cmd_cp(args: argparse.Namespace) -> int:
     from streampetr_plugin.config.loader import dump_recipe, load_recipe
 
-    recipe = exit_on_recipe_error(lambda: load_recipe(args.name))
+    recipe = load_recipe(args.name)
+    source_name = recipe.name
     dest = Path(args.dest)
     if dest.is_dir():
         dest = dest / f"{recipe.name}.yaml"
+    else:
+        recipe.name = dest.stem  # the copy runs in its own work dir (work_dirs/{recipe})
     if dest.exists() and not args.force:
-        print(f"{dest}: exists (use --force to overwrite)", file=sys.stderr)
-        return 1
-    dest.write_text(f"# self-contained copy of the shipped recipe {recipe.name!r}\n" + dump_recipe(recipe))
+        raise InputError(describe(str(dest), "exists", "use --force to overwrite it"))
+    dest.write_text(f"# self-contained copy of the shipped recipe {source_name!r}\n" + dump_recipe(recipe),
+                    encoding="utf-8")
     print(dest)
     return 0
 
@@ -117,88 +126,102 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from streampetr_plugin.config.loader import load_recipe
     from streampetr_plugin.training.evaluation import evaluate_checkpoint
 
-    recipe = exit_on_recipe_error(lambda: load_recipe(args.recipe, args.overrides))
-    evaluate_checkpoint(recipe, args.checkpoint, device=args.device)  # logs the mAP: / NDS: report
+    device = [f"accelerator.device={args.device}"] if args.device else []
+    recipe = load_recipe(args.recipe, [*args.overrides, *device])
+    out = Path(args.out) if args.out is not None else None
+    evaluation = evaluate_checkpoint(recipe, Path(args.checkpoint), output_dir=out)  # logs mAP: / NDS:
+    print(evaluation.outputs.directory)
     return 0
 
 
 def _cmd_visualize(args: argparse.Namespace) -> int:
-    from streampetr_plugin.visualization.command import VisualizationError, visualize_command
+    from streampetr_plugin.visualization.command import visualize_command
 
-    try:
-        print(visualize_command(args.run, sample=args.sample, out=args.out))
-    except VisualizationError as error:
-        print(error, file=sys.stderr)
-        return 1
+    print(visualize_command(args.run_dir, sample=args.sample, out=args.out))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="streampetr", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser = CommandParser(prog="streampetr", description=__doc__)
+    add_version_argument(parser)
+    add_output_arguments(parser)
+    # Each command's function is stored as ``handler``; no option may use that name.
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     validate = commands.add_parser("validate", help="check a recipe (exit 2 with one line per problem)")
     _add_recipe_arguments(validate)
-    validate.set_defaults(run=_cmd_validate)
+    validate.set_defaults(handler=_cmd_validate)
 
     show = commands.add_parser("show", help="print the resolved recipe as YAML")
     _add_recipe_arguments(show)
-    show.set_defaults(run=_cmd_show)
+    show.set_defaults(handler=_cmd_show)
 
     schema = commands.add_parser("schema", help="print the recipe JSON schema (for editors)")
-    schema.set_defaults(run=_cmd_schema)
+    schema.set_defaults(handler=_cmd_schema)
 
     recipes = commands.add_parser("recipes", help="list the shipped recipes")
-    recipes.set_defaults(run=_cmd_recipes)
+    recipes.set_defaults(handler=_cmd_recipes)
 
-    cp = commands.add_parser("cp", help="copy a shipped recipe, self-contained, to DEST")
-    cp.add_argument("name")
-    cp.add_argument("dest")
+    cp = commands.add_parser("cp", help="copy a recipe, self-contained, to DEST (named after DEST's stem)")
+    cp.add_argument("name", help="shipped recipe name or recipe file")
+    cp.add_argument("dest", help="new recipe file (its stem becomes the recipe's name) or a directory")
     cp.add_argument("--force", action="store_true", help="overwrite DEST")
-    cp.set_defaults(run=_cmd_cp)
+    cp.set_defaults(handler=_cmd_cp)
 
     plugins = commands.add_parser("plugins", help="list plugins, their hooks and components")
     plugins.add_argument("--all", action="store_true", help="list every component")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
-    plugins.set_defaults(run=_cmd_plugins)
+    plugins.set_defaults(handler=_cmd_plugins)
 
     synthetic = commands.add_parser("make-synthetic", help="write the built-in synthetic nuScenes to DIR")
-    synthetic.add_argument("dir")
-    synthetic.add_argument("--scenes", type=int, default=10, help="number of scenes (<= 10: v1.0-mini split)")
-    synthetic.add_argument("--seed", type=int, default=0)
-    synthetic.set_defaults(run=_cmd_make_synthetic)
+    synthetic.add_argument("dir", metavar="DIR", help="output directory: the dataset root (created)")
+    synthetic.add_argument(
+        "--scenes", type=int, default=10,
+        help="number of scenes, >= 2 (up to 10: v1.0-mini scene names, more: v1.0-trainval); default 10",
+    )
+    synthetic.add_argument("--seed", type=int, default=0,
+                           help="random seed of the generated world (same seed, same dataset); default 0")
+    synthetic.set_defaults(handler=_cmd_make_synthetic)
 
     create = commands.add_parser("create-data", help="build the info files of a nuScenes root with nuscenes-devkit")
     create.add_argument("--root", required=True, help="nuScenes root (holds samples/ and the version folder)")
     create.add_argument("--version", default="v1.0-trainval", help="v1.0-trainval, v1.0-mini, ...")
     create.add_argument("--out-dir", default=None, help="where to write the infos (default: the root)")
-    create.set_defaults(run=_cmd_create_data)
+    create.set_defaults(handler=_cmd_create_data)
 
     evaluate = commands.add_parser("eval", help="score a checkpoint on the recipe's val set (nuScenes metric)")
     _add_recipe_arguments(evaluate)
     evaluate.add_argument("--checkpoint", required=True, help="our checkpoint or a reference .pth")
-    evaluate.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda:0, npu:0")
-    evaluate.set_defaults(run=_cmd_eval)
-
-    from streampetr_plugin.bench.command import add_bench_arguments
-
-    add_bench_arguments(
-        commands.add_parser("bench", help="time training / inference steps at a recipe's real shapes (JSON)")
+    evaluate.add_argument(
+        "--out", default=None,
+        help="directory for the results (default: a new <work_dir>/eval_<checkpoint>_<date-time>/)",
     )
+    evaluate.add_argument("--device", choices=("auto", "npu", "cuda", "cpu"), default=None,
+                          help="device kind; default: the recipe's accelerator.device")
+    evaluate.set_defaults(handler=_cmd_eval)
+
+    from streampetr_plugin.bench.command import add_bench_arguments, run_bench
+
+    bench = commands.add_parser("bench", help="time training / inference steps at a recipe's real shapes")
+    add_bench_arguments(bench)
+    bench.set_defaults(handler=run_bench)
 
     visualize = commands.add_parser("visualize", help="draw a run's predictions and ground truth as a PNG")
-    visualize.add_argument("--run", required=True, help="run directory (holds recipe.yaml and eval/)")
+    visualize.add_argument("--run", dest="run_dir", metavar="RUN_DIR", required=True,
+                           help="run directory (holds recipe.yaml and eval/)")
     visualize.add_argument("--sample", default=None, help="sample token (default: the first val sample)")
     visualize.add_argument("--out", default=None, help="PNG path (default: next to the predictions)")
-    visualize.set_defaults(run=_cmd_visualize)
+    visualize.set_defaults(handler=_cmd_visualize)
+
+    for command in commands.choices.values():
+        add_output_arguments(command, default=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    return args.run(args)
+    return run_command(lambda: args.handler(args), debug=args.debug)
 
 
 if __name__ == "__main__":

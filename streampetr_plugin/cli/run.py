@@ -9,25 +9,32 @@ Several processes, one per device (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, M
     torchrun --nproc-per-node 8 -m streampetr_plugin.cli.run recipes/vov_8p.yaml
     torchrun --nproc-per-node 2 -m streampetr_plugin.cli.run recipes/demo_cpu.yaml accelerator.device=cpu
 
-Exit status: 0 done, 1 training stopped (non-finite loss, unusable device or launcher environment,
-unreadable checkpoint, missing data or weights), 2 recipe error (one line per problem).
+Exit status: 0 done; 2 bad input (recipe, data, checkpoint, work dir: one ``error:`` line per problem);
+1 the run failed (non-finite loss, unusable device or launcher environment, a full disk); 130
+interrupted. ``--debug`` (or ``STREAMPETR_DEBUG=1``) adds the traceback.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+from pathlib import Path
 from typing import List, Optional
 
-from streampetr_plugin.cli.common import exit_on_recipe_error, setup_logging
+from streampetr_plugin.cli.common import (
+    CommandParser,
+    add_output_arguments,
+    add_version_argument,
+    run_command,
+    setup_logging,
+)
+from streampetr_plugin.errors import InputError, describe
 
 logger = logging.getLogger("streampetr.run")
 
-EXIT_TRAINING_STOPPED = 1
-
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="streampetr-run",
         description="Validate, build and train a recipe, in one process or in each of a torchrun job.",
         epilog="Under torchrun: torchrun --nproc-per-node N -m streampetr_plugin.cli.run RECIPE [overrides]",
@@ -35,18 +42,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("recipe", help="recipe file or shipped recipe name")
     parser.add_argument("overrides", nargs="*", help="a.b=value to set, ~a.b to delete")
     parser.add_argument("--build-only", action="store_true", help="build the model, report its size and stop")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_version_argument(parser)
+    add_output_arguments(parser)
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    if os.environ.get("RANK", "0") not in ("", "0"):
-        logging.getLogger().setLevel(logging.WARNING)  # rank 0 narrates; the others speak up on problems
+def check_writable_directory(directory: Path, key: str) -> None:
+    """Create ``directory`` if needed and check a file can be written in it, before hours of work depend
+    on it; :class:`InputError` naming ``key`` otherwise."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write_test.{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise InputError(describe(
+            key, f"{directory} is not a writable directory ({error.strerror or error})",
+            f"make it writable or set {key}=DIR",
+        )) from None
+
+
+def _train(args: argparse.Namespace) -> int:
     from streampetr_plugin.config.loader import load_recipe
 
-    recipe = exit_on_recipe_error(lambda: load_recipe(args.recipe, args.overrides))
+    recipe = load_recipe(args.recipe, args.overrides)
     if args.build_only:
         from streampetr_plugin.models.build import build_model
 
@@ -54,31 +73,29 @@ def main(argv: Optional[List[str]] = None) -> int:
         logger.info("built %s: %s parameters", recipe.name, f"{sum(p.numel() for p in model.parameters()):,}")
         return 0
 
-    from streampetr_plugin.adapters.device import DeviceError
-    from streampetr_plugin.data.dataset import ImageReadError
-    from streampetr_plugin.data.infos import UnsafePickleError
-    from streampetr_plugin.errors import StreamPETRError
-    from streampetr_plugin.interop.checkpoint import UnsafeCheckpointError
-    from streampetr_plugin.training.checkpointing import CheckpointError
-    from streampetr_plugin.training.distributed import DistributedSetupError
-    from streampetr_plugin.training.trainer import NonFiniteLossError, train
+    from streampetr_plugin.training.trainer import train
 
-    try:
-        result = train(recipe)
-    except StreamPETRError as error:
-        logger.error("%s", error)  # one line naming the file or key and the fix
-        return error.exit_status
-    except (NonFiniteLossError, DeviceError, DistributedSetupError, CheckpointError) as error:
-        logger.error("%s", error)
-        return EXIT_TRAINING_STOPPED
-    except (FileNotFoundError, ImageReadError, UnsafePickleError, UnsafeCheckpointError) as error:
-        logger.error("%s", error)  # missing or unsafe inputs: the message names the file and the fix
-        return EXIT_TRAINING_STOPPED
-    logger.info(
-        "finished %s at iteration %d; last checkpoint %s",
-        recipe.name, result.iteration, result.last_checkpoint,
-    )
+    check_writable_directory(Path(recipe.work_dir()), "runtime.work_dir")
+    result = train(recipe)
+    evaluation = result.evaluation
+    where = {
+        "run dir": result.work_dir,
+        "metrics": result.metrics_file,
+        "last checkpoint": result.last_checkpoint,
+        "evaluation": evaluation.directory if evaluation is not None else None,
+        "picture": evaluation.picture if evaluation is not None else None,
+    }
+    lines = [f"  {what + ':':<17}{path}" for what, path in where.items() if path is not None]
+    logger.info("finished %s at iteration %d\n%s", recipe.name, result.iteration, "\n".join(lines))
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 narrates; the others speak up on problems
+    return run_command(lambda: _train(args), debug=args.debug)
 
 
 if __name__ == "__main__":

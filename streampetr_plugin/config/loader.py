@@ -5,6 +5,7 @@ Every problem is reported at once, one line each, as ``<file>:<line>: <dotted.ke
 from __future__ import annotations
 
 import copy
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -13,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from streampetr_plugin.config.schema import ComponentSpec, Recipe
+from streampetr_plugin.errors import InputError
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 OVERRIDE_SOURCE = "<command line>"
@@ -20,7 +22,7 @@ OVERRIDE_SOURCE = "<command line>"
 KeyPath = Tuple[str, ...]
 
 
-class RecipeError(ValueError):
+class RecipeError(InputError, ValueError):
     """One or more problems in a recipe; ``errors`` holds one formatted line per problem."""
 
     def __init__(self, errors: Sequence[str]) -> None:
@@ -74,6 +76,12 @@ def _read_yaml(path: Path) -> Tuple[Dict[str, Any], Dict[KeyPath, Tuple[str, int
         line = f"{mark.line + 1}" if mark is not None else "?"
         problem = getattr(error, "problem", None) or str(error)
         raise RecipeError([f"{source}:{line}: <yaml>: {problem}"]) from None
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        byte = error.object[error.start]
+        raise RecipeError(
+            [f"{source}:{line}: <encoding>: not UTF-8 text (byte 0x{byte:02x}; save the file as UTF-8)"]
+        ) from None
     except OSError as error:
         raise RecipeError([f"{source}: cannot read: {error.strerror}"]) from None
     if data is None:
@@ -137,22 +145,29 @@ def _load_tree(path: Path, stack: Tuple[Path, ...] = ()) -> _Located:
 
 
 def _apply_overrides(located: _Located, overrides: Iterable[str]) -> List[str]:
-    """Apply ``a.b=value`` / ``~a.b`` in order; returns one error line per override that cannot apply."""
+    """Apply ``a.b=value`` / ``~a.b`` in order; returns one error line per override that cannot apply.
+
+    Every key an override creates is attributed to the command line, so that a typo in it is too."""
     errors = []
     for override in overrides:
-        if override.startswith("~"):
-            keys = _override_keys(located.data, override[1:])
+        delete = override.startswith("~")
+        if not delete and "=" not in override:
+            errors.append(f"{OVERRIDE_SOURCE}: {override}: overrides look like a.b=value or ~a.b")
+            continue
+        dotted = override[1:] if delete else override.split("=", 1)[0].strip()
+        if not all(dotted.split(".")):
+            errors.append(f"{OVERRIDE_SOURCE}: {dotted}: empty key name (write keys as a.b.c, without "
+                          "leading, trailing or doubled dots)")
+            continue
+        keys = _override_keys(located.data, dotted)
+        if delete:
             parent = _walk(located.data, keys[:-1])
             if not isinstance(parent, dict) or keys[-1] not in parent:
-                errors.append(f"{OVERRIDE_SOURCE}: {override[1:]}: cannot delete, the key does not exist")
+                errors.append(f"{OVERRIDE_SOURCE}: {dotted}: cannot delete, the key does not exist")
                 continue
             del parent[keys[-1]]
             continue
-        if "=" not in override:
-            errors.append(f"{OVERRIDE_SOURCE}: {override}: overrides look like a.b=value or ~a.b")
-            continue
-        dotted, text = override.split("=", 1)
-        keys = _override_keys(located.data, dotted.strip())
+        text = override.split("=", 1)[1]
         try:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
@@ -163,6 +178,8 @@ def _apply_overrides(located: _Located, overrides: Iterable[str]) -> List[str]:
                 node[key] = {}
             node = node[key]
         node[keys[-1]] = value
+        for depth in range(1, len(keys)):
+            located.lines.setdefault(keys[:depth], (OVERRIDE_SOURCE, None))
         located.lines[keys] = (OVERRIDE_SOURCE, None)
     return errors
 
@@ -198,43 +215,53 @@ def _where(lines: Dict[KeyPath, Tuple[str, Optional[int]]], path: KeyPath, fallb
 
 
 def _format_errors(
-    error: ValidationError, prefix: KeyPath, located: _Located, fallback: str
+    error: ValidationError,
+    prefix: KeyPath,
+    located: _Located,
+    fallback: str,
+    model: type,
+    extra_allowed: Sequence[str] = (),
 ) -> List[str]:
+    """One line per problem; ``model`` is what the error's locations are relative to (at ``prefix``)."""
     lines = []
     for item in error.errors():
-        path = (*prefix, *(str(p) for p in item["loc"]))
+        loc = tuple(str(p) for p in item["loc"])
+        path = (*prefix, *loc)
         message = item["msg"]
         if item["type"] == "extra_forbidden":
-            message = "unknown key"
-            parent = _model_fields_hint(item, path)
-            if parent:
-                message += f" (allowed: {parent})"
+            allowed = _allowed_keys(model, loc[:-1]) + (list(extra_allowed) if len(loc) == 1 else [])
+            message = "unknown key" + _unknown_key_hint(loc[-1], allowed)
         elif item["type"] == "literal_error":
             message = item["msg"].replace("Input should be", "must be")
         lines.append(f"{_where(located.lines, path, fallback)}: {'.'.join(path) or '<root>'}: {message}")
     return lines
 
 
-_ALLOWED_HINTS: Dict[KeyPath, List[str]] = {}
+def _unknown_key_hint(key: str, allowed: Sequence[str]) -> str:
+    """`` (did you mean 'x'? allowed: ...)`` for an unknown ``key``; empty when nothing is known."""
+    if not allowed:
+        return ""
+    close = difflib.get_close_matches(key, list(allowed), n=1)
+    guess = f"did you mean {close[0]!r}? " if close else ""
+    return f" ({guess}allowed: {', '.join(allowed)})"
 
 
-def _model_fields_hint(item: Dict[str, Any], path: KeyPath) -> str:
-    return ", ".join(_ALLOWED_HINTS.get(path[:-1], []))
+def _section_model(annotation: Any) -> Optional[type]:
+    """The pydantic model among a field's annotation (``X``, ``Optional[X]``), if any."""
+    for candidate in getattr(annotation, "__args__", (annotation,)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
-def _collect_allowed(model: type, prefix: KeyPath = ()) -> None:
-    """Remember the allowed keys of every fixed section so unknown-key errors can list them."""
-    if not (isinstance(model, type) and issubclass(model, BaseModel)) or model is ComponentSpec:
-        return
-    _ALLOWED_HINTS[prefix] = list(model.model_fields)
-    for name, info in model.model_fields.items():
-        annotation = info.annotation
-        for candidate in getattr(annotation, "__args__", (annotation,)):
-            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-                _collect_allowed(candidate, (*prefix, name))
-
-
-_collect_allowed(Recipe)
+def _allowed_keys(model: Optional[type], path: Sequence[str]) -> List[str]:
+    """The keys of the fixed section at ``path`` inside ``model`` ([] where the section takes any key)."""
+    for key in path:
+        info = model.model_fields.get(key) if model is not None else None
+        model = _section_model(info.annotation) if info is not None else None
+    if model is None or model.model_config.get("extra") == "allow":
+        return []
+    return list(model.model_fields)
 
 
 _COMPONENT_SECTIONS: Tuple[Tuple[KeyPath, str, str], ...] = (
@@ -292,7 +319,9 @@ def _validate_components(
         try:
             validated.append((path, kind, name, registry.validate_options(name, options)))
         except ValidationError as error:
-            errors.extend(_format_errors(error, path, located, fallback))
+            sub_components = sorted(_SUB_COMPONENTS) if path == ("model",) else ["type"]
+            errors.extend(_format_errors(error, path, located, fallback, registry.get(name).params,
+                                         sub_components))
     return errors, validated
 
 
@@ -324,7 +353,7 @@ def load_recipe(path_or_name: Union[str, Path], overrides: Sequence[str] = ()) -
     try:
         recipe = Recipe.model_validate(located.data)
     except ValidationError as error:
-        raise RecipeError(_format_errors(error, (), located, fallback) + errors) from None
+        raise RecipeError(_format_errors(error, (), located, fallback, Recipe) + errors) from None
     if errors:
         raise RecipeError(errors)
     for path_, kind, name, options in validated:
@@ -332,7 +361,7 @@ def load_recipe(path_or_name: Union[str, Path], overrides: Sequence[str] = ()) -
     recipe._source = str(path)
     from streampetr_plugin.plugins import get_plugin_host
 
-    get_plugin_host().pm.hook.streampetr_configure(recipe=recipe)
+    get_plugin_host().call_hook("streampetr_configure", recipe=recipe)
     return recipe
 
 

@@ -7,9 +7,9 @@ Structure is validated here (unknown keys are errors); the options of each regis
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Literal, Optional, Union
+from typing import Annotated, Dict, List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, model_validator
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +25,17 @@ NUSCENES_CLASSES = [
     "pedestrian",
     "traffic_cone",
 ]
+
+
+def _switch_word(value: object) -> object:
+    """YAML 1.1 reads unquoted ``on`` / ``off`` as booleans: take them back as the words they were."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value
+
+
+# 'auto', 'on' or 'off', written quoted or not.
+AutoOnOff = Annotated[Literal["auto", "on", "off"], BeforeValidator(_switch_word)]
 
 
 class Section(BaseModel):
@@ -146,7 +157,7 @@ class RuntimeConfig(Section):
         "work_dirs/{recipe}", description="Run directory; '{recipe}' is replaced by the recipe's name."
     )
     tensorboard: bool = Field(False, description="Also write TensorBoard scalars (needs the tensorboard extra).")
-    progress_bar: Literal["auto", "on", "off"] = Field("auto", description="Rank-0 progress bar; 'auto': on a TTY.")
+    progress_bar: AutoOnOff = Field("auto", description="Rank-0 progress bar; 'auto': on a TTY.")
     max_nonfinite_steps: int = Field(
         20, ge=1, description="Stop with an error after this many steps in a row skipped as non-finite."
     )

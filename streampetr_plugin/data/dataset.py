@@ -18,6 +18,8 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset
 
+from streampetr_plugin.errors import InputError
+
 from .geometry import invert_rigid, pose_matrix, rigid_matrix
 from .infos import CAMERA_NAMES, InfoSet, SampleInfo, load_info_file
 from .prepare_synthetic import SyntheticDataOptions, ensure_synthetic_dataset
@@ -47,7 +49,7 @@ NUSCENES_CLASSES: Tuple[str, ...] = (
 )
 
 
-class ImageReadError(RuntimeError):
+class ImageReadError(InputError):
     """A camera image is missing or cannot be decoded; the message names the file and the sample token."""
 
 

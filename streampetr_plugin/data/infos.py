@@ -21,12 +21,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from streampetr_plugin.errors import InputError, StreamPETRError, describe
 from streampetr_plugin.safe_loading import RestrictedUnpickler, UnsafePickleError
 
 from .geometry import invert_rigid, pose_matrix
@@ -131,8 +134,13 @@ class InfoSet:
     samples: List[SampleInfo]
 
 
-class InfoFileNotFoundError(FileNotFoundError):
+class InfoFileNotFoundError(InputError, FileNotFoundError):
     """An info file is missing; the message names the path and the command that creates it."""
+
+
+class InfoFileError(InputError, ValueError):
+    """An info file (or its arrays file) that exists but cannot be used: not JSON, truncated, of another
+    format or layout, or not matching its checksum; the message names the file."""
 
 
 def info_file_name(split: str) -> str:
@@ -140,13 +148,20 @@ def info_file_name(split: str) -> str:
     return f"streampetr_infos_{split}.json"
 
 
-def _missing_info_error(path: Path, root: Optional[Path], version: Optional[str]) -> InfoFileNotFoundError:
+def _create_data_command(root: Optional[Path], version: Optional[str]) -> str:
     root_hint = str(root) if root is not None else "<nuscenes root>"
-    version_hint = version or "v1.0-trainval"
-    return InfoFileNotFoundError(
-        f"nuScenes info file not found: {path}. Create it with: "
-        f"streampetr create-data --root {root_hint} --version {version_hint}"
-    )
+    return f"streampetr create-data --root {root_hint} --version {version or 'v1.0-trainval'}"
+
+
+def _missing_info_error(path: Path, root: Optional[Path], version: Optional[str]) -> InfoFileNotFoundError:
+    fix = f"create it with: {_create_data_command(root, version)}"
+    return InfoFileNotFoundError(describe(str(path), "nuScenes info file not found", fix))
+
+
+def _unusable_info_error(path: Path, problem: str, root: Optional[Path],
+                         version: Optional[str]) -> InfoFileError:
+    fix = f"re-create the infos: {_create_data_command(root, version)}"
+    return InfoFileError(describe(str(path), problem, fix))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -448,33 +463,53 @@ def save_infos(infos: InfoSet, path: str | Path, *, split: str = "") -> Path:
 def load_infos(path: str | Path, *, root: str | Path | None = None, version: Optional[str] = None) -> InfoSet:
     """Read an info file written by :func:`save_infos`.
 
-    ``root`` and ``version`` only improve the error message when the file is missing.
-    Raises :class:`InfoFileNotFoundError` (missing header or arrays) or ``ValueError`` (wrong format,
-    newer format version, arrays file not matching its recorded checksum or sizes).
+    ``root`` and ``version`` only improve the error messages. Raises :class:`InfoFileNotFoundError`
+    (missing header or arrays) or :class:`InfoFileError` (not JSON, wrong format or layout, newer format
+    version, arrays file not matching its recorded checksum or sizes).
     """
     path = Path(path)
+    root = Path(root) if root is not None else path.parent
     if not path.exists():
-        raise _missing_info_error(path, Path(root) if root is not None else path.parent, version)
-    with open(path) as handle:
-        header = json.load(handle)
-    if header.get("format") != INFO_FORMAT:
-        raise ValueError(f"{path} is not a StreamPETR info file (format {header.get('format')!r})")
+        raise _missing_info_error(path, root, version)
+    try:
+        header = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise _unusable_info_error(path, f"is not valid JSON ({error}); truncated?", root, version) from None
+    try:
+        return _infos_from_header(path, header, root, version)
+    except StreamPETRError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, EOFError,
+            zipfile.BadZipFile) as error:  # a header or arrays file of another layout
+        raise _unusable_info_error(
+            path, f"does not have the layout of a StreamPETR info file ({type(error).__name__}: {error})",
+            root, version,
+        ) from None
+
+
+def _infos_from_header(path: Path, header: Any, root: Path, version: Optional[str]) -> InfoSet:
+    if not isinstance(header, dict) or header.get("format") != INFO_FORMAT:
+        found = header.get("format") if isinstance(header, dict) else type(header).__name__
+        raise _unusable_info_error(path, f"is not a StreamPETR info file (format {found!r})", root, version)
     if header["format_version"] > INFO_FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has info format version {header['format_version']}; this code reads up to "
-            f"{INFO_FORMAT_VERSION}: upgrade streampetr-plugin or re-create the infos"
-        )
+        raise InfoFileError(describe(
+            str(path), f"has info format version {header['format_version']}; this code reads up to "
+            f"{INFO_FORMAT_VERSION}", "upgrade streampetr-plugin or re-create the infos",
+        ))
+    version = version or header.get("nuscenes_version")
     arrays_path = path.parent / header["arrays_file"]
     if not arrays_path.exists():
-        raise _missing_info_error(arrays_path, Path(root) if root is not None else path.parent,
-                                  version or header.get("nuscenes_version"))
+        raise _missing_info_error(arrays_path, root, version)
     if _sha256(arrays_path) != header["arrays_sha256"]:
-        raise ValueError(f"{arrays_path} does not match the checksum recorded in {path}; re-create the infos")
+        raise _unusable_info_error(
+            arrays_path, f"does not match the checksum recorded in {path}; damaged or replaced", root, version
+        )
     with np.load(arrays_path, allow_pickle=False) as npz:
         arrays = {key: npz[key] for key in npz.files}
     records = header["samples"]
     if len(records) != header["num_samples"] or len(arrays["box_offsets"]) != len(records) + 1:
-        raise ValueError(f"{path}: sample count does not match its arrays file")
+        problem = f"sample count does not match its arrays file {arrays_path}"
+        raise _unusable_info_error(path, problem, root, version)
     num_cams = len(header["camera_order"])
     box_offsets, box2d_offsets = arrays["box_offsets"], arrays["box2d_offsets"]
     gt_names = np.array(header["gt_name_vocabulary"], dtype=str)[arrays["gt_name_ids"]]
@@ -591,23 +626,41 @@ def load_reference_pkl(path: str | Path, *, root: str | Path | None = None,
                        version: Optional[str] = None) -> InfoSet:
     """Read a reference ``nuscenes2d_temporal_infos_*.pkl`` without executing arbitrary pickle code.
 
-    Raises :class:`UnsafePickleError` when the file references anything other than NumPy arrays,
-    dtypes, scalars or builtin containers, :class:`InfoFileNotFoundError` when it is missing.
+    Raises :class:`UnsafePickleError` (naming the file) when the file references anything other than
+    NumPy arrays, dtypes, scalars or builtin containers, :class:`InfoFileNotFoundError` when it is
+    missing, :class:`InfoFileError` when it is truncated or not a reference info file.
     """
     path = Path(path)
+    root = Path(root) if root is not None else path.parent
     if not path.exists():
-        raise _missing_info_error(path, Path(root) if root is not None else path.parent, version)
-    with open(path, "rb") as handle:
-        data = RestrictedUnpickler(
-            handle, path=path, allowed=lambda module, name: (module, name) in _ALLOWED_GLOBALS,
-            allowed_description="NumPy arrays, dtypes, scalars and builtin containers",
-            fix="use info files from a source you trust, or create them with `streampetr create-data`",
-        ).load()
+        raise _missing_info_error(path, root, version)
+    try:
+        with open(path, "rb") as handle:
+            data = RestrictedUnpickler(
+                handle, path=path, allowed=lambda module, name: (module, name) in _ALLOWED_GLOBALS,
+                allowed_description="NumPy arrays, dtypes, scalars and builtin containers",
+                fix="only load info files from a trusted source, or re-create them with "
+                f"{_create_data_command(root, version)}",
+            ).load()
+    except UnsafePickleError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as error:
+        raise _unusable_info_error(
+            path, f"is not a readable pickle ({type(error).__name__}: {error}); truncated?", root, version
+        ) from None
     if not isinstance(data, dict) or "infos" not in data:
-        raise ValueError(f"{path} is not a reference info file (expected a dict with 'infos' and 'metadata')")
+        raise _unusable_info_error(
+            path, "is not a reference info file (expected a dict with 'infos' and 'metadata')", root, version
+        )
     metadata = data.get("metadata") or {}
-    return InfoSet(version=str(metadata.get("version", version or "")),
-                   samples=[_reference_sample(info) for info in data["infos"]])
+    try:
+        samples = [_reference_sample(info) for info in data["infos"]]
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
+        raise _unusable_info_error(
+            path, f"does not have the layout of a reference info file ({type(error).__name__}: {error})",
+            root, version,
+        ) from None
+    return InfoSet(version=str(metadata.get("version", version or "")), samples=samples)
 
 
 def load_info_file(path: str | Path, *, root: str | Path | None = None,

@@ -13,9 +13,11 @@ the file safely, unwrapping its layout and reporting what did not match:
   mapped under ``img_backbone.`` automatically when none of its keys match the model as they are.
 
 Files are always read with ``torch.load(..., weights_only=True)``: a file that needs arbitrary
-classes to be unpickled is refused (:class:`UnsafeCheckpointError`) rather than executed. A training
-checkpoint of this package (it carries a content checksum) is verified first, so ``load_from`` and
-``streampetr eval`` refuse a damaged one; every refusal is one line naming the file.
+classes to be unpickled is refused (:class:`UnsafeCheckpointError`) rather than executed; one that
+is empty, truncated or not a checkpoint at all is ``safe_loading.UnreadableFileError``, one that holds
+no state dict :class:`UnusableCheckpointError`. A training checkpoint of this package (it carries a
+content checksum) is verified first, so ``load_from`` and ``streampetr eval`` refuse a damaged one;
+every refusal is one line naming the file.
 
 The reference shares one classification and one regression branch across the six decoder layers,
 so its checkpoints hold six identical copies (``pts_bbox_head.cls_branches.0-5.*``). They load into
@@ -47,7 +49,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 UnsafeCheckpointError = UnsafePickleError
 
 
-class NotAStateDictError(InputError, ValueError):
+class UnusableCheckpointError(InputError, ValueError):
     """The file loads but holds no state dict of tensors."""
 
 
@@ -113,35 +115,35 @@ class LoadReport:
 def read_checkpoint_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
     """The state dict held by a checkpoint file (mmcv layout or plain), ``module.`` prefixes removed.
 
-    Raises :class:`UnsafeCheckpointError` if the file needs code to be unpickled,
+    Raises :class:`UnsafeCheckpointError` if the file needs code to be unpickled (it is not read),
     ``safe_loading.UnreadableFileError`` if it cannot be read, ``CheckpointError`` if it is a training
-    checkpoint whose checksum does not match and :class:`NotAStateDictError` if it holds no state dict.
+    checkpoint whose checksum does not match and :class:`UnusableCheckpointError` if it holds no state
+    dict.
     """
+    name = os.fspath(path)
     content = load_torch_file(path, what="checkpoint")
     if isinstance(content, MappingABC) and CHECKSUM_KEY in content:
         verify_checksum(content, path)
     if isinstance(content, MappingABC) and isinstance(content.get("state_dict"), MappingABC):
         content = content["state_dict"]
+    fix = "give a file that holds the model's weights"
     if not isinstance(content, MappingABC) or not content:
-        raise NotAStateDictError(describe(
-            os.fspath(path), f"holds no state dict (found {type(content).__name__})",
-            "point at a .pth file holding a state dict or {'state_dict': ...}",
-        ))
-    not_tensors = [key for key in content if not isinstance(content[key], torch.Tensor)]
+        problem = f"holds no state dict (found {type(content).__name__})"
+        raise UnusableCheckpointError(describe(name, problem, fix))
+    not_tensors = [key for key, value in content.items() if not isinstance(value, torch.Tensor)]
     if not_tensors:
-        raise NotAStateDictError(describe(
-            os.fspath(path), f"holds no state dict: entries {not_tensors[:8]} are not tensors "
-            f"(top-level keys: {list(content)[:8]})",
-            "point at a .pth file holding a state dict or {'state_dict': ...}",
+        raise UnusableCheckpointError(describe(
+            name, f"holds no state dict: entries {not_tensors[:8]} are not tensors "
+            f"(top-level keys: {list(content)[:8]})", fix,
         ))
     state: Dict[str, torch.Tensor] = {}
     for key, value in content.items():
-        name = key[len(_DDP_PREFIX):] if key.startswith(_DDP_PREFIX) else key
-        if name in state:
-            raise NotAStateDictError(
-                describe(os.fspath(path), f"key {name!r} appears with and without 'module.'")
-            )
-        state[name] = value
+        stripped = key[len(_DDP_PREFIX):] if key.startswith(_DDP_PREFIX) else key
+        if stripped in state:
+            raise UnusableCheckpointError(describe(
+                name, f"key {stripped!r} appears with and without 'module.'", "keep one of the two copies"
+            ))
+        state[stripped] = value
     return state
 
 
@@ -184,9 +186,9 @@ def load_reference_checkpoint(
     for key, value in file_state.items():
         name = _rename(key, prefix_map)
         if name in renamed:
-            raise ValueError(
-                f"checkpoint {os.fspath(path)}: two keys map to {name!r} under {dict(prefix_map)}"
-            )
+            raise UnusableCheckpointError(describe(
+                os.fspath(path), f"two keys map to {name!r} under {dict(prefix_map)}", "keep one of the two"
+            ))
         renamed[name] = value
 
     report = LoadReport(path=os.fspath(path), prefix_map=dict(prefix_map))

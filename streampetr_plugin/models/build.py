@@ -47,5 +47,5 @@ def build_model(recipe: Recipe) -> nn.Module:
     model = registries.detectors.get(spec.type).factory(
         **detector_options, img_backbone=backbone, img_neck=neck, img_roi_head=roi_head, pts_bbox_head=head
     )
-    host.pm.hook.streampetr_post_model_build(model=model, recipe=recipe)
+    host.call_hook("streampetr_post_model_build", model=model, recipe=recipe)
     return model

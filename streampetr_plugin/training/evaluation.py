@@ -6,14 +6,19 @@ per-sample predictions are gathered in rank order, and rank 0 scores them with t
 """
 from __future__ import annotations
 
-import contextlib
+import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, Iterable, List, Sequence
+from typing import Any, Callable, ContextManager, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
 
+from streampetr_plugin.errors import InputError, describe
 from streampetr_plugin.training.batches import move_to_device
+
+logger = logging.getLogger(__name__)
 
 Predictions = Dict[str, Dict[str, torch.Tensor]]
 Evaluator = Callable[[Predictions, Any, Path], Dict[str, Any]]
@@ -74,48 +79,105 @@ def default_evaluator(predictions: Predictions, dataset: Any, output_dir: Path) 
     )
 
 
+@dataclass
+class EvaluationOutputs:
+    """Where one evaluation's files are: its directory (the metric's files), the predictions file and
+    the picture of the first val sample (None for datasets that cannot draw one)."""
+
+    directory: Path
+    predictions: Path
+    picture: Optional[Path]
+
+
+@dataclass
+class CheckpointEvaluation:
+    """What :func:`evaluate_checkpoint` measured and wrote."""
+
+    metrics: Dict[str, Any]
+    outputs: EvaluationOutputs
+
+
 def save_evaluation_outputs(
     predictions: Predictions, dataset: Any, output_dir: Path, *, class_names: Sequence[str]
-) -> List[Path]:
+) -> EvaluationOutputs:
     """Write ``predictions.npz`` and, for nuScenes-style datasets, a PNG of the first val sample.
 
-    These are what ``streampetr visualize --run`` reads; returns the files written.
+    These are what ``streampetr visualize --run`` reads.
     """
     from streampetr_plugin.evaluation.predictions import PREDICTIONS_FILE, save_predictions
 
-    written = [save_predictions(predictions, output_dir / PREDICTIONS_FILE)]
+    predictions_file = save_predictions(predictions, output_dir / PREDICTIONS_FILE)
+    outputs = EvaluationOutputs(directory=output_dir, predictions=predictions_file, picture=None)
     samples = getattr(dataset, "samples", None)
     if samples and hasattr(dataset, "load_images") and samples[0].token in predictions:
         from streampetr_plugin.visualization.command import render_dataset_sample
 
         token = samples[0].token
-        written.append(
-            render_dataset_sample(
-                dataset, 0, predictions[token], output_dir / f"sample_{token}.png", class_names=class_names
-            )
+        outputs.picture = render_dataset_sample(
+            dataset, 0, predictions[token], output_dir / f"sample_{token}.png", class_names=class_names
         )
-    return written
+    return outputs
 
 
-def evaluate_checkpoint(recipe: Any, checkpoint: Path, *, device: str = "cpu") -> Dict[str, Any]:
+def new_evaluation_dir(work_dir: Path, checkpoint: Path) -> Path:
+    """A directory no earlier evaluation used: ``<work_dir>/eval_<checkpoint stem>_<YYYYmmdd-HHMMSS>``
+    (``-2``, ``-3``, ... appended when that exists)."""
+    base = Path(work_dir) / f"eval_{checkpoint.stem}_{time.strftime('%Y%m%d-%H%M%S')}"
+    candidate, number = base, 1
+    while True:
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            number += 1
+            candidate = base.with_name(f"{base.name}-{number}")
+
+
+def evaluate_checkpoint(
+    recipe: Any, checkpoint: Path, *, output_dir: Optional[Path] = None
+) -> CheckpointEvaluation:
     """Score ``checkpoint`` (ours, or a reference ``.pth``) on the recipe's val set, in one process.
 
-    Results go to ``<work_dir>/eval/<checkpoint name>/``: the metric's files, ``predictions.npz`` and
-    a picture of the first val sample.
+    The device and its accelerator adapters are set up as the trainer sets them up (the recipe's
+    ``accelerator`` section: device kind, thread count, attention kernels, ...), and the model runs under
+    the recipe's precision. Results go to ``output_dir`` (default: :func:`new_evaluation_dir`, never a
+    training run's own ``eval/iter_*``): the metric's files, ``predictions.npz`` and a picture of the
+    first val sample.
     """
+    from streampetr_plugin.adapters.base import AdapterContext, AdapterRunner, Phase, Status
+    from streampetr_plugin.bench.train_step import select_device
     from streampetr_plugin.data.build import build_dataset
     from streampetr_plugin.data.loader import build_dataloader
     from streampetr_plugin.interop.checkpoint import load_reference_checkpoint
     from streampetr_plugin.models.build import build_model
+    from streampetr_plugin.training.precision import MixedPrecision
 
     checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise InputError(describe(str(checkpoint), "no such checkpoint file", "check the --checkpoint path"))
+    device, records = select_device(recipe)
     model = build_model(recipe)
     report = load_reference_checkpoint(model, checkpoint)
     if report.missing or report.shape_mismatch:
-        raise ValueError(f"{checkpoint} does not fit the recipe's model: {report.summary()}")
-    torch_device = torch.device(device)
-    model.to(torch_device)
+        raise InputError(describe(
+            str(checkpoint), f"does not fit the recipe's model: {report.summary()}",
+            "evaluate it with the recipe it was trained with",
+        ))
+    model.to(device.torch_device)
+    adapters = AdapterRunner.from_recipe(recipe, device.kind)
+    adapters.run(Phase.MODEL, AdapterContext(device=device.kind, recipe=recipe, model=model))
+    precision = MixedPrecision(recipe.optimization.amp, device)
+    precision.configure_model(model)
+    applied = [record.name for record in records + adapters.records if record.status is Status.APPLIED]
     dataset = build_dataset(recipe, training=False)
+    if output_dir is None:
+        output_dir = new_evaluation_dir(recipe.work_dir(), checkpoint)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    logger.info(
+        "evaluating %s on %d val samples, device %s (adapters applied: %s); results go to %s",
+        checkpoint, len(dataset), device.describe(), ", ".join(applied) or "none", output_dir,
+    )
     loader = build_dataloader(
         dataset,
         batch_size=recipe.data.val_batch_size_per_device,
@@ -125,9 +187,11 @@ def evaluate_checkpoint(recipe: Any, checkpoint: Path, *, device: str = "cpu") -
         seed=recipe.runtime.seed,
         training=False,
     )
-    predictions = collect_predictions(model, loader, device=torch_device, autocast=contextlib.nullcontext())
-    output_dir = Path(recipe.work_dir()) / "eval" / checkpoint.stem
-    output_dir.mkdir(parents=True, exist_ok=True)
+    predictions = collect_predictions(
+        model, loader, device=device.torch_device, autocast=precision.autocast()
+    )
     metrics = dict(default_evaluator(predictions, dataset, output_dir))
-    save_evaluation_outputs(predictions, dataset, output_dir, class_names=recipe.data.class_names)
-    return metrics
+    outputs = save_evaluation_outputs(predictions, dataset, output_dir, class_names=recipe.data.class_names)
+    logger.info("evaluation of %s written to %s%s", checkpoint, output_dir,
+                f" (picture: {outputs.picture})" if outputs.picture is not None else "")
+    return CheckpointEvaluation(metrics=metrics, outputs=outputs)

@@ -90,6 +90,7 @@ from streampetr_plugin.training.checkpointing import (
 )
 from streampetr_plugin.training.distributed import DistributedEnv
 from streampetr_plugin.training.evaluation import (
+    EvaluationOutputs,
     Evaluator,
     collect_predictions,
     default_evaluator,
@@ -141,11 +142,15 @@ class TrainingContext:
 
 @dataclass
 class TrainResult:
-    """The outcome of :meth:`Trainer.train` (evaluation metrics only on rank 0)."""
+    """The outcome of :meth:`Trainer.train` (evaluation metrics, metrics file and evaluation outputs only
+    on rank 0)."""
 
     iteration: int
     eval_metrics: Dict[str, Any]
     last_checkpoint: Optional[Path]
+    work_dir: Optional[Path] = None
+    metrics_file: Optional[Path] = None
+    evaluation: Optional[EvaluationOutputs] = None  # the last evaluation's directory and picture
 
 
 @dataclass
@@ -223,6 +228,7 @@ class Trainer:
         self._resume_from: Optional[tuple] = None
         self._owns_process_group = False
         self._last_checkpoint: Optional[Path] = None
+        self._last_evaluation: Optional[EvaluationOutputs] = None
         self._is_set_up = False
 
     # ----------------------------------------------------------------------------------------- set-up
@@ -305,10 +311,11 @@ class Trainer:
             from streampetr_plugin.interop.checkpoint import load_reference_checkpoint
 
             if not Path(load_from).is_file():
-                raise FileNotFoundError(
-                    f"runtime.load_from: {load_from} does not exist (reference weights: see "
-                    "docs/reproducing.md; runtime.load_from=null trains from the initialisation)"
-                )
+                raise InputError(describe(
+                    "runtime.load_from", f"{load_from} does not exist",
+                    "reference weights: see docs/reproducing.md; runtime.load_from=null trains from the "
+                    "initialisation",
+                ))
 
             report = load_reference_checkpoint(model, load_from)
             if self.dist_env.is_main:
@@ -714,7 +721,7 @@ class Trainer:
         host = get_plugin_host()
         runtime = self.recipe.runtime
         self.model.train()
-        host.pm.hook.streampetr_pre_train(context=self.context)
+        host.call_hook("streampetr_pre_train", context=self.context)
         try:
             iterator = iter(self.train_loader)
             if self._resume_rng is not None:
@@ -732,10 +739,12 @@ class Trainer:
             raise
         finally:
             self.context.iteration = self.iteration
-            host.pm.hook.streampetr_post_train(context=self.context)
+            host.call_hook("streampetr_post_train", context=self.context)
             if self._metrics_log is not None:
                 self._metrics_log.close()
-        return TrainResult(self.iteration, self.context.eval_metrics, self._last_checkpoint)
+        metrics_file = self._metrics_log.path if self._metrics_log is not None else None
+        return TrainResult(self.iteration, self.context.eval_metrics, self._last_checkpoint, self.work_dir,
+                           metrics_file, self._last_evaluation)
 
     def _run_iterations(self, batches: Iterator[Any]) -> None:
         runtime = self.recipe.runtime
@@ -810,7 +819,9 @@ class Trainer:
             output_dir.mkdir(parents=True, exist_ok=True)
             evaluator = self._evaluator or default_evaluator
             metrics = dict(evaluator(merged, self._val_dataset, output_dir))
-            save_evaluation_outputs(merged, self._val_dataset, output_dir, class_names=data.class_names)
+            self._last_evaluation = save_evaluation_outputs(
+                merged, self._val_dataset, output_dir, class_names=data.class_names
+            )
             logger.info(
                 "evaluation at iteration %d: %d samples in %.1f s: %s",
                 self.iteration, len(merged), time.perf_counter() - started,

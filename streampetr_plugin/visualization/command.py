@@ -14,6 +14,7 @@ import numpy as np
 
 from streampetr_plugin.data.geometry import invert_rigid, rigid_matrix
 from streampetr_plugin.data.infos import CAMERA_NAMES, SampleInfo
+from streampetr_plugin.errors import InputError
 from streampetr_plugin.evaluation.predictions import list_predictions, load_predictions
 from streampetr_plugin.visualization.render import NUSCENES_BEV_EXTENT, render_frame
 
@@ -29,7 +30,7 @@ __all__ = [
 RECIPE_FILE = "recipe.yaml"
 
 
-class VisualizationError(RuntimeError):
+class VisualizationError(InputError):
     """The run directory, the sample or its predictions cannot be found; the message says which."""
 
 
