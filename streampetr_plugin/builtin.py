@@ -126,3 +126,27 @@ def streampetr_register_adapters(register: Register) -> None:
     register(common.DdpStaticGraph.name, common.DdpStaticGraph, params=NoOptions)
     register(common.GradientCheckpointing.name, common.GradientCheckpointing,
              params=common.GradientCheckpointingParams)
+
+
+def _build_centerpoint_tracker(**options: Any):
+    from streampetr_plugin.tracking.centerpoint import CenterPointTracker, CenterPointTrackerParams
+
+    return CenterPointTracker(CenterPointTrackerParams(**options))
+
+
+def _build_query_propagation_tracker(**options: Any):
+    from streampetr_plugin.tracking.query_propagation import (
+        QueryPropagationTracker,
+        QueryPropagationTrackerParams,
+    )
+
+    return QueryPropagationTracker(QueryPropagationTrackerParams(**options))
+
+
+@hookimpl
+def streampetr_register_trackers(register: Register) -> None:
+    from streampetr_plugin.tracking.centerpoint import CenterPointTrackerParams
+    from streampetr_plugin.tracking.query_propagation import QueryPropagationTrackerParams
+
+    register("centerpoint", _build_centerpoint_tracker, params=CenterPointTrackerParams)
+    register("query_propagation", _build_query_propagation_tracker, params=QueryPropagationTrackerParams)

@@ -78,6 +78,13 @@ def streampetr_register_adapters(register: Register) -> None:
 
 
 @hookspec
+def streampetr_register_trackers(register: Register) -> None:
+    """Register multi-object trackers. ``factory(**options)`` returns an object with ``reset()`` (a new scene
+    starts) and ``update(frame) -> (N,) int64`` track ids of the frame's detections, -1 for those not
+    output (see ``streampetr_plugin.tracking.frame``: ``TrackingFrame``, ``Tracker``)."""
+
+
+@hookspec
 def streampetr_configure(recipe: Any) -> None:
     """Inspect the validated recipe before anything is built (may log or raise)."""
 

@@ -41,6 +41,7 @@ REGISTRY_KINDS = (
     "optimizers",
     "lr_schedulers",
     "adapters",
+    "trackers",
 )
 
 
@@ -83,6 +84,7 @@ class Registries:
     optimizers: Registry
     lr_schedulers: Registry
     adapters: Registry
+    trackers: Registry
 
     def kind(self, kind: str) -> Registry:
         return getattr(self, kind)

@@ -33,6 +33,26 @@ def test_round_trip_keeps_every_sample_in_order_with_its_own_boxes(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["p.npz"]  # no temporary file left behind
 
 
+def test_track_and_query_ids_round_trip_when_every_sample_has_them(tmp_path):
+    def sample(count, first_id):
+        ids = torch.arange(first_id, first_id + count)
+        return {"boxes_3d": torch.zeros((count, 9)), "scores_3d": torch.ones(count),
+                "labels_3d": torch.zeros(count, dtype=torch.long), "query_ids_3d": ids, "track_ids_3d": -ids}
+
+    written = {"a": sample(2, 10), "b": sample(0, 0), "c": sample(3, 40)}
+    loaded = load_predictions(save_predictions(written, tmp_path / "ids.npz"))
+    for token, prediction in written.items():
+        for key in ("query_ids_3d", "track_ids_3d"):
+            assert loaded[token][key].dtype == np.int64
+            np.testing.assert_array_equal(loaded[token][key], prediction[key].numpy())
+    del written["c"]["track_ids_3d"]  # one sample without track ids: none are written
+    loaded = load_predictions(save_predictions(written, tmp_path / "some.npz"))
+    assert all("track_ids_3d" not in p and "query_ids_3d" in p for p in loaded.values())
+    written["a"]["query_ids_3d"] = torch.arange(5)
+    with pytest.raises(ValueError, match="query_ids_3d"):
+        save_predictions(written, tmp_path / "bad.npz")
+
+
 def test_mismatched_lengths_and_foreign_files_are_errors(tmp_path):
     with pytest.raises(ValueError, match="sample t: 2 boxes, 1 scores, 2 labels"):
         save_predictions({"t": {"boxes_3d": np.zeros((2, 9)), "scores_3d": [1.0], "labels_3d": [0, 1]}},

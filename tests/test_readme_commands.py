@@ -27,7 +27,7 @@ from streampetr_plugin.cli.main import main as streampetr
 from streampetr_plugin.cli.run import main as streampetr_run
 from streampetr_plugin.config.loader import load_recipe, shipped_recipes
 from streampetr_plugin.data.infos import load_infos
-from streampetr_plugin.evaluation.predictions import list_predictions
+from streampetr_plugin.evaluation.predictions import list_predictions, load_predictions
 from tests.tiny_demo import tiny_demo_overrides
 from tests.trainer_helpers import REPO_ROOT, subprocess_env
 
@@ -210,6 +210,7 @@ def make_synthetic(command: str, ws: Workspace, capsys) -> None:
 
 def evaluate(command: str, ws: Workspace, capsys) -> None:
     assert words(command) == ["eval", "RECIPE", "--checkpoint", "PATH"]
+    assert "[--tasks detection tracking]" in command
     own_evaluation = sorted(p.name for p in (ws.run_dir / "eval").iterdir())
     before = {path: path.stat().st_mtime_ns for path in (ws.run_dir / "eval").rglob("*")}
     argv = ["eval", "demo_cpu", *ws.overrides(ws.run_dir), "--checkpoint", str(ws.checkpoint)]
@@ -217,19 +218,30 @@ def evaluate(command: str, ws: Workspace, capsys) -> None:
     out_dir = Path(capsys.readouterr().out.strip())
     assert out_dir.parent == ws.run_dir and out_dir.name.startswith("eval_iter_00000002_")
     assert (out_dir / "predictions.npz").is_file() and list(out_dir.glob("sample_*.png"))
+    assert (out_dir / "metrics_summary.json").is_file()
+    assert not (out_dir / "metrics_summary_tracking.json").exists()
+    assert streampetr([*argv, "--tasks", "detection", "tracking"]) == 0
+    tracked = Path(capsys.readouterr().out.strip())
+    for name in ("metrics_summary.json", "metrics_summary_tracking.json", "results_nusc_tracking.json"):
+        assert (tracked / name).is_file(), name
+    assert all("track_ids_3d" in p for p in load_predictions(tracked / "predictions.npz").values())
     # the training run's own evaluation is untouched
     assert sorted(p.name for p in (ws.run_dir / "eval").iterdir()) == own_evaluation
     assert {path: path.stat().st_mtime_ns for path in (ws.run_dir / "eval").rglob("*")} == before
 
 
 def visualize(command: str, ws: Workspace, capsys) -> None:
-    assert words(command) == ["visualize", "--run", "RUN_DIR"] and "[--sample TOKEN]" in command
+    assert words(command) == ["visualize", "--run", "RUN_DIR"]
+    assert "[--sample TOKEN]" in command and "[--trajectories]" in command
     token = load_infos(ws.data.val_info).samples[-1].token
     out = ws.scratch / "picture.png"
     assert streampetr(["visualize", "--run", str(ws.run_dir), "--sample", token, "--out", str(out)]) == 0
     assert capsys.readouterr().out.strip() == str(out) and out.stat().st_size > 0
     assert streampetr(["visualize", "--run", str(ws.run_dir)]) == 0
     assert Path(capsys.readouterr().out.strip()).parent == list_predictions(ws.run_dir)[-1][1].parent
+    # the demo recipe tracks at its evaluations: the scene's tracks can be drawn
+    assert streampetr(["visualize", "--run", str(ws.run_dir), "--trajectories"]) == 0
+    assert Path(capsys.readouterr().out.strip()).name.startswith("trajectories_")
 
 
 def bench(command: str, ws: Workspace, capsys) -> None:
@@ -251,8 +263,8 @@ RUNNERS: Dict[str, Callable[[str, Workspace, object], None]] = {
     "streampetr plugins [--all] [--json]": list_plugins,
     "streampetr create-data --root data/nuscenes --version v1.0-trainval": create_data,
     "streampetr make-synthetic DIR [--scenes N --seed S]": make_synthetic,
-    "streampetr eval RECIPE --checkpoint PATH": evaluate,
-    "streampetr visualize --run RUN_DIR [--sample TOKEN]": visualize,
+    "streampetr eval RECIPE --checkpoint PATH [--tasks detection tracking]": evaluate,
+    "streampetr visualize --run RUN_DIR [--sample TOKEN] [--trajectories]": visualize,
     "streampetr bench RECIPE [--steps N --json]": bench,
 }
 

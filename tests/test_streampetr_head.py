@@ -134,6 +134,24 @@ def test_eval_forward_shapes_and_decoding():
         assert torch.all(det["scores_3d"][:-1] >= det["scores_3d"][1:])
 
 
+def test_propagated_queries_and_their_detections_carry_the_ids_of_the_queries_they_remember():
+    head = tiny_head().eval()
+    queries, propagated = TINY["num_query"], TINY["num_propagated"]
+    with torch.no_grad():
+        first = head(**frame(0))
+        second = head(**frame(1))
+    # the memory's rows are the previous frame's best queries by max class probability, best first
+    ranking = first["all_cls_scores"][-1].sigmoid().max(dim=-1).values
+    remembered = torch.topk(ranking, TINY["topk_proposals"], dim=1).indices[:, :propagated]
+    assert torch.equal(second["query_ids"][:, queries:], torch.gather(first["query_ids"], 1, remembered))
+    fresh = set(second["query_ids"][:, :queries].flatten().tolist())
+    assert not fresh & set(first["query_ids"].flatten().tolist())
+    for row, detections in enumerate(head.get_bboxes(second)):
+        for box, query_id in zip(detections["boxes_3d"], detections["query_ids_3d"]):
+            query = (second["query_ids"][row] == query_id).nonzero().item()
+            torch.testing.assert_close(box[:2], second["all_bbox_preds"][-1, row, query, :2])
+
+
 def test_training_forward_splits_denoising_queries_and_losses_backpropagate():
     head = tiny_head(dropout=0.1).train()
     boxes, labels = gt_for([2, 3])

@@ -29,6 +29,7 @@ from streampetr_plugin.visualization.render import (
     draw_frame,
     project_points,
     render_frame,
+    track_colour,
 )
 
 FOCAL, CX, CY = 100.0, 80.0, 45.0
@@ -153,6 +154,26 @@ def test_bev_shows_ground_truth_and_predictions_with_scores():
     heading = collection(bev, "predicted_boxes_heading").get_segments()[0]
     np.testing.assert_allclose(heading, [[2, 10], [3, 10]], atol=1e-9)  # centre -> front (yaw 0: +x)
     assert [text.get_text() for text in bev.texts if text.get_gid() == "score"] == ["0.80"]
+
+
+def test_tracked_predictions_are_coloured_by_track_and_untracked_ones_left_out():
+    predictions = {
+        "boxes_3d": torch.tensor([[2.0, 10.0, -1.0, 2.0, 2.0, 2.0, 0.0, 0.0, 0.0],
+                                  [-12.0, 25.0, -1.0, 2.0, 2.0, 2.0, 0.0, 0.0, 0.0],
+                                  [0.0, 20.0, -1.0, 2.0, 2.0, 2.0, 0.0, 0.0, 0.0]]),
+        "scores_3d": torch.tensor([0.8, 0.7, 0.9]),
+        "labels_3d": torch.tensor([1, 1, 1]),
+        "track_ids_3d": torch.tensor([5, 6, -1]),
+    }
+    figure = draw_frame(**one_camera_frame(predictions=predictions))
+    bev = axes_by_label(figure)["bev"]
+    drawn = collection(bev, "predicted_boxes")
+    assert len(drawn.get_paths()) == 2  # the untracked box is not drawn
+    # low scores are drawn first: track 6 (0.7), then track 5 (0.8)
+    np.testing.assert_allclose(drawn.get_edgecolors()[:, :3], [track_colour(6), track_colour(5)])
+    assert track_colour(5) != track_colour(6)
+    labels = sorted(text.get_text() for text in bev.texts if text.get_gid() == "score")
+    assert labels == ["#5 0.80", "#6 0.70"]
 
 
 def score_texts(ax):

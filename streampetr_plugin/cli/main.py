@@ -129,7 +129,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     device = [f"accelerator.device={args.device}"] if args.device else []
     recipe = load_recipe(args.recipe, [*args.overrides, *device])
     out = Path(args.out) if args.out is not None else None
-    evaluation = evaluate_checkpoint(recipe, Path(args.checkpoint), output_dir=out)  # logs mAP: / NDS:
+    # logs mAP: / NDS: for detection, AMOTA: for tracking
+    evaluation = evaluate_checkpoint(recipe, Path(args.checkpoint), output_dir=out, tasks=args.tasks)
     print(evaluation.outputs.directory)
     return 0
 
@@ -137,7 +138,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_visualize(args: argparse.Namespace) -> int:
     from streampetr_plugin.visualization.command import visualize_command
 
-    print(visualize_command(args.run_dir, sample=args.sample, out=args.out))
+    print(visualize_command(args.run_dir, sample=args.sample, out=args.out, trajectories=args.trajectories))
     return 0
 
 
@@ -198,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--device", choices=("auto", "npu", "cuda", "cpu"), default=None,
                           help="device kind; default: the recipe's accelerator.device")
+    evaluate.add_argument("--tasks", nargs="+", choices=("detection", "tracking"), default=["detection"],
+                          help="what to score: the detection metric (mAP, NDS) and/or tracking with the "
+                          "recipe's tracker (AMOTA); default: detection")
     evaluate.set_defaults(handler=_cmd_eval)
 
     from streampetr_plugin.bench.command import add_bench_arguments, run_bench
@@ -211,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="run directory (holds recipe.yaml and eval/)")
     visualize.add_argument("--sample", default=None, help="sample token (default: the first val sample)")
     visualize.add_argument("--out", default=None, help="PNG path (default: next to the predictions)")
+    visualize.add_argument("--trajectories", action="store_true",
+                           help="draw the bird's-eye paths of the tracks of the sample's scene (needs an "
+                           "evaluation that tracked)")
     visualize.set_defaults(handler=_cmd_visualize)
 
     for command in commands.choices.values():

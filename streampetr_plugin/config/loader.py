@@ -13,7 +13,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from streampetr_plugin.config.schema import ComponentSpec, Recipe
+from streampetr_plugin.config.schema import DEFAULT_TRACKER, ComponentSpec, Recipe
 from streampetr_plugin.errors import InputError
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -275,8 +275,13 @@ _COMPONENT_SECTIONS: Tuple[Tuple[KeyPath, str, str], ...] = (
     (("data", "val"), "datasets", ""),
     (("optimization", "optimizer"), "optimizers", ""),
     (("optimization", "lr_scheduler"), "lr_schedulers", ""),
+    (("tracking",), "trackers", DEFAULT_TRACKER),
 )
-_SUB_COMPONENTS = {"type", "backbone", "neck", "roi_head", "head"}
+# keys of a component section that are not the component's options
+_NOT_OPTIONS = {
+    ("model",): {"type", "backbone", "neck", "roi_head", "head"},
+    ("tracking",): {"type", "evaluate"},
+}
 
 
 def _component_sections(data: Dict[str, Any]) -> List[Tuple[KeyPath, str, str, Dict[str, Any]]]:
@@ -289,7 +294,7 @@ def _component_sections(data: Dict[str, Any]) -> List[Tuple[KeyPath, str, str, D
         name = section.get("type", default_type)
         if not isinstance(name, str) or not name:
             continue  # the structural validation reports a missing or malformed type
-        skip = _SUB_COMPONENTS if path == ("model",) else {"type"}
+        skip = _NOT_OPTIONS.get(path, {"type"})
         sections.append((path, kind, name, {k: v for k, v in section.items() if k not in skip}))
     adapters = _walk(data, ("accelerator", "adapters"))
     if isinstance(adapters, dict):
@@ -319,7 +324,7 @@ def _validate_components(
         try:
             validated.append((path, kind, name, registry.validate_options(name, options)))
         except ValidationError as error:
-            sub_components = sorted(_SUB_COMPONENTS) if path == ("model",) else ["type"]
+            sub_components = sorted(_NOT_OPTIONS.get(path, {"type"}))
             errors.extend(_format_errors(error, path, located, fallback, registry.get(name).params,
                                          sub_components))
     return errors, validated
@@ -327,8 +332,8 @@ def _validate_components(
 
 def _store_validated(recipe: Recipe, path: KeyPath, kind: str, name: str, options: Dict[str, Any]) -> None:
     """Replace a component's options by their validated, defaulted values."""
-    if path == ("model",):
-        recipe.model.__pydantic_extra__.update(options)
+    if path in (("model",), ("tracking",)):
+        getattr(recipe, path[0]).__pydantic_extra__.update(options)
         return
     if kind == "adapters":
         switch = recipe.accelerator.adapters[name]

@@ -196,6 +196,26 @@ class AcceleratorConfig(Section):
     )
 
 
+DEFAULT_TRACKER = "centerpoint"
+
+
+class TrackingConfig(BaseModel):
+    """Multi-object tracking on the detector's output. Keys other than ``type`` and ``evaluate`` are the
+    tracker's options."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    type: str = Field(DEFAULT_TRACKER, description="Registered tracker name (registry: trackers).")
+    evaluate: bool = Field(
+        False,
+        description="Also track the val set and score the nuScenes tracking metric (AMOTA) at every "
+        "evaluation (docs/tracking.md).",
+    )
+
+    def options(self) -> Dict[str, object]:
+        return dict(self.model_extra or {})
+
+
 class Recipe(Section):
     """A complete, validated StreamPETR recipe."""
 
@@ -207,6 +227,9 @@ class Recipe(Section):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Length, evaluation, checkpoints, logging.")
     accelerator: AcceleratorConfig = Field(
         default_factory=AcceleratorConfig, description="Device, distributed backend and adapters."
+    )
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig, description="Tracker and whether evaluations score tracking."
     )
 
     _source: Optional[str] = PrivateAttr(default=None)

@@ -16,7 +16,12 @@ array             shape, dtype         meaning
                                        that sample's LiDAR frame (the detector's eval output)
 ``scores_3d``     (K,) f32             confidence
 ``labels_3d``     (K,) i64             class index in the recipe's ``data.class_names``
+``query_ids_3d``  (K,) i64, optional   id of the decoder query each box came from
+``track_ids_3d``  (K,) i64, optional   track id of each box (-1: untracked), when the
+                                       evaluation tracked (docs/tracking.md)
 ================  ===================  ======================================================
+
+The optional arrays are written when every sample has them.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import numpy as np
 
 __all__ = [
     "EVAL_DIR",
+    "OPTIONAL_ARRAYS",
     "PREDICTIONS_FILE",
     "PREDICTIONS_FORMAT",
     "PREDICTIONS_FORMAT_VERSION",
@@ -43,6 +49,7 @@ EVAL_DIR = "eval"
 PREDICTIONS_FILE = "predictions.npz"
 PREDICTIONS_FORMAT = "streampetr-predictions"
 PREDICTIONS_FORMAT_VERSION = 1
+OPTIONAL_ARRAYS = ("query_ids_3d", "track_ids_3d")  # per box, int64
 _EVALUATION_NAME = re.compile(r"^iter_(\d+)$")
 
 Predictions = Mapping[str, Mapping[str, Any]]
@@ -79,7 +86,8 @@ def list_predictions(run_dir: Union[str, Path]) -> List[Tuple[int, Path]]:
 
 def save_predictions(predictions: Predictions, path: Union[str, Path]) -> Path:
     """Write ``{sample_token: {"boxes_3d" (K, 9), "scores_3d" (K,), "labels_3d" (K,)}}`` (arrays or
-    tensors, in insertion order) to ``path`` atomically (a reader never sees a partial file)."""
+    tensors, in insertion order; plus ``query_ids_3d`` / ``track_ids_3d`` (K,) where every sample has
+    them) to ``path`` atomically (a reader never sees a partial file)."""
     path = Path(path)
     tokens = list(predictions)
     boxes, scores, labels = [], [], []
@@ -92,7 +100,16 @@ def save_predictions(predictions: Predictions, path: Union[str, Path]) -> Path:
             raise ValueError(
                 f"sample {token}: {len(boxes[-1])} boxes, {len(scores[-1])} scores, {len(labels[-1])} labels"
             )
+    optional = {
+        name: np.concatenate([_as_numpy(predictions[token][name]).astype(np.int64).reshape(-1)
+                              for token in tokens])
+        for name in OPTIONAL_ARRAYS
+        if tokens and all(name in predictions[token] for token in tokens)
+    }
     offsets = np.concatenate([[0], np.cumsum([len(b) for b in boxes])]).astype(np.int64)
+    for name, values in optional.items():
+        if len(values) != offsets[-1]:
+            raise ValueError(f"{len(values)} {name} for {offsets[-1]} boxes")
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(temporary, "wb") as handle:
@@ -105,6 +122,7 @@ def save_predictions(predictions: Predictions, path: Union[str, Path]) -> Path:
             boxes_3d=np.concatenate(boxes) if boxes else np.zeros((0, 9), np.float32),
             scores_3d=np.concatenate(scores) if scores else np.zeros(0, np.float32),
             labels_3d=np.concatenate(labels) if labels else np.zeros(0, np.int64),
+            **optional,
         )
     os.replace(temporary, path)
     return path
@@ -112,7 +130,8 @@ def save_predictions(predictions: Predictions, path: Union[str, Path]) -> Path:
 
 def load_predictions(path: Union[str, Path]) -> Dict[str, Dict[str, np.ndarray]]:
     """Read a predictions file: ``{sample_token: {"boxes_3d" (K, 9) f32, "scores_3d" (K,) f32,
-    "labels_3d" (K,) i64}}`` in the order written. Raises ``ValueError`` for another format."""
+    "labels_3d" (K,) i64}}`` (plus the optional arrays the file has) in the order written. Raises
+    ``ValueError`` for another format."""
     with np.load(path, allow_pickle=False) as data:
         if "format" not in data.files or str(data["format"]) != PREDICTIONS_FORMAT:
             raise ValueError(f"{path}: not a {PREDICTIONS_FORMAT} file")
@@ -121,12 +140,9 @@ def load_predictions(path: Union[str, Path]) -> Dict[str, Dict[str, np.ndarray]]
                 f"{path}: format version {int(data['version'])}, expected {PREDICTIONS_FORMAT_VERSION}"
             )
         offsets = data["offsets"]
-        boxes, scores, labels = data["boxes_3d"], data["scores_3d"], data["labels_3d"]
+        arrays = {name: data[name] for name in ("boxes_3d", "scores_3d", "labels_3d", *OPTIONAL_ARRAYS)
+                  if name in data.files}
         return {
-            str(token): {
-                "boxes_3d": boxes[start:end],
-                "scores_3d": scores[start:end],
-                "labels_3d": labels[start:end],
-            }
+            str(token): {name: values[start:end] for name, values in arrays.items()}
             for token, start, end in zip(data["sample_tokens"], offsets[:-1], offsets[1:])
         }

@@ -2,7 +2,9 @@
 
 Each rank runs its contiguous, time-ordered slice of the val set through the detector (inference mode,
 streaming memory reset before and after, as the reference resets around its evaluation), the
-per-sample predictions are gathered in rank order, and rank 0 scores them with the evaluator.
+per-sample predictions are gathered in rank order, and rank 0 scores them with the evaluator: the
+detection metric and, when asked (``tracking.evaluate``, ``streampetr eval --tasks tracking``), the
+recipe's tracker and the tracking metric.
 """
 from __future__ import annotations
 
@@ -64,6 +66,12 @@ def merge_predictions(parts: List[Predictions]) -> Predictions:
     return merged
 
 
+def stream_starts(parts: List[Predictions]) -> List[str]:
+    """The first sample of every rank's part after rank 0's: where the detector's streams restarted in
+    the middle of a scene that two ranks share (each rank evaluates with fresh streams)."""
+    return [next(iter(part)) for part in parts[1:] if part]
+
+
 def default_evaluator(predictions: Predictions, dataset: Any, output_dir: Path) -> Dict[str, Any]:
     """The dataset's own ``evaluate(predictions, output_dir=...)`` when it has one (datasets from
     plugins), else the official nuScenes metric over the samples of a nuScenes dataset."""
@@ -77,6 +85,36 @@ def default_evaluator(predictions: Predictions, dataset: Any, output_dir: Path) 
     return evaluate_nuscenes(
         predictions, infos, root=dataset.root, output_dir=output_dir, classes=dataset.classes
     )
+
+
+def tracking_evaluator(
+    recipe: Any, predictions: Predictions, dataset: Any, output_dir: Path, *, restarts: Sequence[str] = ()
+) -> Dict[str, Any]:
+    """Track the val set with the recipe's tracker and score the nuScenes tracking metric; ``restarts``:
+    samples where the detector's streams restarted within a scene (:func:`stream_starts`).
+
+    Gives every prediction its boxes' track ids (``track_ids_3d`` (K,), -1 where untracked), which
+    ``predictions.npz`` then keeps. Returns ``AMOTA``, ``AMOTP``, ``MOTA``, ``RECALL``, ``IDS``, ``FRAG``,
+    ``tracking_per_class`` and ``tracking_results_path``.
+    """
+    from streampetr_plugin.data.infos import InfoSet
+    from streampetr_plugin.evaluation.nuscenes_tracking import evaluate_tracking
+    from streampetr_plugin.tracking.build import build_tracker
+    from streampetr_plugin.tracking.scenes import track_scenes
+
+    if not all(hasattr(dataset, name) for name in ("samples", "version", "root", "classes")):
+        raise InputError(describe(
+            "tracking", f"the val dataset ({type(dataset).__name__}) is not a nuScenes dataset",
+            "score tracking on a nuScenes val set, or set tracking.evaluate=false",
+        ))
+    infos = InfoSet(version=dataset.version, samples=list(dataset.samples))
+    track_ids = track_scenes(build_tracker(recipe), predictions, infos, classes=dataset.classes,
+                             restarts=restarts)
+    for token, ids in track_ids.items():
+        predictions[token]["track_ids_3d"] = torch.from_numpy(ids)
+    metrics = evaluate_tracking(predictions, track_ids, infos, root=dataset.root, output_dir=output_dir,
+                                classes=dataset.classes)
+    return {**metrics, "tracking_per_class": metrics.pop("per_class")}
 
 
 @dataclass
@@ -134,9 +172,11 @@ def new_evaluation_dir(work_dir: Path, checkpoint: Path) -> Path:
 
 
 def evaluate_checkpoint(
-    recipe: Any, checkpoint: Path, *, output_dir: Optional[Path] = None
+    recipe: Any, checkpoint: Path, *, output_dir: Optional[Path] = None, tasks: Sequence[str] = ("detection",)
 ) -> CheckpointEvaluation:
-    """Score ``checkpoint`` (ours, or a reference ``.pth``) on the recipe's val set, in one process.
+    """Score ``checkpoint`` (ours, or a reference ``.pth``) on the recipe's val set, in one process, for
+    ``tasks``: ``"detection"`` (the detection metric) and/or ``"tracking"`` (the recipe's tracker and
+    the tracking metric, :func:`tracking_evaluator`).
 
     The device and its accelerator adapters are set up as the trainer sets them up (the recipe's
     ``accelerator`` section: device kind, thread count, attention kernels, ...), and the model runs under
@@ -190,7 +230,9 @@ def evaluate_checkpoint(
     predictions = collect_predictions(
         model, loader, device=device.torch_device, autocast=precision.autocast()
     )
-    metrics = dict(default_evaluator(predictions, dataset, output_dir))
+    metrics = dict(default_evaluator(predictions, dataset, output_dir)) if "detection" in tasks else {}
+    if "tracking" in tasks:
+        metrics.update(tracking_evaluator(recipe, predictions, dataset, output_dir))
     outputs = save_evaluation_outputs(predictions, dataset, output_dir, class_names=recipe.data.class_names)
     logger.info("evaluation of %s written to %s%s", checkpoint, output_dir,
                 f" (picture: {outputs.picture})" if outputs.picture is not None else "")

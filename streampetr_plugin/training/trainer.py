@@ -96,6 +96,8 @@ from streampetr_plugin.training.evaluation import (
     default_evaluator,
     merge_predictions,
     save_evaluation_outputs,
+    stream_starts,
+    tracking_evaluator,
 )
 from streampetr_plugin.training.metrics_log import IterationPace, MetricsLog, ProgressBar, format_duration
 from streampetr_plugin.training.optimizers import build_optimizer
@@ -819,6 +821,9 @@ class Trainer:
             output_dir.mkdir(parents=True, exist_ok=True)
             evaluator = self._evaluator or default_evaluator
             metrics = dict(evaluator(merged, self._val_dataset, output_dir))
+            if self.recipe.tracking.evaluate:
+                metrics.update(tracking_evaluator(self.recipe, merged, self._val_dataset, output_dir,
+                                                  restarts=stream_starts(gathered)))
             self._last_evaluation = save_evaluation_outputs(
                 merged, self._val_dataset, output_dir, class_names=data.class_names
             )

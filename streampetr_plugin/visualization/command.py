@@ -1,9 +1,11 @@
-"""``streampetr visualize``: draw what a run predicted for one validation sample.
+"""``streampetr visualize``: draw what a run predicted for one validation sample, or its scene's tracks.
 
 A run directory holds the resolved recipe (``recipe.yaml``, written by the trainer) and one
 predictions file per evaluation (``eval/iter_<n>/predictions.npz``, see
 :mod:`streampetr_plugin.evaluation.predictions`). The picture uses the original camera images and
-calibration of the sample, its ground-truth annotations and the newest predictions.
+calibration of the sample, its ground-truth annotations and the newest predictions (coloured by track
+when the evaluation tracked). ``--trajectories`` draws the bird's-eye paths of the tracks of the
+sample's scene instead (:mod:`streampetr_plugin.visualization.trajectories`).
 """
 from __future__ import annotations
 
@@ -12,17 +14,19 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from streampetr_plugin.data.geometry import invert_rigid, rigid_matrix
+from streampetr_plugin.data.geometry import invert_rigid, pose_matrix, rigid_matrix
 from streampetr_plugin.data.infos import CAMERA_NAMES, SampleInfo
 from streampetr_plugin.errors import InputError
 from streampetr_plugin.evaluation.predictions import list_predictions, load_predictions
 from streampetr_plugin.visualization.render import NUSCENES_BEV_EXTENT, render_frame
+from streampetr_plugin.visualization.trajectories import render_trajectories
 
 __all__ = [
     "RECIPE_FILE",
     "VisualizationError",
     "dataset_frame",
     "render_dataset_sample",
+    "render_scene_trajectories",
     "sample_lidar2img",
     "visualize_command",
 ]
@@ -103,12 +107,48 @@ def render_dataset_sample(
     return render_frame(out_path, title=title, **frame)
 
 
+def render_scene_trajectories(
+    dataset: Any,
+    scene_token: str,
+    predictions: Mapping[str, Mapping[str, Any]],
+    out_path: Union[str, Path],
+    *,
+    score_threshold: float = 0.3,
+    title: Optional[str] = None,
+) -> Path:
+    """Render the tracks of scene ``scene_token`` of a nuScenes-style dataset (``samples``:
+    :class:`~streampetr_plugin.data.infos.SampleInfo`) to a PNG at ``out_path``: ``predictions[token]``
+    of each of its samples with ``track_ids_3d``. Returns the path."""
+    samples = sorted((s for s in dataset.samples if s.scene_token == scene_token), key=lambda s: s.timestamp)
+    missing = [s.token for s in samples if "track_ids_3d" not in predictions.get(s.token, {})]
+    if missing:
+        raise VisualizationError(
+            f"scene {scene_token}: {len(missing)} of its samples have no track ids (evaluate with tracking: "
+            "tracking.evaluate=true, or streampetr eval --tasks tracking)"
+        )
+    return render_trajectories(
+        out_path,
+        lidar2global=[pose_matrix(s.ego2global_rotation, s.ego2global_translation)
+                      @ pose_matrix(s.lidar2ego_rotation, s.lidar2ego_translation) for s in samples],
+        predictions=[predictions[s.token] for s in samples],
+        gt_boxes=[s.gt_boxes[s.valid_flag] for s in samples],
+        score_threshold=score_threshold,
+        title=title if title is not None else f"scene {scene_token}: tracks",
+    )
+
+
 def visualize_command(
-    run_dir: Union[str, Path], sample: Optional[str] = None, out: Optional[Union[str, Path]] = None
+    run_dir: Union[str, Path],
+    sample: Optional[str] = None,
+    out: Optional[Union[str, Path]] = None,
+    *,
+    trajectories: bool = False,
 ) -> Path:
     """Render the run's newest predictions for sample token ``sample`` (default: the first sample of
     the val set, in time order) to ``out`` (default: ``sample_<token>.png`` next to the predictions
-    file). Returns the PNG's path; raises :class:`VisualizationError` with what is missing."""
+    file); with ``trajectories`` the tracks of that sample's scene (default file
+    ``trajectories_<scene token>.png``). Returns the PNG's path; raises :class:`VisualizationError` with
+    what is missing."""
     from streampetr_plugin.config.loader import load_recipe
     from streampetr_plugin.data.build import build_dataset
 
@@ -135,6 +175,13 @@ def visualize_command(
     predictions = load_predictions(predictions_file)
     if token not in predictions:
         raise VisualizationError(f"{predictions_file} has no predictions for sample {token!r}")
+    if trajectories:
+        scene = dataset.samples[tokens.index(token)].scene_token
+        out_path = Path(out) if out is not None else predictions_file.parent / f"trajectories_{scene}.png"
+        return render_scene_trajectories(
+            dataset, scene, predictions, out_path,
+            title=f"{recipe.name}, iteration {iteration}: tracks of scene {scene}",
+        )
     out_path = Path(out) if out is not None else predictions_file.parent / f"sample_{token}.png"
     return render_dataset_sample(
         dataset,

@@ -7,13 +7,15 @@ the 12 edges of every box through ``lidar2img``, clipped at a near plane in fron
 bird's-eye view draws footprints (x to the right, y up) with a heading tick over the recipe's detection
 range. Every panel labels each prediction with its score; where boxes stack, the label of the higher
 score is kept and those that would overlap it are left out. Ground truth is dashed, predictions are
-solid, colours are per class.
+solid, colours are per class; when the predictions carry track ids (``track_ids_3d``), only tracked boxes
+are drawn, coloured by track and labelled ``#<track id> <score>``.
 
 Drawing uses matplotlib's object API on an Agg canvas (no pyplot state), imported on first use.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Tuple, Union
 
@@ -21,6 +23,7 @@ import numpy as np
 
 from streampetr_plugin.data.geometry import box_corners as _corners_from_parts
 from streampetr_plugin.data.infos import CAMERA_NAMES
+from streampetr_plugin.tracking.frame import NOT_TRACKED
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -35,6 +38,7 @@ __all__ = [
     "box_corners",
     "box_edge_segments",
     "class_colour",
+    "track_colour",
     "denormalize_images",
     "draw_frame",
     "project_points",
@@ -147,6 +151,13 @@ def class_colour(label: int) -> Tuple[float, float, float]:
     return tuple(colormaps["tab10"](int(label) % 10)[:3])
 
 
+def track_colour(track_id: int) -> Tuple[float, float, float]:
+    """RGB in [0, 1] of a track id (matplotlib's tab20 cycle: neighbouring ids differ)."""
+    from matplotlib import colormaps
+
+    return tuple(colormaps["tab20"](int(track_id) % 20)[:3])
+
+
 def _as_boxes(value: Any) -> np.ndarray:
     """Boxes as (K, D) float64; an empty input of any shape gives (0, 9)."""
     boxes = _as_numpy(value, np.float64)
@@ -164,20 +175,33 @@ def _panel_order(camera_names: Sequence[str]) -> Sequence[int]:
     return list(range(len(camera_names)))
 
 
-def _place_score_labels(
-    ax: "Axes", anchors: np.ndarray, scores: np.ndarray, labels: np.ndarray, *, vertical: str
-) -> None:
-    """Write each score at its anchor (data coordinates), best score first; a label that would overlap
-    one already written is left out, so stacked boxes keep one legible label."""
+@dataclass
+class _Predicted:
+    """The predictions a figure draws: corners (K, 8, 3), scores (K,), colours (K, 3) and label texts."""
+
+    corners: np.ndarray
+    scores: np.ndarray
+    colours: np.ndarray
+    texts: Sequence[str]
+
+    def subset(self, index: Sequence[int]) -> "_Predicted":
+        index = np.asarray(index, dtype=np.int64)
+        return _Predicted(self.corners[index], self.scores[index], self.colours[index],
+                          [self.texts[i] for i in index])
+
+
+def _place_score_labels(ax: "Axes", anchors: np.ndarray, predicted: _Predicted, *, vertical: str) -> None:
+    """Write each prediction's label at its anchor (data coordinates), best score first; a label that
+    would overlap one already written is left out, so stacked boxes keep one legible label."""
     ax.apply_aspect()  # the final data -> pixel transform, before measuring the labels
     renderer = ax.figure.canvas.get_renderer()
     taken = []
-    for index in np.argsort(-scores, kind="stable"):
-        # white on the class colour: legible on camera images and on the white bird's-eye view alike
+    for index in np.argsort(-predicted.scores, kind="stable"):
+        # white on the box colour: legible on camera images and on the white bird's-eye view alike
         text = ax.text(
-            anchors[index, 0], anchors[index, 1], f"{scores[index]:.2f}", fontsize=SCORE_FONT_SIZE,
+            anchors[index, 0], anchors[index, 1], predicted.texts[index], fontsize=SCORE_FONT_SIZE,
             color="white", va=vertical, ha="left", clip_on=True, gid="score",
-            bbox={"boxstyle": "square,pad=0.15", "facecolor": class_colour(labels[index]), "linewidth": 0},
+            bbox={"boxstyle": "square,pad=0.15", "facecolor": predicted.colours[index], "linewidth": 0},
         )
         extent = text.get_window_extent(renderer).padded(SCORE_PAD_PX)  # the coloured box around it
         if any(extent.overlaps(other) for other in taken):
@@ -192,25 +216,23 @@ def _draw_camera(
     lidar2img: np.ndarray,
     name: str,
     gt_corners: np.ndarray,
-    gt_labels: np.ndarray,
-    pred_corners: np.ndarray,
-    pred_labels: np.ndarray,
-    pred_scores: np.ndarray,
+    gt_colours: np.ndarray,
+    predicted: _Predicted,
 ) -> None:
     from matplotlib.collections import LineCollection
 
     height, width = image.shape[:2]
     ax.imshow(image)  # pixel (row i, column j) centred at (j, i), as lidar2img projects
     anchors, shown = [], []
-    for gid, corners, labels, style in (
-        ("gt_boxes", gt_corners, gt_labels, "--"),
-        ("predicted_boxes", pred_corners, pred_labels, "-"),
+    for gid, corners, box_colours, style in (
+        ("gt_boxes", gt_corners, gt_colours, "--"),
+        ("predicted_boxes", predicted.corners, predicted.colours, "-"),
     ):
         segments, colours = [], []
-        for index, (box, label) in enumerate(zip(corners, labels)):
+        for index, (box, colour) in enumerate(zip(corners, box_colours)):
             edges = box_edge_segments(box, lidar2img)
             segments.extend(edges)
-            colours.extend([class_colour(label)] * len(edges))
+            colours.extend([tuple(colour)] * len(edges))
             if gid == "predicted_boxes":
                 # points along the edges (E, 17, 2); those on the image place the label
                 points = edges[:, :1] + EDGE_SAMPLES[:, None] * (edges[:, 1:] - edges[:, :1])
@@ -228,28 +250,26 @@ def _draw_camera(
     ax.set_axis_off()
     ax.set_label(name)
     if shown:
-        _place_score_labels(ax, np.array(anchors), pred_scores[shown], pred_labels[shown], vertical="top")
+        _place_score_labels(ax, np.array(anchors), predicted.subset(shown), vertical="top")
 
 
 def _draw_bev(
     ax: "Axes",
     gt_corners: np.ndarray,
-    gt_labels: np.ndarray,
-    pred_corners: np.ndarray,
-    pred_labels: np.ndarray,
-    pred_scores: np.ndarray,
+    gt_colours: np.ndarray,
+    predicted: _Predicted,
     bev_extent: Sequence[float],
 ) -> None:
     from matplotlib.collections import LineCollection, PolyCollection
 
     x_min, y_min, x_max, y_max = bev_extent
 
-    for gid, corners, labels, style, fill in (
-        ("gt_boxes", gt_corners, gt_labels, "--", 0.15),
-        ("predicted_boxes", pred_corners, pred_labels, "-", 0.0),
+    for gid, corners, box_colours, style, fill in (
+        ("gt_boxes", gt_corners, gt_colours, "--", 0.15),
+        ("predicted_boxes", predicted.corners, predicted.colours, "-", 0.0),
     ):
         footprints = corners[:, :4, :2]  # (K, 4, 2) bottom face
-        colours = [class_colour(label) for label in labels]
+        colours = [tuple(colour) for colour in box_colours]
         ax.add_collection(
             PolyCollection(
                 footprints, closed=True, edgecolors=colours, facecolors=[(*c, fill) for c in colours],
@@ -274,10 +294,11 @@ def _draw_bev(
     ax.set_xlabel("x (m, LiDAR)", fontsize=8)
     ax.set_ylabel("y (m, LiDAR)", fontsize=8)
     ax.set_label("bev")
-    top_right = pred_corners[:, :4, :2].max(axis=1)  # (K, 2) label anchors
+    top_right = predicted.corners[:, :4, :2].max(axis=1)  # (K, 2) label anchors
     inside = ((top_right[:, 0] > x_min) & (top_right[:, 0] < x_max)
               & (top_right[:, 1] > y_min) & (top_right[:, 1] < y_max))
-    _place_score_labels(ax, top_right[inside], pred_scores[inside], pred_labels[inside], vertical="bottom")
+    inside = np.flatnonzero(inside)
+    _place_score_labels(ax, top_right[inside], predicted.subset(inside), vertical="bottom")
 
 
 def draw_frame(
@@ -301,7 +322,8 @@ def draw_frame(
         lidar2img: (N, 4, 4) LiDAR -> pixels of ``images``.
         gt_boxes: (M, >=7) ground truth, z at the gravity centre; ``gt_labels`` (M,) class indices.
         predictions: ``boxes_3d`` (K, >=7) z at the bottom centre, ``scores_3d`` (K,), ``labels_3d`` (K,)
-            (arrays or tensors); only scores >= ``score_threshold`` are drawn.
+            (arrays or tensors); only scores >= ``score_threshold`` are drawn. With ``track_ids_3d`` (K,)
+            only tracked boxes (id != -1), coloured by track and labelled with their ids.
         class_names: names of the class indices (legend).
         bev_extent: ``(x_min, y_min, x_max, y_max)`` of the bird's-eye view, m: the detection range,
             i.e. the recipe's ``point_cloud_range`` without its z entries.
@@ -324,13 +346,21 @@ def draw_frame(
     gt_boxes = _as_boxes(gt_boxes)
     gt_labels = _as_numpy(gt_labels, np.int64).reshape(-1)
     scores = _as_numpy(predictions["scores_3d"], np.float64).reshape(-1)
-    keep = np.flatnonzero(scores >= score_threshold)
+    tracked = "track_ids_3d" in predictions
+    untracked = np.full(len(scores), NOT_TRACKED)
+    track_ids = _as_numpy(predictions.get("track_ids_3d", untracked), np.int64).reshape(-1)
+    keep = np.flatnonzero((scores >= score_threshold) & ((track_ids != NOT_TRACKED) | (not tracked)))
     keep = keep[np.argsort(scores[keep], kind="stable")]  # low scores first: the best boxes end on top
-    pred_boxes = _as_boxes(predictions["boxes_3d"])[keep]
     pred_labels = _as_numpy(predictions["labels_3d"], np.int64).reshape(-1)[keep]
-    pred_scores = scores[keep]
+    predicted = _Predicted(
+        corners=box_corners(bottom_to_gravity(_as_boxes(predictions["boxes_3d"])[keep])),
+        scores=scores[keep],
+        colours=np.array([track_colour(track_ids[i]) if tracked else class_colour(pred_labels[j])
+                          for j, i in enumerate(keep)]).reshape(-1, 3),
+        texts=[f"#{track_ids[i]} {scores[i]:.2f}" if tracked else f"{scores[i]:.2f}" for i in keep],
+    )
     gt_corners = box_corners(gt_boxes)
-    pred_corners = box_corners(bottom_to_gravity(pred_boxes))
+    gt_colours = np.array([class_colour(label) for label in gt_labels]).reshape(-1, 3)
     lidar2img = _as_numpy(lidar2img, np.float64)
 
     columns = max(1, math.ceil(num_cameras / 2))
@@ -349,16 +379,18 @@ def draw_frame(
     )
     for camera, slot in enumerate(_panel_order(camera_names)):
         ax = figure.add_subplot(grid[slot // columns, slot % columns])
-        _draw_camera(ax, images[camera], lidar2img[camera], camera_names[camera], gt_corners, gt_labels,
-                     pred_corners, pred_labels, pred_scores)
+        _draw_camera(ax, images[camera], lidar2img[camera], camera_names[camera], gt_corners, gt_colours,
+                     predicted)
     bev = figure.add_subplot(grid[:, columns])
-    _draw_bev(bev, gt_corners, gt_labels, pred_corners, pred_labels, pred_scores, bev_extent)
+    _draw_bev(bev, gt_corners, gt_colours, predicted, bev_extent)
 
-    present = sorted(set(gt_labels.tolist()) | set(pred_labels.tolist()))
+    # class colours: of every box, or of the ground truth only when tracks colour the predictions
+    present = sorted(set(gt_labels.tolist()) | (set() if tracked else set(pred_labels.tolist())))
+    described = "tracks (#id score)" if tracked else "predictions"
     handles = [
         Line2D([], [], color="grey", linestyle="--", label=f"ground truth ({len(gt_boxes)})"),
         Line2D([], [], color="grey", linestyle="-",
-               label=f"predictions, score >= {score_threshold:g} ({len(keep)})"),
+               label=f"{described}, score >= {score_threshold:g} ({len(keep)})"),
     ] + [
         Patch(color=class_colour(label), label=_class_name(class_names, label)) for label in present
     ]

@@ -41,6 +41,7 @@ from streampetr_plugin.models.layers.positional_encoding import (
     pos2posemb1d,
     pos2posemb3d,
 )
+from streampetr_plugin.models.layers.query_identities import QueryIdentities
 from streampetr_plugin.models.layers.transformer import PETRTemporalTransformer
 from streampetr_plugin.models.losses.streampetr_criterion import StreamPETRCriterion
 
@@ -204,6 +205,7 @@ class StreamPETRHead(nn.Module):
 
         # Not modules: no parameters or buffers, so nothing outside the reference's keys.
         self.memory = StreamingMemory(capacity=memory_len, embed_dims=embed_dims)
+        self.query_identities = QueryIdentities(capacity=memory_len)
         self.bbox_coder = NMSFreeCoder(
             pc_range=list(pc_range),
             post_center_range=list(post_center_range),
@@ -229,6 +231,7 @@ class StreamPETRHead(nn.Module):
     def reset_memory(self) -> None:
         """Forget the memory of every stream."""
         self.memory.reset()
+        self.query_identities.reset()
 
     # ------------------------------------------------------------------ geometry
 
@@ -395,7 +398,9 @@ class StreamPETRHead(nn.Module):
         Returns:
             dict with ``all_cls_scores`` (layers, B, Q + P, num_classes) logits, ``all_bbox_preds``
             (layers, B, Q + P, 10), ``dn_mask_dict`` (the denoising mask dict with
-            ``output_known_lbs_bboxes`` = (cls (layers, B, pad, C), boxes (layers, B, pad, 10))) or None.
+            ``output_known_lbs_bboxes`` = (cls (layers, B, pad, C), boxes (layers, B, pad, 10))) or None,
+            ``query_ids`` (B, Q + P) int64 (:class:`QueryIdentities`: a propagated query keeps the id of
+            the query that wrote its memory row).
         """
         if timestamp.dtype != torch.float64:
             raise TypeError(f"timestamp must be float64 (absolute seconds), got {timestamp.dtype}")
@@ -412,6 +417,9 @@ class StreamPETRHead(nn.Module):
                 ego_pose_inv=ego_pose_inv.float(),
                 pseudo_reference_points=pseudo_points,
             )
+        query_ids = self.query_identities.query_ids(
+            prev_exists=prev_exists, num_fresh=self.num_query, num_propagated=self.num_propagated
+        )
 
         memory, pos_embed = self.image_keys(
             img_feats=img_feats, location=location, pad_shape=pad_shape, intrinsics=intrinsics,
@@ -469,7 +477,7 @@ class StreamPETRHead(nn.Module):
         matching_cls = all_cls_scores[:, :, pad_size:]
         matching_boxes = all_bbox_preds[:, :, pad_size:]
         with full_precision(device):
-            self.memory.post_update(
+            written = self.memory.post_update(
                 embedding=outs_dec[-1, :, pad_size:].float(),
                 reference_point=matching_boxes[-1, ..., 0:3],
                 velo=matching_boxes[-1, ..., -2:],
@@ -478,6 +486,7 @@ class StreamPETRHead(nn.Module):
                 timestamp=timestamp,
                 ego_pose=ego_pose.float(),
             )
+        self.query_identities.remember(query_ids=query_ids, written=written)
 
         if mask_dict is not None and pad_size > 0:
             mask_dict["output_known_lbs_bboxes"] = (
@@ -489,9 +498,10 @@ class StreamPETRHead(nn.Module):
                 "all_bbox_preds": matching_boxes,
                 "dn_mask_dict": mask_dict,
                 "geometric_guidance": guidance,
+                "query_ids": query_ids,
             }
         return {"all_cls_scores": all_cls_scores, "all_bbox_preds": all_bbox_preds, "dn_mask_dict": None,
-                "geometric_guidance": guidance}
+                "geometric_guidance": guidance, "query_ids": query_ids}
 
     def _geometric_guidance(
         self,
@@ -543,14 +553,17 @@ class StreamPETRHead(nn.Module):
         """Decode the last layer (top ``max_num`` (query, class) pairs, no NMS).
 
         Returns per sample ``{"boxes_3d": (K, 9) (x, y, z_bottom, dx, dy, dz, yaw, vx, vy),
-        "scores_3d": (K,), "labels_3d": (K,)}`` in the current LiDAR frame.
+        "scores_3d": (K,), "labels_3d": (K,)}`` in the current LiDAR frame, and ``"query_ids_3d"`` (K,)
+        (the id of the query each box came from) when ``preds`` has ``query_ids``.
         """
         decoded = self.bbox_coder.decode(preds["all_cls_scores"][-1], preds["all_bbox_preds"][-1])
         results = []
-        for sample in decoded:
+        for row, sample in enumerate(decoded):
             boxes = sample["bboxes"].clone()
             boxes[:, 2] = boxes[:, 2] - boxes[:, 5] * 0.5  # gravity centre -> bottom centre
             results.append({"boxes_3d": boxes, "scores_3d": sample["scores"], "labels_3d": sample["labels"]})
+            if preds.get("query_ids") is not None:
+                results[-1]["query_ids_3d"] = preds["query_ids"][row][sample["query_index"]]
         return results
 
 

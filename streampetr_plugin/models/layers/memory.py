@@ -127,8 +127,9 @@ class StreamingMemory:
         topk: int,
         timestamp: torch.Tensor,
         ego_pose: torch.Tensor,
-    ) -> None:
+    ) -> torch.Tensor:
         """Prepend the ``topk`` best queries of this frame (detached) and move the memory to global.
+        Returns which queries it wrote: (B, topk) indices into Q, the new rows in order.
 
         Args:
             embedding: (B, Q, C) last-layer decoder outputs.
@@ -159,6 +160,7 @@ class StreamingMemory:
         self.reference_point = transform_points(reference_point, ego_pose)
         self.timestamp = self.timestamp - timestamp.to(torch.float64).view(batch, 1, 1)
         self.egopose = ego_pose.unsqueeze(1) @ self.egopose
+        return index
 
     def save(self) -> Dict[str, torch.Tensor]:
         """The state as ``{field: (B, R, ...) tensor}`` (clones); empty dict when empty."""

@@ -1,0 +1,74 @@
+"""The recipe's ``tracking`` section and the ``trackers`` registry: built-ins and a third-party tracker."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pydantic import BaseModel, ConfigDict, Field
+
+from streampetr_plugin import hookimpl
+from streampetr_plugin.config.loader import RecipeError, load_recipe
+from streampetr_plugin.plugins import get_plugin_host, reset_plugin_host
+from streampetr_plugin.tracking.build import build_tracker
+from streampetr_plugin.tracking.centerpoint import CenterPointTracker
+from streampetr_plugin.tracking.query_propagation import QueryPropagationTracker
+
+
+@pytest.fixture
+def fresh_host():
+    reset_plugin_host()
+    yield get_plugin_host()
+    reset_plugin_host()
+
+
+def test_the_default_tracker_is_centerpoint_with_its_defaults_filled_in(fresh_host):
+    recipe = load_recipe("demo_cpu")
+    assert recipe.tracking.type == "centerpoint"
+    tracker = build_tracker(recipe)
+    assert isinstance(tracker, CenterPointTracker)
+    assert recipe.tracking.options()["max_age"] == tracker.params.max_age == 3
+
+
+def test_tracker_options_come_from_the_recipe_and_are_checked(fresh_host):
+    recipe = load_recipe("demo_cpu", ["tracking.type=query_propagation", "tracking.rematch=false",
+                                      "tracking.birth_score=0.5"])
+    tracker = build_tracker(recipe)
+    assert isinstance(tracker, QueryPropagationTracker)
+    assert tracker.params.rematch is False and tracker.params.birth_score == 0.5
+    with pytest.raises(RecipeError, match="tracking.rematch"):
+        load_recipe("demo_cpu", ["tracking.type=centerpoint", "tracking.rematch=false"])
+    with pytest.raises(RecipeError, match="unknown tracker 'centrepoint'.*did you mean 'centerpoint'"):
+        load_recipe("demo_cpu", ["tracking.type=centrepoint"])
+
+
+class EveryoneOneTrackParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    track_id: int = Field(7, ge=0, description="the one id")
+
+
+class EveryoneOneTrack:
+    """A third-party tracker: every detection belongs to one track."""
+
+    def __init__(self, *, track_id: int) -> None:
+        self.track_id = track_id
+
+    def reset(self) -> None:
+        pass
+
+    def update(self, frame):
+        return np.full(len(frame), self.track_id, dtype=np.int64)
+
+
+class TrackerPlugin:
+    @hookimpl
+    def streampetr_register_trackers(self, register):
+        register("one_track", EveryoneOneTrack, params=EveryoneOneTrackParams)
+
+
+def test_a_plugin_tracker_is_built_from_the_recipe(fresh_host):
+    fresh_host.register_plugin(TrackerPlugin(), name="one-track")
+    recipe = load_recipe("demo_cpu", ["tracking.type=one_track", "tracking.track_id=3"])
+    tracker = build_tracker(recipe)
+    assert isinstance(tracker, EveryoneOneTrack) and tracker.track_id == 3
+    assert fresh_host.registries.trackers.get("one_track").provider == "one-track"
+    with pytest.raises(RecipeError, match="tracking.track_id"):
+        load_recipe("demo_cpu", ["tracking.type=one_track", "tracking.track_id=-1"])
