@@ -20,20 +20,20 @@ def fresh_host():
     reset_plugin_host()
 
 
-def test_the_default_tracker_is_centerpoint_with_its_defaults_filled_in(fresh_host):
+def test_the_default_tracker_is_query_propagation_with_its_defaults_filled_in(fresh_host):
     recipe = load_recipe("demo_cpu")
-    assert recipe.tracking.type == "centerpoint"
+    assert recipe.tracking.type == "query_propagation"
     tracker = build_tracker(recipe)
-    assert isinstance(tracker, CenterPointTracker)
+    assert isinstance(tracker, QueryPropagationTracker)
     assert recipe.tracking.options()["max_age"] == tracker.params.max_age == 3
+    assert recipe.tracking.options()["rematch"] is tracker.params.rematch is True
 
 
 def test_tracker_options_come_from_the_recipe_and_are_checked(fresh_host):
-    recipe = load_recipe("demo_cpu", ["tracking.type=query_propagation", "tracking.rematch=false",
-                                      "tracking.birth_score=0.5"])
-    tracker = build_tracker(recipe)
-    assert isinstance(tracker, QueryPropagationTracker)
+    tracker = build_tracker(load_recipe("demo_cpu", ["tracking.rematch=false", "tracking.birth_score=0.5"]))
     assert tracker.params.rematch is False and tracker.params.birth_score == 0.5
+    tracker = build_tracker(load_recipe("demo_cpu", ["tracking.type=centerpoint", "tracking.max_age=1"]))
+    assert isinstance(tracker, CenterPointTracker) and tracker.params.max_age == 1
     with pytest.raises(RecipeError, match="tracking.rematch"):
         load_recipe("demo_cpu", ["tracking.type=centerpoint", "tracking.rematch=false"])
     with pytest.raises(RecipeError, match="unknown tracker 'centrepoint'.*did you mean 'centerpoint'"):

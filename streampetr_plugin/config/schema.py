@@ -196,7 +196,7 @@ class AcceleratorConfig(Section):
     )
 
 
-DEFAULT_TRACKER = "centerpoint"
+DEFAULT_TRACKER = "query_propagation"
 
 
 class TrackingConfig(BaseModel):
