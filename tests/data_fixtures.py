@@ -1,6 +1,7 @@
 """Session-wide tiny synthetic nuScenes dataset (generated once per test process).
 
-Import the fixtures in ``conftest.py``: ``from data_fixtures import synthetic_nuscenes, synthetic_params``.
+Import the fixtures in ``conftest.py``: ``from data_fixtures import synthetic_nuscenes, synthetic_nusc,
+synthetic_params``.
 The module-level cache keeps it at one generation per process even if several modules import them.
 """
 from __future__ import annotations
@@ -51,3 +52,11 @@ def synthetic_params(synthetic_nuscenes: SyntheticNuScenes) -> NuScenesDatasetPa
         root=str(synthetic_nuscenes.root), version=synthetic_nuscenes.version, final_dim=TINY_FINAL_DIM,
         resize_lim=(0.9, 1.1),
     )
+
+
+@pytest.fixture(scope="session")
+def synthetic_nusc(synthetic_nuscenes: SyntheticNuScenes):
+    """The tiny synthetic nuScenes loaded by nuscenes-devkit (``nuscenes.NuScenes``)."""
+    from nuscenes.nuscenes import NuScenes
+
+    return NuScenes(version=synthetic_nuscenes.version, dataroot=str(synthetic_nuscenes.root), verbose=False)

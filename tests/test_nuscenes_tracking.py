@@ -25,13 +25,6 @@ def val_infos(synthetic_nuscenes):  # noqa: F811
     return load_infos(synthetic_nuscenes.val_info)
 
 
-@pytest.fixture(scope="module")
-def nusc(synthetic_nuscenes):  # noqa: F811
-    from nuscenes.nuscenes import NuScenes
-
-    return NuScenes(version=synthetic_nuscenes.version, dataroot=str(synthetic_nuscenes.root), verbose=False)
-
-
 def _ground_truth_as_tracks(infos: InfoSet, nusc):
     """The info GT as detector output (bottom-centre boxes with velocity), each box's track id the index
     of its annotation's instance (the info rows follow the sample's annotation order)."""
@@ -60,8 +53,10 @@ def test_tracking_names_are_the_devkits():
     assert sorted(TRACKING_NAMES) == sorted(config_factory("tracking_nips_2019").tracking_names)
 
 
-def test_ground_truth_as_tracks_scores_full_marks(tmp_path, synthetic_nuscenes, val_infos, nusc, caplog):  # noqa: F811
-    predictions, track_ids = _ground_truth_as_tracks(val_infos, nusc)
+def test_ground_truth_as_tracks_scores_full_marks(
+    tmp_path, synthetic_nuscenes, val_infos, synthetic_nusc, caplog  # noqa: F811
+):
+    predictions, track_ids = _ground_truth_as_tracks(val_infos, synthetic_nusc)
     with caplog.at_level(logging.INFO, logger="streampetr_plugin.evaluation.nuscenes_tracking"):
         metrics = evaluate_tracking(predictions, track_ids, val_infos, root=synthetic_nuscenes.root,
                                     output_dir=tmp_path)
@@ -79,8 +74,8 @@ def test_ground_truth_as_tracks_scores_full_marks(tmp_path, synthetic_nuscenes, 
     assert summary["amota"] == pytest.approx(metrics["AMOTA"])
 
 
-def test_swapped_ids_count_as_switches(tmp_path, synthetic_nuscenes, val_infos, nusc):  # noqa: F811
-    predictions, track_ids = _ground_truth_as_tracks(val_infos, nusc)
+def test_swapped_ids_count_as_switches(tmp_path, synthetic_nuscenes, val_infos, synthetic_nusc):  # noqa: F811
+    predictions, track_ids = _ground_truth_as_tracks(val_infos, synthetic_nusc)
     last = val_infos.samples[-1].token
     names = np.array([NUSCENES_CLASSES[label] for label in predictions[last]["labels_3d"]])
     counts = {name: int(np.sum(names == name)) for name in TRACKING_NAMES}
@@ -97,18 +92,18 @@ def test_swapped_ids_count_as_switches(tmp_path, synthetic_nuscenes, val_infos, 
     assert metrics["per_class"][swapped]["AMOTA"] < 1.0
 
 
-def test_submission_is_in_scene_order_and_loads_with_the_devkit(tmp_path, val_infos, nusc):
+def test_submission_is_in_scene_order_and_loads_with_the_devkit(tmp_path, val_infos, synthetic_nusc):
     from nuscenes.eval.common.loaders import load_prediction
     from nuscenes.eval.tracking.data_classes import TrackingBox
 
-    predictions, track_ids = _ground_truth_as_tracks(val_infos, nusc)
+    predictions, track_ids = _ground_truth_as_tracks(val_infos, synthetic_nusc)
     first = val_infos.samples[0].token
     track_ids[first] = track_ids[first].copy()
     track_ids[first][0] = NOT_TRACKED
     submission = format_tracking_results(predictions, track_ids, val_infos)
     tokens = list(submission["results"])
-    timestamps = [nusc.get("sample", token)["timestamp"] for token in tokens]
-    scenes = [nusc.get("sample", token)["scene_token"] for token in tokens]
+    timestamps = [synthetic_nusc.get("sample", token)["timestamp"] for token in tokens]
+    scenes = [synthetic_nusc.get("sample", token)["scene_token"] for token in tokens]
     assert set(tokens) == {sample.token for sample in val_infos.samples}
     pairs = zip(zip(scenes, timestamps), zip(scenes[1:], timestamps[1:]))
     assert all(scene != later_scene or time < later for (scene, time), (later_scene, later) in pairs)
@@ -129,8 +124,8 @@ def test_submission_is_in_scene_order_and_loads_with_the_devkit(tmp_path, val_in
     assert sum(len(boxes[token]) for token in boxes.sample_tokens) == len(records)
 
 
-def test_track_ids_must_cover_every_box(val_infos, nusc):
-    predictions, track_ids = _ground_truth_as_tracks(val_infos, nusc)
+def test_track_ids_must_cover_every_box(val_infos, synthetic_nusc):
+    predictions, track_ids = _ground_truth_as_tracks(val_infos, synthetic_nusc)
     token = val_infos.samples[1].token
     track_ids[token] = track_ids[token][:-1]
     with pytest.raises(ValueError, match="track ids"):

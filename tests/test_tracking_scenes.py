@@ -27,13 +27,6 @@ def scenes(synthetic_nuscenes):  # noqa: F811
     return InfoSet(version=val.version, samples=[*train.samples, *val.samples])
 
 
-@pytest.fixture(scope="module")
-def nusc(synthetic_nuscenes):  # noqa: F811
-    from nuscenes.nuscenes import NuScenes
-
-    return NuScenes(version=synthetic_nuscenes.version, dataroot=str(synthetic_nuscenes.root), verbose=False)
-
-
 def _ground_truth_detections(infos: InfoSet, nusc, *, fresh_query_ids: bool):
     """Annotated boxes of the tracked classes as LiDAR-frame detections, and each box's instance token.
     Query ids: one per instance, or a new one in every frame (no query carries an object along)."""
@@ -78,13 +71,13 @@ def test_scenes_come_in_time_order(scenes):
         assert all(a.timestamp < b.timestamp for a, b in zip(scene, scene[1:]))
 
 
-def test_frames_hold_global_centres(scenes, nusc):
-    predictions, instances = _ground_truth_detections(scenes, nusc, fresh_query_ids=False)
+def test_frames_hold_global_centres(scenes, synthetic_nusc):
+    predictions, instances = _ground_truth_detections(scenes, synthetic_nusc, fresh_query_ids=False)
     sample = scenes.samples[1]
     frame = tracking_frames(predictions, scenes, classes=NUSCENES_CLASSES)[sample.token]
     for center, instance in zip(frame.centers, instances[sample.token]):
-        tokens = nusc.get("sample", sample.token)["anns"]
-        annotations = [nusc.get("sample_annotation", token) for token in tokens]
+        tokens = synthetic_nusc.get("sample", sample.token)["anns"]
+        annotations = [synthetic_nusc.get("sample_annotation", token) for token in tokens]
         annotation = next(a for a in annotations if a["instance_token"] == instance)
         np.testing.assert_allclose(center, annotation["translation"][:2], atol=1e-4)
 
@@ -93,12 +86,12 @@ def test_frames_hold_global_centres(scenes, nusc):
     CenterPointTracker(),
     QueryPropagationTracker(),  # queries change every frame: rematching carries the tracks
 ], ids=["centerpoint", "query_propagation"])
-def test_identities_persist_while_the_ego_moves(scenes, nusc, tracker):
+def test_identities_persist_while_the_ego_moves(scenes, synthetic_nusc, tracker):
     # the ego drives: LiDAR-frame coordinates of the same world point change from frame to frame
     first, second = scenes_in_time_order(scenes)[0][:2]
     ego = [pose_matrix(s.ego2global_rotation, s.ego2global_translation)[:2, 3] for s in (first, second)]
     assert np.linalg.norm(ego[1] - ego[0]) > 1.0
-    predictions, instances = _ground_truth_detections(scenes, nusc, fresh_query_ids=True)
+    predictions, instances = _ground_truth_detections(scenes, synthetic_nusc, fresh_query_ids=True)
     track_ids = track_scenes(tracker, predictions, scenes, classes=NUSCENES_CLASSES)
     switches, per_instance = _switches(scenes, instances, track_ids)
     assert switches == 0
@@ -106,8 +99,8 @@ def test_identities_persist_while_the_ego_moves(scenes, nusc, tracker):
     assert len({ids[0] for ids in per_instance.values()}) == len(per_instance)  # one track per instance
 
 
-def test_query_identity_alone_tracks_when_queries_follow_objects(scenes, nusc):
-    predictions, instances = _ground_truth_detections(scenes, nusc, fresh_query_ids=False)
+def test_query_identity_alone_tracks_when_queries_follow_objects(scenes, synthetic_nusc):
+    predictions, instances = _ground_truth_detections(scenes, synthetic_nusc, fresh_query_ids=False)
     for prediction in predictions.values():
         prediction["boxes_3d"][:, 7:9] = 0.0  # no velocities: distance matching could not compensate
     tracker = QueryPropagationTracker(QueryPropagationTrackerParams(rematch=False))
@@ -116,10 +109,10 @@ def test_query_identity_alone_tracks_when_queries_follow_objects(scenes, nusc):
     assert switches == 0 and len({ids[0] for ids in per_instance.values()}) == len(per_instance)
 
 
-def test_query_lineages_never_join_across_a_stream_restart(scenes, nusc):
+def test_query_lineages_never_join_across_a_stream_restart(scenes, synthetic_nusc):
     # One query per instance all scene long, but numbered from 0 again in every frame as a restarted
     # detector numbers them: told about the restart at the third frame, the tracker splits the tracks there.
-    predictions, instances = _ground_truth_detections(scenes, nusc, fresh_query_ids=False)
+    predictions, instances = _ground_truth_detections(scenes, synthetic_nusc, fresh_query_ids=False)
     scene = scenes_in_time_order(scenes)[0]
     order = sorted({instance for sample in scene for instance in instances[sample.token]})
     for sample in scene:

@@ -25,6 +25,7 @@ from ..data.infos import InfoSet
 __all__ = [
     "DEFAULT_ATTRIBUTES",
     "EVAL_SPLITS",
+    "evaluation_split",
     "format_nuscenes_results",
     "evaluate_nuscenes",
 ]
@@ -69,6 +70,13 @@ def _as_numpy(value: Any) -> np.ndarray:
     if hasattr(value, "detach"):
         value = value.detach().cpu().numpy()
     return np.asarray(value)
+
+
+def evaluation_split(version: str) -> str:
+    """The devkit split evaluated for ``version``: ``val`` for v1.0-trainval, ``mini_val`` for v1.0-mini."""
+    if version not in EVAL_SPLITS:
+        raise ValueError(f"no evaluation split known for {version!r}; pass eval_set")
+    return EVAL_SPLITS[version]
 
 
 def format_nuscenes_results(
@@ -158,10 +166,7 @@ def evaluate_nuscenes(
     from nuscenes.eval.detection.evaluate import DetectionEval
 
     version = version or infos.version
-    if eval_set is None:
-        if version not in EVAL_SPLITS:
-            raise ValueError(f"no evaluation split known for {version!r}; pass eval_set")
-        eval_set = EVAL_SPLITS[version]
+    eval_set = eval_set or evaluation_split(version)
     config = config_factory("detection_cvpr_2019")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

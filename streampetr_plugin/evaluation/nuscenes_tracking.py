@@ -20,9 +20,9 @@ import numpy as np
 from streampetr_plugin.data.dataset import NUSCENES_CLASSES
 from streampetr_plugin.data.infos import InfoSet
 from streampetr_plugin.evaluation.nuscenes_metric import (
-    EVAL_SPLITS,
     SUBMISSION_META,
     _devkit_progress_bars_on_terminals_only,
+    evaluation_split,
     format_nuscenes_results,
 )
 from streampetr_plugin.tracking.frame import NOT_TRACKED
@@ -115,10 +115,7 @@ def evaluate_tracking(
     from nuscenes.eval.tracking.evaluate import TrackingEval
 
     version = version or infos.version
-    if eval_set is None:
-        if version not in EVAL_SPLITS:
-            raise ValueError(f"no evaluation split known for {version!r}; pass eval_set")
-        eval_set = EVAL_SPLITS[version]
+    eval_set = eval_set or evaluation_split(version)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results_path = output_dir / RESULTS_FILE
