@@ -1,4 +1,5 @@
 """4x4 inverses that export: the closed form against LU, and which one runs when."""
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,10 @@ def _camera_projections(count: int) -> torch.Tensor:
         viewpad[0, 2], viewpad[1, 2] = 400.0, 160.0
         # LiDAR x forward, z up -> camera z forward, y down, rotated by yaw about the LiDAR z axis.
         axes = torch.tensor([[0.0, -1.0, 0.0], [0.0, 0.0, -1.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
-        turn = torch.tensor([[math.cos(yaw), math.sin(yaw), 0.0], [-math.sin(yaw), math.cos(yaw), 0.0],
-                             [0.0, 0.0, 1.0]], dtype=torch.float64)
+        turn = torch.tensor(
+            [[math.cos(yaw), math.sin(yaw), 0.0], [-math.sin(yaw), math.cos(yaw), 0.0], [0.0, 0.0, 1.0]],
+            dtype=torch.float64,
+        )
         extrinsic = torch.eye(4, dtype=torch.float64)
         extrinsic[:3, :3] = axes @ turn
         extrinsic[:3, 3] = torch.randn(3, generator=generator, dtype=torch.float64)
@@ -30,8 +33,12 @@ def _camera_projections(count: int) -> torch.Tensor:
 
 def test_adjugate_inverse_equals_lu_on_general_matrices():
     generator = torch.Generator().manual_seed(1)
-    matrices = torch.randn(2, 50, 4, 4, generator=generator, dtype=torch.float64) + 3 * torch.eye(4, dtype=torch.float64)
-    torch.testing.assert_close(adjugate_inverse_4x4(matrices), torch.linalg.inv(matrices), rtol=1e-10, atol=1e-10)
+    matrices = torch.randn(2, 50, 4, 4, generator=generator, dtype=torch.float64) + 3 * torch.eye(
+        4, dtype=torch.float64
+    )
+    torch.testing.assert_close(
+        adjugate_inverse_4x4(matrices), torch.linalg.inv(matrices), rtol=1e-10, atol=1e-10
+    )
 
 
 def test_adjugate_inverse_of_camera_projections_is_as_accurate_as_lu_in_float32():

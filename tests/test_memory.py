@@ -1,4 +1,5 @@
 """The streaming memory's relative-time representation against the reference's absolute float64 times."""
+
 from __future__ import annotations
 
 import math
@@ -17,13 +18,20 @@ def _pose(x: float, y: float, yaw: float) -> torch.Tensor:
     return pose
 
 
-def _run_frame(memory: StreamingMemory, *, frame: int, timestamp: torch.Tensor, prev_exists: torch.Tensor) -> None:
+def _run_frame(
+    memory: StreamingMemory, *, frame: int, timestamp: torch.Tensor, prev_exists: torch.Tensor
+) -> None:
     """One frame of both streams with seeded queries; ``timestamp`` in the memory's own convention."""
     generator = torch.Generator().manual_seed(frame)
-    poses = torch.stack([_pose(1500.0 + 4.0 * frame + 50 * b, 900.0 - 3.0 * frame, 0.1 * frame + b)
-                         for b in range(STREAMS)])
-    memory.pre_update(prev_exists=prev_exists, timestamp=timestamp, ego_pose_inv=torch.linalg.inv(poses),
-                      pseudo_reference_points=torch.rand(TOPK, 3, generator=generator) * 10)
+    poses = torch.stack(
+        [_pose(1500.0 + 4.0 * frame + 50 * b, 900.0 - 3.0 * frame, 0.1 * frame + b) for b in range(STREAMS)]
+    )
+    memory.pre_update(
+        prev_exists=prev_exists,
+        timestamp=timestamp,
+        ego_pose_inv=torch.linalg.inv(poses),
+        pseudo_reference_points=torch.rand(TOPK, 3, generator=generator) * 10,
+    )
     memory.post_update(
         embedding=torch.randn(STREAMS, QUERIES, CHANNELS, generator=generator),
         reference_point=torch.randn(STREAMS, QUERIES, 3, generator=generator) * 20,
@@ -37,8 +45,17 @@ def _run_frame(memory: StreamingMemory, *, frame: int, timestamp: torch.Tensor, 
 
 def test_relative_ages_equal_the_absolute_ones_and_stay_float32():
     # Irregular frame times near nuScenes' absolute seconds; stream 1 restarts at frame 3.
-    times = torch.tensor([1.5331516e9, 1.5331516e9 + 0.5, 1.5331516e9 + 1.05, 1.5331516e9 + 1.5,
-                          1.5331516e9 + 2.0, 1.5331516e9 + 2.45], dtype=torch.float64)
+    times = torch.tensor(
+        [
+            1.5331516e9,
+            1.5331516e9 + 0.5,
+            1.5331516e9 + 1.05,
+            1.5331516e9 + 1.5,
+            1.5331516e9 + 2.0,
+            1.5331516e9 + 2.45,
+        ],
+        dtype=torch.float64,
+    )
     prev_exists = [torch.tensor([0.0, 0.0])] + [torch.tensor([1.0, 1.0])] * 5
     prev_exists[3] = torch.tensor([1.0, 0.0])
     absolute = StreamingMemory(capacity=CAPACITY, embed_dims=CHANNELS)
@@ -60,8 +77,12 @@ def test_relative_ages_equal_the_absolute_ones_and_stay_float32():
 
 def test_relative_memory_loads_times_as_float32_and_checks_its_state():
     memory = StreamingMemory(capacity=2, embed_dims=1, relative_time=True)
-    state = {"embedding": torch.zeros(2, 1), "reference_point": torch.zeros(2, 3),
-             "timestamp": torch.zeros(2, 1, dtype=torch.float64), "egopose": torch.zeros(2, 4, 4),
-             "velo": torch.zeros(2, 2)}
+    state = {
+        "embedding": torch.zeros(2, 1),
+        "reference_point": torch.zeros(2, 3),
+        "timestamp": torch.zeros(2, 1, dtype=torch.float64),
+        "egopose": torch.zeros(2, 4, 4),
+        "velo": torch.zeros(2, 2),
+    }
     memory.load(state)
     assert memory.timestamp.dtype == torch.float32 and memory.timestamp.shape == (1, 2, 1)

@@ -187,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
         commands.add_parser("bench", help="time training / inference steps at a recipe's real shapes (JSON)")
     )
 
+    from streampetr_plugin.deploy.commands import add_export_arguments, add_infer_arguments
+
+    add_export_arguments(commands.add_parser("export", help="write a checkpoint as an ONNX graph of one streaming frame"))
+    add_infer_arguments(
+        commands.add_parser("infer", help="run a checkpoint over a split in stream order (nuScenes results, frames/s)")
+    )
+
     visualize = commands.add_parser("visualize", help="draw a run's predictions and ground truth as a PNG")
     visualize.add_argument("--run", required=True, help="run directory (holds recipe.yaml and eval/)")
     visualize.add_argument("--sample", default=None, help="sample token (default: the first val sample)")

@@ -85,7 +85,8 @@ class NMSFreeCoder:
         dense = self.decode_dense(cls_scores, bbox_preds)
         fields = {"bboxes": dense.bboxes, "scores": dense.scores, "labels": dense.labels,
                   "query_index": dense.query_index}
-        return [{name: value[b][dense.keep[b]] for name, value in fields.items()} for b in range(len(dense.keep))]
+        return [{name: value[row][keep] for name, value in fields.items()}
+                for row, keep in enumerate(dense.keep)]
 
     @torch.no_grad()
     def decode_dense(self, cls_scores: torch.Tensor, bbox_preds: torch.Tensor) -> DenseDecoding:

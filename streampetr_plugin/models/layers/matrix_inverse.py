@@ -6,6 +6,7 @@ determinant, by cofactor expansion over the 2x2 minors of the row pairs (0, 1) a
 multiplications and additions only. Eager code keeps ``torch.linalg.inv`` (LU), the reference's numbers;
 the two agree to float32 rounding on camera projection matrices.
 """
+
 from __future__ import annotations
 
 from typing import List, Tuple
@@ -31,7 +32,9 @@ def _cofactor_tables() -> Tuple[List[List[int]], List[List[int]], List[float]]:
             paired_row = column ^ 1  # 0 <-> 1, 2 <-> 3
             offset = 6 if column < 2 else 0  # the minors of the row pair that does not hold `column`
             elements.append([4 * paired_row + p, 4 * paired_row + q, 4 * paired_row + w])
-            minors.append([offset + pair_index[(q, w)], offset + pair_index[(p, w)], offset + pair_index[(p, q)]])
+            minors.append(
+                [offset + pair_index[(q, w)], offset + pair_index[(p, w)], offset + pair_index[(p, q)]]
+            )
             signs.append(float((-1) ** (row + column)))
     return elements, minors, signs
 
@@ -56,9 +59,10 @@ def adjugate_inverse_4x4(matrix: torch.Tensor) -> torch.Tensor:
         return upper[..., first] * lower[..., second] - lower[..., first] * upper[..., second]  # (..., 6)
 
     minors = torch.cat([pair_minors(rows[0], rows[1]), pair_minors(rows[2], rows[3])], dim=-1)  # (..., 12)
-    terms = matrix.flatten(-2)[..., torch.tensor(_ELEMENTS, device=device)] * minors[
-        ..., torch.tensor(_MINORS, device=device)
-    ]  # (..., 16, 3)
+    terms = (
+        matrix.flatten(-2)[..., torch.tensor(_ELEMENTS, device=device)]
+        * minors[..., torch.tensor(_MINORS, device=device)]
+    )  # (..., 16, 3)
     adjugate = torch.tensor(_SIGNS, dtype=matrix.dtype, device=device) * (
         terms[..., 0] - terms[..., 1] + terms[..., 2]
     )
