@@ -60,7 +60,6 @@ FRAME_INPUTS: Tuple[str, ...] = (
     "prev_exists",
 )
 DETECTION_OUTPUTS: Tuple[str, ...] = ("boxes_3d", "scores_3d", "labels_3d")
-RAW_OUTPUTS: Tuple[str, ...] = ("cls_logits", "bbox_preds")
 MEMORY_INPUTS: Tuple[str, ...] = tuple(f"memory.{field}" for field in MEMORY_FIELDS)
 MEMORY_OUTPUTS: Tuple[str, ...] = tuple(f"memory_next.{field}" for field in MEMORY_FIELDS)
 DROPPED_SCORE = -1.0  # scores_3d of pairs the eval decoder drops
@@ -85,21 +84,6 @@ class GraphSignature:
     inputs: Tuple[TensorSpec, ...]
     outputs: Tuple[TensorSpec, ...]
 
-    def input(self, name: str) -> TensorSpec:
-        return next(spec for spec in self.inputs if spec.name == name)
-
-
-def memory_shapes(head: StreamPETRHead) -> Dict[str, Tuple[int, ...]]:
-    """``{field: shape}`` of one stream's memory state (batch 1)."""
-    rows = head.memory_len
-    return {
-        "embedding": (1, rows, head.embed_dims),
-        "reference_point": (1, rows, 3),
-        "timestamp": (1, rows, 1),
-        "egopose": (1, rows, 4, 4),
-        "velo": (1, rows, 2),
-    }
-
 
 def graph_signature(
     detector: StreamPETRDetector, *, num_cameras: int, image_hw: Tuple[int, int]
@@ -109,7 +93,14 @@ def graph_signature(
     height, width = image_hw
     num_queries = head.num_query + head.num_propagated
     top_k = min(head.bbox_coder.max_num, num_queries * head.num_classes)
-    memory = memory_shapes(head)
+    rows = head.memory_len
+    memory = {
+        "embedding": (1, rows, head.embed_dims),
+        "reference_point": (1, rows, 3),
+        "timestamp": (1, rows, 1),
+        "egopose": (1, rows, 4, 4),
+        "velo": (1, rows, 2),
+    }
     frame = {
         "img": (1, num_cameras, 3, height, width),
         "lidar2img": (1, num_cameras, 4, 4),

@@ -108,11 +108,8 @@ class OnnxStreamRunner:
 
     def reset(self) -> None:
         """Forget the stream: the next frame starts it afresh."""
-        self._clear_memory()
-        self.clock.reset()
-
-    def _clear_memory(self) -> None:
         self.memory = self.zero_memory()
+        self.clock.reset()
 
     def zero_memory(self) -> Dict[str, np.ndarray]:
         """The memory of a stream that has not started: zeros of every ``memory.<field>``."""
@@ -122,7 +119,7 @@ class OnnxStreamRunner:
         """Run one frame of ``FRAME_INPUTS`` arrays (``time_delta`` and ``prev_exists`` included) on the
         carried memory and carry ``memory_next`` forward."""
         if float(frame["prev_exists"][0]) == 0.0:
-            self._clear_memory()
+            self.memory = self.zero_memory()
         outputs = self.evaluate(frame, self.memory)
         self.memory = {name: outputs[next_name] for name, next_name in zip(MEMORY_INPUTS, MEMORY_OUTPUTS)}
         return FrameResult(detections=kept_detections(outputs), outputs=outputs)

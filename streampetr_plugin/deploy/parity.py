@@ -18,7 +18,7 @@ nearest centre.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterable, Mapping, Optional
+from typing import Any, Dict, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -159,7 +159,7 @@ def measure_parity(
         onnxruntime_teacher_forced=Agreement(),
         relative_time_torch=Agreement(),
     )
-    torch_memory: Optional[Dict[str, torch.Tensor]] = None
+    torch_memory: Dict[str, torch.Tensor] = {}
     previous_time = 0.0
     try:
         for batch in batches:
@@ -194,7 +194,7 @@ def measure_parity(
                 reference=eager, candidate=_graph_view(forced), score_threshold=score_threshold
             )
 
-            if torch_memory is None or not prev_exists:
+            if not prev_exists:  # always so at the first frame
                 torch_memory = {name: torch.zeros(shape) for name, shape in runner.memory_shapes.items()}
             values = frame_module(
                 *[torch.from_numpy(frame[name]) for name in FRAME_INPUTS],

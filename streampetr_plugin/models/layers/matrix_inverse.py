@@ -44,7 +44,8 @@ _ELEMENTS, _MINORS, _SIGNS = _cofactor_tables()
 
 def inverse_4x4(matrix: torch.Tensor) -> torch.Tensor:
     """Inverse of ``matrix`` (..., 4, 4); closed form while exporting, LU otherwise."""
-    if torch.compiler.is_exporting():
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # absent in older torch releases
+    if is_exporting is not None and is_exporting():
         return adjugate_inverse_4x4(matrix)
     return torch.linalg.inv(matrix)
 
