@@ -9,7 +9,6 @@ between queries), except the ego-motion and time embeddings, whose initial scale
 response to the float32 rounding of global poses (1e-4 m at 1.5 km) that of a trained one; the
 classification bias of -2.5 leaves about 20 of the 100 decoded pairs per frame at or above 0.3.
 """
-
 from __future__ import annotations
 
 from dataclasses import dataclass

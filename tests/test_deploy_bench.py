@@ -1,6 +1,5 @@
 """``streampetr bench --inference --backend onnxruntime``: what it times and when it refuses (the model:
 ``tests/deploy_helpers.py``; no timing is asserted)."""
-
 from __future__ import annotations
 
 import pytest

@@ -1,6 +1,5 @@
 """``streampetr export``: the graph's contract (names, shapes, dtypes, no float64) and its agreement with the
 PyTorch eval path over a stream that restarts, in onnxruntime (the model: ``tests/deploy_helpers.py``)."""
-
 from __future__ import annotations
 
 import json

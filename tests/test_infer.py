@@ -1,6 +1,5 @@
 """``streampetr infer``: nuScenes results the devkit loads, the same from both backends, and its command line
 (the model: ``tests/deploy_helpers.py``)."""
-
 from __future__ import annotations
 
 import json

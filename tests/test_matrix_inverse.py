@@ -1,5 +1,4 @@
 """4x4 inverses that export: the closed form against LU, and which one runs when."""
-
 from __future__ import annotations
 
 import math

@@ -1,5 +1,4 @@
 """The streaming memory's relative-time representation against the reference's absolute float64 times."""
-
 from __future__ import annotations
 
 import math

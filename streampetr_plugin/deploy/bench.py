@@ -6,7 +6,6 @@ weights) is exported to a temporary graph, and one synthetic stream of the recip
 onnxruntime at each graph optimisation level. Every frame goes through every configuration in turn, so
 a change in the machine's load falls on all of them alike. onnxruntime gets as many threads as PyTorch.
 """
-
 from __future__ import annotations
 
 import dataclasses

@@ -5,7 +5,6 @@ Wire them into a CLI with :func:`add_export_arguments` / :func:`add_infer_argume
 
     add_export_arguments(commands.add_parser("export", help="..."))
 """
-
 from __future__ import annotations
 
 import argparse

@@ -12,7 +12,6 @@ The graph is traced from the detector's own modules with ``torch.onnx.export`` (
 whose optimiser folds constants), checked with ``onnx.checker`` and refused if any tensor in it is
 float64 (TensorRT and Ascend ATC reject float64).
 """
-
 from __future__ import annotations
 
 import contextlib

@@ -34,7 +34,6 @@ and ``bbox_preds`` (1, Q', 10) f32 (the last decoder layer, for verification and
 The memory holds the newest M rows. The eager memory holds M + top-k between frames, but the frame
 drops the oldest top-k first and every operation on it is row-wise, so M rows give the same result.
 """
-
 from __future__ import annotations
 
 import contextlib

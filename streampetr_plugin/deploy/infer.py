@@ -11,7 +11,6 @@ the official metric and the leaderboard take), ``predictions.npz`` (what ``strea
 reads) and, with ``--pictures N``, the cameras and bird's-eye view of the first N samples; prints the
 frames per second of the model alone and of the whole loop.
 """
-
 from __future__ import annotations
 
 import contextlib

@@ -6,7 +6,6 @@ stream; the graph would zero the rows itself, fresh zeros also keep anything non
 :meth:`OnnxStreamRunner.step` takes a batch of the batch contract and returns what the detector's eval
 path returns for it; :meth:`OnnxStreamRunner.run` takes the frame inputs directly.
 """
-
 from __future__ import annotations
 
 import importlib

@@ -14,7 +14,6 @@ Logits and box codes are compared per query (the last decoder layer), detections
 scoring at least ``score_threshold`` on the eager side, matched to the other side's by class and
 nearest centre.
 """
-
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass

@@ -6,7 +6,6 @@ determinant, by cofactor expansion over the 2x2 minors of the row pairs (0, 1) a
 multiplications and additions only. Eager code keeps ``torch.linalg.inv`` (LU), the reference's numbers;
 the two agree to float32 rounding on camera projection matrices.
 """
-
 from __future__ import annotations
 
 from typing import List, Tuple
