@@ -1,7 +1,7 @@
 """``streampetr infer``: run a checkpoint over a dataset split in stream order, write nuScenes results.
 
 Usage: ``streampetr infer RECIPE [a.b=v ...] --checkpoint PATH [--backend torch|onnxruntime] [--onnx DIR]
-[--split val|train] [--out DIR] [--pictures N]``.
+[--split val|train] [--out DIR] [--pictures N] [--threads N]``.
 
 Every frame of the split goes through one stream in timestamp order (a new scene restarts it), with
 the PyTorch eval path (``torch``) or an exported graph in onnxruntime (``onnxruntime``, the graph from
@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 import numpy as np
 import torch
@@ -27,8 +26,6 @@ import torch
 from streampetr_plugin.config.schema import Recipe
 from streampetr_plugin.deploy.commands import BACKENDS, SPLITS
 from streampetr_plugin.errors import InputError, describe
-
-logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "results_nusc.json"
 
@@ -43,7 +40,7 @@ class InferResult:
 
     results_path: Path
     predictions_path: Path
-    pictures: list
+    pictures: List[Path]
     frames: int
     model_seconds: float
     total_seconds: float
@@ -226,7 +223,7 @@ def _infer(
 
 def _draw(
     dataset: Any, predictions: Mapping[str, Detections], out_dir: Path, *, count: int, class_names: Any
-) -> list:
+) -> List[Path]:
     from streampetr_plugin.visualization.command import render_dataset_sample
 
     drawn = []
