@@ -78,12 +78,12 @@ def test_onnxruntime_backend_writes_the_torch_backend_results(exported, torch_re
 def test_command_line_wires_both_commands_and_reports_missing_inputs(exported, tmp_path):
     parser = build_parser()
     export_args = parser.parse_args(["export", "demo_cpu", "--checkpoint", "a.pth", "--out", str(tmp_path)])
-    assert export_args.run is run_export and export_args.opset >= 17
+    assert export_args.handler is run_export and export_args.opset >= 17
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(dump_recipe(exported.recipe))
     args = parser.parse_args(["infer", str(recipe_file), "--backend", "onnxruntime"])
-    assert args.run is run_infer
+    assert args.handler is run_infer
     with pytest.raises(InputError, match="--onnx"):
-        args.run(args)
+        args.handler(args)
     with pytest.raises(InputError, match="streampetr export"):
         OnnxStreamRunner(tmp_path)

@@ -1,7 +1,8 @@
 """The ``streampetr export`` and ``streampetr infer`` command lines (light to import: the work happens in
 :mod:`~streampetr_plugin.deploy.export` and :mod:`~streampetr_plugin.deploy.infer`).
 
-Wire them into a CLI with :func:`add_export_arguments` / :func:`add_infer_arguments` (each sets ``run``)::
+Wire them into a CLI with :func:`add_export_arguments` / :func:`add_infer_arguments` (each sets
+``handler``)::
 
     add_export_arguments(commands.add_parser("export", help="..."))
 """
@@ -18,7 +19,7 @@ SPLITS = ("val", "train")
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``streampetr export``'s arguments to ``parser`` and set ``run`` to :func:`run_export`."""
+    """Add ``streampetr export``'s arguments to ``parser`` and set ``handler`` to :func:`run_export`."""
     parser.add_argument("recipe", help="recipe file or shipped recipe name")
     parser.add_argument("overrides", nargs="*", help="a.b=value to set, ~a.b to delete")
     parser.add_argument(
@@ -39,7 +40,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         default=DEFAULT_PARITY_FRAMES,
         help=f"frames to compare onnxruntime and PyTorch on (0: skip); default {DEFAULT_PARITY_FRAMES}",
     )
-    parser.set_defaults(run=run_export)
+    parser.set_defaults(handler=run_export)
     return parser
 
 
@@ -70,7 +71,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def add_infer_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``streampetr infer``'s arguments to ``parser`` and set ``run`` to :func:`run_infer`."""
+    """Add ``streampetr infer``'s arguments to ``parser`` and set ``handler`` to :func:`run_infer`."""
     parser.add_argument("recipe", help="recipe file or shipped recipe name")
     parser.add_argument("overrides", nargs="*", help="a.b=value to set, ~a.b to delete")
     parser.add_argument(
@@ -97,7 +98,7 @@ def add_infer_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         default=None,
         help="CPU threads of either backend (default: the recipe's cpu_threads setting)",
     )
-    parser.set_defaults(run=run_infer)
+    parser.set_defaults(handler=run_infer)
     return parser
 
 

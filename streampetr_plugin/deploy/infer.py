@@ -136,7 +136,7 @@ def _onnxruntime_step(
         )
     runner = OnnxStreamRunner(onnx_dir, threads=threads)
     num_cameras, (height, width) = recipe_test_shape(recipe)
-    graph_shape = tuple(next(node.shape for node in runner.session.get_inputs() if node.name == "img"))
+    graph_shape = tuple(next(node.shape for node in runner.ort_session.get_inputs() if node.name == "img"))
     if graph_shape != (1, num_cameras, 3, height, width):
         raise InputError(
             describe(

@@ -88,8 +88,8 @@ class OnnxStreamRunner:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         self.path = resolve_onnx_path(onnx_path)
-        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
-        shapes = {node.name: tuple(node.shape) for node in self.session.get_inputs()}
+        self.ort_session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        shapes = {node.name: tuple(node.shape) for node in self.ort_session.get_inputs()}
         missing = [name for name in (*FRAME_INPUTS, *MEMORY_INPUTS) if name not in shapes]
         if missing:
             raise InputError(
@@ -100,7 +100,7 @@ class OnnxStreamRunner:
                 )
             )
         self.memory_shapes = {name: shapes[name] for name in MEMORY_INPUTS}
-        self.output_names = [node.name for node in self.session.get_outputs()]
+        self.output_names = [node.name for node in self.ort_session.get_outputs()]
         self.clock = StreamClock()
         self.memory: Dict[str, np.ndarray] = {}
         self.reset()
@@ -127,7 +127,7 @@ class OnnxStreamRunner:
         self, frame: Mapping[str, np.ndarray], memory: Mapping[str, np.ndarray]
     ) -> Dict[str, np.ndarray]:
         """Every graph output, by name, of ``frame`` on ``memory`` (the carried memory is untouched)."""
-        values = self.session.run(
+        values = self.ort_session.run(
             self.output_names, {**{name: frame[name] for name in FRAME_INPUTS}, **memory}
         )
         return dict(zip(self.output_names, values))
