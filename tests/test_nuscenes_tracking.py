@@ -93,8 +93,11 @@ def test_swapped_ids_count_as_switches(tmp_path, synthetic_nuscenes, val_infos, 
 
 
 def test_submission_is_in_scene_order_and_loads_with_the_devkit(tmp_path, val_infos, synthetic_nusc):
+    from nuscenes.eval.common.config import config_factory
     from nuscenes.eval.common.loaders import load_prediction
     from nuscenes.eval.tracking.data_classes import TrackingBox
+
+    config_factory("tracking_nips_2019")  # the devkit learns its tracking class names from the configuration
 
     predictions, track_ids = _ground_truth_as_tracks(val_infos, synthetic_nusc)
     first = val_infos.samples[0].token

@@ -32,6 +32,8 @@ from typing import Any, Dict, List, Mapping, Tuple, Union
 
 import numpy as np
 
+from streampetr_plugin.errors import InputError, describe
+
 __all__ = [
     "EVAL_DIR",
     "OPTIONAL_ARRAYS",
@@ -128,21 +130,45 @@ def save_predictions(predictions: Predictions, path: Union[str, Path]) -> Path:
     return path
 
 
+ARRAY_NAMES = ("offsets", "sample_tokens", "boxes_3d", "scores_3d", "labels_3d")
+
+
+class PredictionsFileError(InputError, ValueError):
+    """A predictions file that cannot be read: damaged, of another format, or holding pickled objects."""
+
+
 def load_predictions(path: Union[str, Path]) -> Dict[str, Dict[str, np.ndarray]]:
     """Read a predictions file: ``{sample_token: {"boxes_3d" (K, 9) f32, "scores_3d" (K,) f32,
     "labels_3d" (K,) i64}}`` (plus the optional arrays the file has) in the order written. Raises
-    ``ValueError`` for another format."""
-    with np.load(path, allow_pickle=False) as data:
-        if "format" not in data.files or str(data["format"]) != PREDICTIONS_FORMAT:
-            raise ValueError(f"{path}: not a {PREDICTIONS_FORMAT} file")
-        if int(data["version"]) != PREDICTIONS_FORMAT_VERSION:
-            raise ValueError(
-                f"{path}: format version {int(data['version'])}, expected {PREDICTIONS_FORMAT_VERSION}"
-            )
-        offsets = data["offsets"]
-        arrays = {name: data[name] for name in ("boxes_3d", "scores_3d", "labels_3d", *OPTIONAL_ARRAYS)
-                  if name in data.files}
-        return {
-            str(token): {name: values[start:end] for name, values in arrays.items()}
-            for token, start, end in zip(data["sample_tokens"], offsets[:-1], offsets[1:])
-        }
+    :class:`PredictionsFileError` (one line naming the file) for a damaged file, another format, or one
+    that needs pickled objects (never loaded)."""
+    name = os.fspath(path)
+    fix = "evaluate the checkpoint again to rewrite it (streampetr eval RECIPE --checkpoint PATH)"
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "format" not in data.files or str(data["format"]) != PREDICTIONS_FORMAT:
+                raise PredictionsFileError(describe(name, f"is not a {PREDICTIONS_FORMAT} file", fix))
+            if int(data["version"]) != PREDICTIONS_FORMAT_VERSION:
+                found = int(data["version"])
+                raise PredictionsFileError(describe(
+                    name, f"format version {found}, this version reads {PREDICTIONS_FORMAT_VERSION}", fix
+                ))
+            arrays = {key: data[key] for key in ARRAY_NAMES}
+            arrays.update({key: data[key] for key in OPTIONAL_ARRAYS if key in data.files})
+    except (FileNotFoundError, PredictionsFileError):
+        raise
+    except ValueError as error:
+        if "allow_pickle" not in str(error):
+            raise PredictionsFileError(describe(name, f"is not a readable predictions file ({error})", fix))
+        raise PredictionsFileError(describe(  # numpy refuses object arrays without unpickling them
+            name, "holds arrays of pickled Python objects: refusing to unpickle them, nothing was run", fix
+        )) from None
+    except (OSError, KeyError, EOFError) as error:  # damaged, truncated, or an array missing
+        problem = f"is not a readable predictions file ({error})"
+        raise PredictionsFileError(describe(name, problem, fix)) from None
+    offsets = arrays["offsets"]
+    per_box = [key for key in ("boxes_3d", "scores_3d", "labels_3d", *OPTIONAL_ARRAYS) if key in arrays]
+    return {
+        str(token): {key: arrays[key][start:end] for key in per_box}
+        for token, start, end in zip(arrays["sample_tokens"], offsets[:-1], offsets[1:])
+    }

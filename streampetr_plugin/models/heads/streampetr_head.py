@@ -33,6 +33,7 @@ from streampetr_plugin.models.coders.nms_free_coder import NMSFreeCoder
 from streampetr_plugin.models.heads.geometric_warm_start import alignment_loss
 from streampetr_plugin.models.layers.denoising import build_denoising_queries
 from streampetr_plugin.models.layers.functional import bias_init_with_prob, inverse_sigmoid
+from streampetr_plugin.models.layers.matrix_inverse import inverse_4x4
 from streampetr_plugin.models.layers.memory import StreamingMemory
 from streampetr_plugin.models.layers.positional_encoding import (
     MLN,
@@ -264,7 +265,7 @@ class StreamPETRHead(nn.Module):
             coords = torch.cat(
                 [uv, depth.view(num_bins, 1).expand_as(uv[..., :1]), torch.ones_like(uv[..., :1])], dim=-1
             )  # (B, N, hw, D, 4): (u d, v d, d, 1)
-            img2lidar = lidar2img.float().inverse()  # (B, N, 4, 4)
+            img2lidar = inverse_4x4(lidar2img.float())  # (B, N, 4, 4)
             coords3d = torch.matmul(img2lidar[:, :, None, None], coords.unsqueeze(-1)).squeeze(-1)[..., :3]
             low, high = self.position_range[0:3], self.position_range[3:6]
             coords3d = (coords3d - low) / (high - low)
@@ -388,7 +389,8 @@ class StreamPETRHead(nn.Module):
             pad_shape: (pad_h, pad_w) of the padded input images.
             intrinsics: (B, N, 4, 4); only K[0, 0], K[1, 1] are read.
             lidar2img: (B, N, 4, 4) LiDAR -> padded-image pixels.
-            timestamp: (B,) float64 seconds.
+            timestamp: (B,) float64 seconds; with a ``relative_time`` memory float32 seconds since the
+                stream's previous frame.
             ego_pose, ego_pose_inv: (B, 4, 4) LiDAR -> global and its inverse.
             prev_exists: (B,) 0 at the first frame of a stream.
             gt_bboxes_3d, gt_labels_3d: per-sample GT (gravity-centre boxes (n, 9)); used for denoising
@@ -402,8 +404,9 @@ class StreamPETRHead(nn.Module):
             ``query_ids`` (B, Q + P) int64 (:class:`QueryIdentities`: a propagated query keeps the id of
             the query that wrote its memory row).
         """
-        if timestamp.dtype != torch.float64:
-            raise TypeError(f"timestamp must be float64 (absolute seconds), got {timestamp.dtype}")
+        if timestamp.dtype != self.memory.time_dtype:
+            meaning = "seconds since the previous frame" if self.memory.relative_time else "absolute seconds"
+            raise TypeError(f"timestamp must be {self.memory.time_dtype} ({meaning}), got {timestamp.dtype}")
         batch = img_feats.shape[0]
         device = img_feats.device
         pc_low, pc_high = self.pc_range[0:3], self.pc_range[3:6]
@@ -549,22 +552,39 @@ class StreamPETRHead(nn.Module):
         return losses
 
     @torch.no_grad()
+    def decode_fixed(self, preds: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        """Decode the last layer at a fixed size: the top K = ``max_num`` (query, class) pairs, no NMS.
+
+        Returns ``{"boxes_3d": (B, K, 9) (x, y, z_bottom, dx, dy, dz, yaw, vx, vy), "scores_3d": (B, K)
+        descending, "labels_3d": (B, K), "keep": (B, K) bool}`` in the current LiDAR frame; ``keep`` is
+        False where the decoder's ``post_center_range`` or ``score_threshold`` drops the pair. With
+        ``query_ids`` in ``preds`` also ``"query_ids_3d"`` (B, K): the id of each pair's query.
+        """
+        dense = self.bbox_coder.decode_dense(preds["all_cls_scores"][-1], preds["all_bbox_preds"][-1])
+        boxes = dense.bboxes
+        bottom_z = boxes[..., 2:3] - boxes[..., 5:6] * 0.5  # gravity centre -> bottom centre
+        decoded = {
+            "boxes_3d": torch.cat([boxes[..., :2], bottom_z, boxes[..., 3:]], dim=-1),
+            "scores_3d": dense.scores,
+            "labels_3d": dense.labels,
+            "keep": dense.keep,
+        }
+        if preds.get("query_ids") is not None:
+            decoded["query_ids_3d"] = torch.gather(preds["query_ids"], 1, dense.query_index)  # (B, K)
+        return decoded
+
+    @torch.no_grad()
     def get_bboxes(self, preds: Dict[str, Any]) -> List[Dict[str, torch.Tensor]]:
-        """Decode the last layer (top ``max_num`` (query, class) pairs, no NMS).
+        """Decode the last layer (:meth:`decode_fixed` without the dropped pairs).
 
         Returns per sample ``{"boxes_3d": (K, 9) (x, y, z_bottom, dx, dy, dz, yaw, vx, vy),
-        "scores_3d": (K,), "labels_3d": (K,)}`` in the current LiDAR frame, and ``"query_ids_3d"`` (K,)
-        (the id of the query each box came from) when ``preds`` has ``query_ids``.
+        "scores_3d": (K,), "labels_3d": (K,)}`` in the current LiDAR frame, K <= ``max_num``, and
+        ``"query_ids_3d"`` (K,) (the id of the query each box came from) when ``preds`` has ``query_ids``.
         """
-        decoded = self.bbox_coder.decode(preds["all_cls_scores"][-1], preds["all_bbox_preds"][-1])
-        results = []
-        for row, sample in enumerate(decoded):
-            boxes = sample["bboxes"].clone()
-            boxes[:, 2] = boxes[:, 2] - boxes[:, 5] * 0.5  # gravity centre -> bottom centre
-            results.append({"boxes_3d": boxes, "scores_3d": sample["scores"], "labels_3d": sample["labels"]})
-            if preds.get("query_ids") is not None:
-                results[-1]["query_ids_3d"] = preds["query_ids"][row][sample["query_index"]]
-        return results
+        fixed = self.decode_fixed(preds)
+        keep = fixed["keep"]
+        names = [name for name in ("boxes_3d", "scores_3d", "labels_3d", "query_ids_3d") if name in fixed]
+        return [{name: fixed[name][row][keep[row]] for name in names} for row in range(keep.size(0))]
 
 
 def _gather_tokens(values: torch.Tensor, topk_indexes: torch.Tensor) -> torch.Tensor:
