@@ -92,6 +92,19 @@ def test_swapped_ids_count_as_switches(tmp_path, synthetic_nuscenes, val_infos, 
     assert metrics["per_class"][swapped]["AMOTA"] < 1.0
 
 
+def test_without_a_tracked_box_every_metric_is_at_its_worst(
+    tmp_path, synthetic_nuscenes, val_infos, synthetic_nusc  # noqa: F811
+):
+    predictions, track_ids = _ground_truth_as_tracks(val_infos, synthetic_nusc)
+    untracked = {token: np.full_like(ids, NOT_TRACKED) for token, ids in track_ids.items()}
+    metrics = evaluate_tracking(predictions, untracked, val_infos, root=synthetic_nuscenes.root,
+                                output_dir=tmp_path)
+    assert metrics["AMOTA"] == 0.0 and metrics["MOTA"] == 0.0 and metrics["RECALL"] == 0.0
+    assert metrics["AMOTP"] == 2.0  # the devkit's worst: its 2 m match distance
+    assert metrics["IDS"] == 0 and metrics["FRAG"] == 0
+    assert json.loads((tmp_path / SUMMARY_FILE).read_text())["amota"] == 0.0
+
+
 def test_submission_is_in_scene_order_and_loads_with_the_devkit(tmp_path, val_infos, synthetic_nusc):
     from nuscenes.eval.common.config import config_factory
     from nuscenes.eval.common.loaders import load_prediction

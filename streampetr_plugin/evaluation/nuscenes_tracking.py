@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -50,6 +51,8 @@ SUMMARY_FILE = "metrics_summary_tracking.json"
 _METRICS = (("AMOTA", "amota"), ("AMOTP", "amotp"), ("MOTA", "mota"), ("RECALL", "recall"),
             ("IDS", "ids"), ("FRAG", "frag"))
 _COUNTS = ("IDS", "FRAG")
+# metrics whose worst value the configuration knows (it leaves counts such as IDS unknown)
+_WORST_WITHOUT_TRACKS = ("amota", "amotp", "recall", "motar", "mota", "motp")
 
 
 def format_tracking_results(
@@ -110,26 +113,41 @@ def evaluate_tracking(
     Returns ``AMOTA``, ``AMOTP``, ``MOTA``, ``RECALL``, ``IDS``, ``FRAG`` (floats; the last four at the
     recall threshold of best MOTA), ``per_class`` {tracking class: the same six} and
     ``tracking_results_path``. Logs a line starting ``AMOTA:``, the others, and a per-class table.
+    Without a single tracked box (an untrained detector) the devkit cannot run; every metric is then
+    the configuration's worst (AMOTA 0, AMOTP 2 m), and IDS and FRAG 0.
     """
     from nuscenes.eval.common.config import config_factory
+    from nuscenes.eval.tracking.data_classes import TrackingMetrics
     from nuscenes.eval.tracking.evaluate import TrackingEval
 
     version = version or infos.version
     eval_set = eval_set or evaluation_split(version)
+    config = config_factory(TRACKING_CONFIG)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results_path = output_dir / RESULTS_FILE
+    submission = format_tracking_results(predictions, track_ids, infos, classes=classes)
     with open(results_path, "w") as handle:
-        json.dump(format_tracking_results(predictions, track_ids, infos, classes=classes), handle)
+        json.dump(submission, handle)
     logger.info("nuScenes tracking metric: %d samples of %s %s; files in %s", len(infos.samples), version,
                 eval_set, output_dir)
-    with _devkit_progress_bars_on_terminals_only():
-        evaluator = TrackingEval(config=config_factory(TRACKING_CONFIG), result_path=str(results_path),
-                                 eval_set=eval_set, output_dir=str(output_dir), nusc_version=version,
-                                 nusc_dataroot=str(root), verbose=False)
-        metrics, _ = evaluator.evaluate()
-    summary = metrics.serialize()
-    summary["meta"] = dict(evaluator.meta)
+    if any(submission["results"].values()):
+        with _devkit_progress_bars_on_terminals_only():
+            evaluator = TrackingEval(config=config, result_path=str(results_path), eval_set=eval_set,
+                                     output_dir=str(output_dir), nusc_version=version,
+                                     nusc_dataroot=str(root), verbose=False)
+            metrics, _ = evaluator.evaluate()
+        meta = evaluator.meta
+    else:
+        logger.warning("nuScenes tracking metric: no tracked box in any sample; every metric at its worst")
+        metrics, meta = TrackingMetrics(config), submission["meta"]
+        for name in config.class_names:
+            for metric in _WORST_WITHOUT_TRACKS:
+                metrics.add_label_metric(metric, name, config.metric_worst[metric])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # means of metrics no class has (all NaN)
+        summary = metrics.serialize()
+    summary["meta"] = dict(meta)
     with open(output_dir / SUMMARY_FILE, "w") as handle:
         json.dump(summary, handle, indent=2)
 
