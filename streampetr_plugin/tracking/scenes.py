@@ -36,8 +36,9 @@ def tracking_frames(
     ``query_ids_3d``) moved to the global frame as the detection submission moves them.
 
     Query ids count from 0 again where the detector's streams restarted (``restarts``: sample tokens, e.g.
-    where one rank's part of the val set begins); from each restart on they are moved up by another
-    ``RESTART_ID_STRIDE``, so queries before and after a restart never share an id."""
+    where one rank's part of the val set begins; ``infos.samples`` in the order the detector ran them);
+    from each restart on they are moved up by another ``RESTART_ID_STRIDE``, so queries before and after
+    a restart never share an id."""
     everywhere = {name: math.inf for name in classes}  # keep every box: rows stay aligned with the records
     submission = format_nuscenes_results(predictions, infos, classes=classes, class_range=everywhere)
     frames = {}
