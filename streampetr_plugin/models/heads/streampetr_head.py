@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
 
+from streampetr_plugin.models.assigners.assign_result import AssignResult
+from streampetr_plugin.models.assigners.solver import MatchingProblem
 from streampetr_plugin.models.coders.nms_free_coder import NMSFreeCoder
 from streampetr_plugin.models.heads.geometric_warm_start import alignment_loss
 from streampetr_plugin.models.layers.denoising import build_denoising_queries
@@ -513,16 +515,31 @@ class StreamPETRHead(nn.Module):
 
     # ------------------------------------------------------------------ losses and decoding
 
+    def matching_problem(
+        self,
+        gt_bboxes_3d: Sequence[torch.Tensor],
+        gt_labels_3d: Sequence[torch.Tensor],
+        preds: Dict[str, Any],
+    ) -> MatchingProblem:
+        """The Hungarian matching costs of every decoder layer (the arguments of :meth:`loss`), on the
+        device; :meth:`loss` takes its solution."""
+        return self.criterion.matching_problem(
+            preds["all_cls_scores"], preds["all_bbox_preds"], list(gt_bboxes_3d), list(gt_labels_3d),
+            self.match_costs,
+        )
+
     def loss(
         self,
         gt_bboxes_3d: Sequence[torch.Tensor],
         gt_labels_3d: Sequence[torch.Tensor],
         preds: Dict[str, Any],
+        assignments: Optional[Sequence[AssignResult]] = None,
     ) -> Dict[str, torch.Tensor]:
         """3D losses of :meth:`forward`'s outputs against per-sample GT boxes (n, 9) (gravity-centre z) and
         labels (n,). Keys: ``loss_cls``, ``loss_bbox``, ``d0..d4.loss_*`` and the ``dn_`` counterparts; with
         geometric guidance also ``loss_geometric_guidance`` (weighted) and ``geometric_guidance_share`` (the
-        attention share on the target tokens, detached)."""
+        attention share on the target tokens, detached). ``assignments``: the solved
+        :meth:`matching_problem` (None: solved here)."""
         losses = self.criterion(
             preds["all_cls_scores"],
             preds["all_bbox_preds"],
@@ -531,6 +548,7 @@ class StreamPETRHead(nn.Module):
             list(gt_labels_3d),
             self.code_weights,
             self.match_costs,
+            assignments=assignments,
         )
         if preds.get("geometric_guidance") is not None:
             loss, share = preds["geometric_guidance"]

@@ -35,14 +35,20 @@ def reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def mean_count_over_ranks(count: float, device: torch.device) -> float:
-    """``max(reduce_mean(count), 1)`` as a Python float.
-
-    Without a process group this never touches the device, so a loss normaliser costs no host sync.
-    """
+def mean_count_over_ranks(count: float, device: torch.device) -> float | torch.Tensor:
+    """``max(reduce_mean(count), 1)``: a Python float without a process group, else a 0-dim tensor on
+    ``device`` (a loss normaliser that stays on the device: reading it back would make the host wait)."""
     if not _distributed():
         return max(float(count), 1.0)
-    return torch.clamp(reduce_mean(torch.tensor([float(count)], device=device)), min=1).item()
+    return torch.clamp(reduce_mean(torch.tensor(float(count), device=device)), min=1)
+
+
+def classification_normaliser(count: float, like: torch.Tensor, *, over_ranks: bool) -> float | torch.Tensor:
+    """``max(count, 1)``; with ``over_ranks`` (``sync_cls_avg_factor``) the mean of ``count`` over all
+    ranks, as a (1,) tensor on ``like``'s device (the reference's shape), clamped there without a read."""
+    if not over_ranks:
+        return max(float(count), 1.0)
+    return torch.clamp(reduce_mean(like.new_tensor([float(count)])), min=1)
 
 
 def bias_init_with_prob(prior_prob: float) -> float:
