@@ -16,7 +16,7 @@ HOST_SYNC_TARGET = 4
 
 
 def three_scalar_reads_and_one_nonzero(x: torch.Tensor) -> None:
-    """Exactly four reads of the device tensor ``x``, and host-side work that an accelerator does not wait for."""
+    """Exactly four reads of the device tensor ``x``, and host work that an accelerator does not wait for."""
     x[0].item()
     float(x[1])
     bool(x[2] > 0)

@@ -79,12 +79,13 @@ class NMSFreeCoder:
         if self.post_center_range is not None:
             bounds = boxes.new_tensor(self.post_center_range)
             keep &= (boxes[..., :3] >= bounds[:3]).all(-1) & (boxes[..., :3] <= bounds[3:]).all(-1)
-        return [
-            {
-                "bboxes": boxes[b][keep[b]],
-                "scores": scores[b][keep[b]],
-                "labels": labels[b][keep[b]],
-                "query_index": query_index[b][keep[b]],
-            }
-            for b in range(batch_size)
-        ]
+        results = []
+        for b in range(batch_size):
+            kept = keep[b].nonzero().squeeze(1)  # the one read per sample: how many detections it keeps
+            results.append({
+                "bboxes": boxes[b][kept],
+                "scores": scores[b][kept],
+                "labels": labels[b][kept],
+                "query_index": query_index[b][kept],
+            })
+        return results
