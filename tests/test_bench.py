@@ -86,6 +86,7 @@ def test_baseline_reports_host_syncs_ops_and_where_the_syncs_come_from(report):
     train, infer = returned["baseline"]["train"], returned["baseline"]["inference"]
     assert 1 <= train["host_syncs_per_step"] <= 4  # at least the loss read back; the recipe's target
     assert sum(train["host_sync_sites"].values()) == train["host_syncs_per_step"]
+    assert train["blocking_uploads_per_step"] == 0 and train["blocking_upload_sites"] == {}
     assert infer["host_syncs_per_step"] >= 1  # the detections are copied to the host
     # Training runs forward, backward and the optimiser: many more ops than an inference frame.
     assert train["ops_per_step"] > 2 * infer["ops_per_step"] > 0

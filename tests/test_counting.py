@@ -70,6 +70,23 @@ def test_host_tensors_moved_to_the_device_are_device_tensors():
     assert count(run).total == 1
 
 
+def test_blocking_uploads_are_counted_apart_and_non_blocking_ones_not_at_all():
+    like = torch.ones(2)
+    device = torch.device("cpu")  # stands for the training device
+
+    def run():
+        torch.arange(3).to(device)  # blocking: one
+        torch.arange(3).to(device, non_blocking=True)  # staged: none
+        torch.tensor([1.0, 2.0], device=device)  # Python data copied to the device: one
+        like.new_tensor([1.0, 2.0])  # likewise: one
+        like.new_full((2,), 3.0)  # filled on the device: none
+        like.to(device)  # already there: none
+
+    result = count(run)
+    assert (result.uploads, result.total) == (3, 0)
+    assert sum(result.upload_sites.values()) == 3
+
+
 def test_optimiser_step_counters_made_on_the_host_are_not_syncs():
     """AdamW keeps its step counters on the host and reads them every step: no sync on an accelerator.
     The counter must see them being made (the first watched step) to know."""
@@ -127,6 +144,7 @@ def test_a_training_step_of_a_tiny_detector_meets_the_host_sync_target():
     counts = count_dispatch(run.train_step, lambda i: streams.frame(i, device.torch_device), first=0, steps=2,
                             device_kind="cpu")
     assert counts.host_syncs <= HOST_SYNC_TARGET, counts.sync_sites
+    assert counts.blocking_uploads == 0, counts.upload_sites
     # The one copy of both heads' matching costs is among them; nothing from the losses.
     assert sum(n for site, n in counts.sync_sites.items() if "assigners" in site) == 1
     assert not any("losses" in site for site in counts.sync_sites)

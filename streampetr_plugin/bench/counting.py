@@ -15,6 +15,11 @@
     from Python or NumPy data, the result of a host read) and what is computed from host tensors only.
     A read of such a host tensor does not sync on an accelerator either and is not counted.
 
+* **Blocking uploads** are host-to-device copies that wait for the device: CUDA copies pageable host
+  memory with ``non_blocking=False`` through a stream synchronisation, so each such ``to(device)``,
+  ``torch.tensor(data, device=...)`` or ``new_tensor(data)`` stalls the host like a read (with
+  ``non_blocking=True`` the driver stages the data and returns at once). Counted like the syncs,
+  emulated the same way on the CPU; kept apart, since they are not reads.
 * **Ops** are the top-level ATen ops ``torch.profiler`` records (an ``aten::`` event whose parents are
   not ATen ops): what the host dispatches, forward and backward, whatever the device.
 * **Kernel launches** (CUDA) are the runtime's launch calls in the same profile; on other devices
@@ -57,6 +62,7 @@ LIFT_OPS = {aten.lift_fresh.default, aten.lift_fresh_copy.default}
 # Tensor methods that hand a tensor's data to the host (seen at the Python level on the CPU, where
 # they dispatch no copy).
 HOST_METHODS = {"cpu", "numpy", "tolist", "__array__"}
+DATA_FACTORIES = {"tensor", "as_tensor"}  # factories that copy Python or NumPy data
 FACTORY_FUNCTIONS = {
     "tensor", "as_tensor", "zeros", "ones", "empty", "full", "arange", "range", "linspace", "logspace",
     "eye", "rand", "randn", "randint", "randperm", "normal", "scalar_tensor",
@@ -70,20 +76,26 @@ TORCH_ROOT = Path(torch.__file__).resolve().parent
 
 @dataclass
 class SyncCount:
-    """Host syncs of one call: ``total`` and, per op and call site (``op at file:line``), how many."""
+    """Host syncs of one call: ``total`` and, per op and call site (``op at file:line``), how many;
+    ``uploads`` and ``upload_sites`` likewise for the blocking host-to-device copies."""
 
     total: int = 0
     sites: Dict[str, int] = field(default_factory=dict)
+    uploads: int = 0
+    upload_sites: Dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
 class DispatchCounts:
-    """Per step: ``host_syncs``, ``ops`` and ``kernel_launches`` (None off CUDA), with the sync sites."""
+    """Per step: ``host_syncs``, ``blocking_uploads``, ``ops`` and ``kernel_launches`` (None off CUDA),
+    with the sites of the syncs and of the uploads."""
 
     host_syncs: float
+    blocking_uploads: float
     ops: float
     kernel_launches: Optional[float]
-    sync_sites: Dict[str, int]
+    sync_sites: Dict[str, float]
+    upload_sites: Dict[str, float]
 
 
 def _call_site() -> str:
@@ -145,11 +157,18 @@ class _SyncDispatch(TorchDispatchMode):
             )
         if placement.emulate:  # a copy to the CPU dispatches nothing on the CPU: _SyncFunctions sees it
             return False
-        if func is aten._to_copy.default:
-            return torch.device(kwargs.get("device") or args[0].device).type == "cpu"
+        source, target = _copy_ends(func, args, kwargs)
+        return source is not None and source.type != "cpu" and target.type == "cpu"
+
+    def _uploads(self, func: Any, args: tuple, kwargs: dict) -> bool:
+        if self.placement.emulate:  # seen by _SyncFunctions
+            return False
+        source, target = _copy_ends(func, args, kwargs)
         if func is aten.copy_.default:
-            return args[0].device.type == "cpu" and args[1].device.type != "cpu"
-        return False
+            non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
+        else:
+            non_blocking = kwargs.get("non_blocking", False)
+        return source is not None and source.type == "cpu" and target.type != "cpu" and not non_blocking
 
     def __torch_dispatch__(
         self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None
@@ -158,6 +177,8 @@ class _SyncDispatch(TorchDispatchMode):
         inputs = [leaf for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
         if self._syncs(func, args, kwargs, inputs):
             self.record(func)
+        elif self._uploads(func, args, kwargs):
+            self.record(func, upload=True)
         out = func(*args, **kwargs)
         placement = self.placement
         if placement.emulate:
@@ -171,18 +192,33 @@ class _SyncDispatch(TorchDispatchMode):
                 placement.set_host(out, made_on_host is True)
         return out
 
-    def record(self, func: Any) -> None:
+    def record(self, func: Any, *, upload: bool = False) -> None:
         count = self.count
-        count.total += 1
         name = getattr(func, "__name__", str(func)).split(".")[0]
         site = f"{name} at {_call_site()}"
-        count.sites[site] = count.sites.get(site, 0) + 1
+        sites = count.upload_sites if upload else count.sites
+        sites[site] = sites.get(site, 0) + 1
+        if upload:
+            count.uploads += 1
+        else:
+            count.total += 1
+
+
+def _copy_ends(func: Any, args: tuple, kwargs: dict) -> Tuple[Optional[torch.device], Optional[torch.device]]:
+    """(source, destination) devices of a copy op, else (None, None)."""
+    if func is aten._to_copy.default:
+        return args[0].device, torch.device(kwargs.get("device") or args[0].device)
+    if func is aten.copy_.default:
+        return args[1].device, args[0].device
+    return None, None
 
 
 class _SyncFunctions(TorchFunctionMode):
     """Emulating on the CPU: what dispatches no copy there. ``cpu()``, ``numpy()``, ``tolist()`` of a
     device tensor are host copies; ``to(device)`` puts a tensor on the training device (code that
-    means the host writes ``cpu()``); a factory call without a ``device`` makes a host tensor."""
+    means the host writes ``cpu()``), an upload unless ``non_blocking``, as are Python data made into a
+    device tensor (``torch.tensor(data, device=...)``, ``new_tensor(data)``); a factory call without a
+    ``device`` makes a host tensor."""
 
     def __init__(self, dispatch: _SyncDispatch) -> None:
         super().__init__()
@@ -195,19 +231,26 @@ class _SyncFunctions(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         placement = self.dispatch.placement
         if name in FACTORY_FUNCTIONS and getattr(func, "__module__", None) == "torch":
+            on_host = _names_host(kwargs.get("device"))
+            if name in DATA_FACTORIES and not on_host and args and not isinstance(args[0], torch.Tensor):
+                self.dispatch.record(func, upload=True)
             previous = getattr(placement.factory, "on_host", None)
-            placement.factory.on_host = _names_host(kwargs.get("device"))
+            placement.factory.on_host = on_host
             try:
                 return func(*args, **kwargs)
             finally:
                 placement.factory.on_host = previous
         source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if name == "new_tensor" and source is not None and placement.on_device(source):
+            self.dispatch.record(func, upload=True)
         target = _to_target(args[1:], kwargs) if name == "to" else None
         to_host = name in HOST_METHODS or (target is not None and _names_host(target))
         if source is None or (target is None and not to_host):
             return func(*args, **kwargs)
         if to_host and placement.on_device(source):
             self.dispatch.record(func)
+        elif not to_host and not placement.on_device(source) and not kwargs.get("non_blocking"):
+            self.dispatch.record(func, upload=True)
         out = func(*args, **kwargs)
         if out is source:  # on the CPU this is the tensor itself: hand back an alias placed anew
             out = source.view_as(source)
@@ -289,7 +332,7 @@ def count_dispatch(
     the state that later steps read), ``steps`` counted for the syncs, then ``steps`` profiled."""
     counter = HostSyncCounter(device_kind)
     sites: Dict[str, int] = collections.Counter()
-    total = 0
+    upload_sites: Dict[str, int] = collections.Counter()
     index = first
     for number in range(prime + steps):
         inputs = prepare(index)
@@ -297,8 +340,8 @@ def count_dispatch(
             step(inputs)
         index += 1
         if number >= prime:
-            total += count.total
             sites.update(count.sites)
+            upload_sites.update(count.upload_sites)
     ops, launches = 0, None
     for _ in range(steps):
         inputs = prepare(index)
@@ -308,8 +351,10 @@ def count_dispatch(
         if step_launches is not None:
             launches = (launches or 0) + step_launches
     return DispatchCounts(
-        host_syncs=total / steps,
+        host_syncs=sum(sites.values()) / steps,
+        blocking_uploads=sum(upload_sites.values()) / steps,
         ops=ops / steps,
         kernel_launches=None if launches is None else launches / steps,
         sync_sites={site: number / steps for site, number in sites.most_common()},
+        upload_sites={site: number / steps for site, number in upload_sites.most_common()},
     )

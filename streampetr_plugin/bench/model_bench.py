@@ -135,9 +135,11 @@ def _measure_phase(
     )
     if counts is not None:
         result.host_syncs_per_step = counts.host_syncs
+        result.blocking_uploads_per_step = counts.blocking_uploads
         result.ops_per_step = counts.ops
         result.kernel_launches_per_step = counts.kernel_launches
         result.host_sync_sites = counts.sync_sites
+        result.blocking_upload_sites = counts.upload_sites
     return result
 
 

@@ -48,9 +48,10 @@ class PhaseResult:
     ``samples_per_s`` = ``batch_size`` / median step time; ``tflops_per_s`` = ``flops_per_sample`` x
     ``batch_size`` / median step time / 1e12 (None when FLOPs were not counted). ``cpu_s_per_step`` is the
     median process CPU time (user + system, all threads) of a step: on a shared CPU it is less affected by
-    other processes than the wall time. ``host_syncs_per_step``, ``ops_per_step`` and
-    ``kernel_launches_per_step`` (CUDA only) are counted on the baseline (:mod:`streampetr_plugin.bench.
-    counting`), ``host_sync_sites`` says where each sync comes from (``op at file:line``: syncs per step).
+    other processes than the wall time. ``host_syncs_per_step``, ``blocking_uploads_per_step``,
+    ``ops_per_step`` and ``kernel_launches_per_step`` (CUDA only) are counted on the baseline
+    (:mod:`streampetr_plugin.bench.counting`); ``host_sync_sites`` and ``blocking_upload_sites`` say where
+    they come from (``op at file:line``: number per step).
     """
 
     batch_size: int
@@ -63,9 +64,11 @@ class PhaseResult:
     cpu_s_per_step: Optional[float] = None
     nonfinite_steps: int = 0
     host_syncs_per_step: Optional[float] = None
+    blocking_uploads_per_step: Optional[float] = None
     ops_per_step: Optional[float] = None
     kernel_launches_per_step: Optional[float] = None
     host_sync_sites: Dict[str, float] = field(default_factory=dict)
+    blocking_upload_sites: Dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_times(
@@ -222,7 +225,8 @@ class BenchReport:
 
 
 def _count_line(name: str, phase: PhaseResult) -> str:
-    line = f"per {name}: {phase.host_syncs_per_step:g} host syncs, {phase.ops_per_step:,.0f} ATen ops"
+    line = (f"per {name}: {phase.host_syncs_per_step:g} host syncs, {phase.blocking_uploads_per_step:g} "
+            f"blocking uploads, {phase.ops_per_step:,.0f} ATen ops")
     if phase.kernel_launches_per_step is not None:
         line += f", {phase.kernel_launches_per_step:,.0f} kernel launches"
     return line

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from streampetr_plugin.models.assigners.solver import solve_matchings
 from streampetr_plugin.models.heads.streampetr_head import StreamPETRHead, full_precision
+from streampetr_plugin.models.layers.functional import upload
 from streampetr_plugin.models.layers.grid_mask import GridMask
 
 
@@ -202,7 +203,7 @@ class StreamPETRDetector(nn.Module):
         else:
             continues = [now == before for now, before in zip(tokens, previous)]
         self._prev_scene_tokens = tokens
-        return torch.tensor(continues, dtype=torch.float32, device=img.device)
+        return upload(torch.tensor(continues, dtype=torch.float32), img.device)
 
 
 class StreamPETRDetectorParams(BaseModel):

@@ -10,6 +10,7 @@ from streampetr_plugin.models.assigners.assign_result import AssignResult
 from streampetr_plugin.models.assigners.match_costs import BBox3DL1Cost, BBoxL1Cost, FocalLossCost, IoUCost
 from streampetr_plugin.models.assigners.solver import MatchingProblem, solve_matchings
 from streampetr_plugin.models.box_ops import bbox_cxcywh_to_xyxy
+from streampetr_plugin.models.layers.functional import device_constant
 
 
 class HungarianAssigner2D:
@@ -60,7 +61,7 @@ class HungarianAssigner2D:
             no_labels = torch.zeros(len(num_gts), 0, dtype=torch.long, device=cls_logits.device)
             return MatchingProblem(cls_logits.new_zeros(cls_logits.shape[:2] + (0,)), no_labels, num_gts)
         pad_h, pad_w = pad_hw
-        factor = bbox_preds.new_tensor([pad_w, pad_h, pad_w, pad_h])
+        factor = device_constant([pad_w, pad_h, pad_w, pad_h], bbox_preds)
         boxes = pad_sequence([g.to(bbox_preds) for g in gt_bboxes], batch_first=True)  # (N, G, 4) pixels
         labels = pad_sequence([lbl.to(bbox_preds.device, torch.long) for lbl in gt_labels], batch_first=True)
         centres = pad_sequence([c.to(bbox_preds) for c in gt_centers2d], batch_first=True)  # (N, G, 2) pixels

@@ -7,6 +7,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from streampetr_plugin.models.box_ops import denormalize_bbox
+from streampetr_plugin.models.layers.functional import device_constant
 
 
 class NMSFreeCoderParams(BaseModel):
@@ -77,7 +78,7 @@ class NMSFreeCoder:
         if self.score_threshold:
             keep &= scores >= self.score_threshold
         if self.post_center_range is not None:
-            bounds = boxes.new_tensor(self.post_center_range)
+            bounds = device_constant(self.post_center_range, boxes)
             keep &= (boxes[..., :3] >= bounds[:3]).all(-1) & (boxes[..., :3] <= bounds[3:]).all(-1)
         results = []
         for b in range(batch_size):

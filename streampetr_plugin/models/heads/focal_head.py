@@ -24,8 +24,10 @@ from streampetr_plugin.models.layers.functional import (
     bias_init_with_prob,
     classification_normaliser,
     clip_sigmoid,
+    device_constant,
     inverse_sigmoid,
     mean_count_over_ranks,
+    upload,
 )
 from streampetr_plugin.models.losses.gaussian_focal_loss import GaussianFocalLoss
 from streampetr_plugin.models.losses.giou_loss import GIoULoss
@@ -224,7 +226,7 @@ class FocalHead(nn.Module):
         num_pos = sum(int(a.pos_inds.numel()) for a in assignments)
 
         pad_h, pad_w = pad_hw
-        factor = bbox_preds.new_tensor([pad_w, pad_h, pad_w, pad_h])
+        factor = device_constant([pad_w, pad_h, pad_w, pad_h], bbox_preds)
         bbox_preds = bbox_preds.reshape(-1, 4)
         pred_pixels = bbox_cxcywh_to_xyxy(bbox_preds) * factor
         target_pixels = bbox_cxcywh_to_xyxy(bbox_targets) * factor
@@ -268,15 +270,16 @@ class FocalHead(nn.Module):
         (1 at matched tokens), normalised centres."""
         device = like.device
         pad_h, pad_w = pad_hw
-        factor = like.new_tensor([pad_w, pad_h, pad_w, pad_h])
+        factor = device_constant([pad_w, pad_h, pad_w, pad_h], like)
         labels = torch.cat([torch.where(a.labels < 0, self.num_classes, a.labels) for a in assignments])
-        labels = labels.to(device)
-        rows = torch.cat([a.pos_inds + n * num_tokens for n, a in enumerate(assignments)]).to(device)  # (P,)
+        labels = upload(labels, device)
+        rows = torch.cat([a.pos_inds + n * num_tokens for n, a in enumerate(assignments)])  # (P,)
+        rows = upload(rows, device)
         matched_boxes = torch.cat(
-            [boxes[a.pos_assigned_gt_inds.to(device)] for boxes, a in zip(gt_boxes, assignments)]
+            [boxes[upload(a.pos_assigned_gt_inds, device)] for boxes, a in zip(gt_boxes, assignments)]
         ).to(like.dtype)  # (P, 4) pixels
         matched_centres = torch.cat(
-            [centres[a.pos_assigned_gt_inds.to(device)] for centres, a in zip(gt_centres, assignments)]
+            [centres[upload(a.pos_assigned_gt_inds, device)] for centres, a in zip(gt_centres, assignments)]
         ).to(like.dtype)  # (P, 2) pixels
 
         total = len(assignments) * num_tokens

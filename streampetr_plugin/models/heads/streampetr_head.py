@@ -34,7 +34,7 @@ from streampetr_plugin.models.assigners.solver import MatchingProblem
 from streampetr_plugin.models.coders.nms_free_coder import NMSFreeCoder
 from streampetr_plugin.models.heads.geometric_warm_start import alignment_loss
 from streampetr_plugin.models.layers.denoising import build_denoising_queries
-from streampetr_plugin.models.layers.functional import bias_init_with_prob, inverse_sigmoid
+from streampetr_plugin.models.layers.functional import bias_init_with_prob, device_constant, inverse_sigmoid
 from streampetr_plugin.models.layers.memory import StreamingMemory
 from streampetr_plugin.models.layers.positional_encoding import (
     MLN,
@@ -254,7 +254,7 @@ class StreamPETRHead(nn.Module):
             else:
                 # Reference quirk: tiling the camera axis gives token t the focal lengths of camera t mod N.
                 focal = focal.repeat(1, tokens_per_cam, 1)  # (B, L, 2)
-            pad_wh = location.new_tensor([pad_w, pad_h], dtype=torch.float32)
+            pad_wh = device_constant([pad_w, pad_h], location, torch.float32)
             pixels = location.float() * pad_wh  # (B N, h, w, 2) pixel centres
             depth = self.coords_d.float()
             num_bins = depth.size(0)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -17,6 +18,20 @@ def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     numerator = x.clamp(min=eps)
     denominator = (1 - x).clamp(min=eps)
     return torch.log(numerator / denominator)
+
+
+def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` (host memory) copied to ``device`` without making the host wait: CUDA copies pageable
+    memory with ``non_blocking=False`` through a stream synchronisation, while a non-blocking copy is
+    staged at once (the source may be freed right after)."""
+    return tensor.to(device, non_blocking=True)
+
+
+def device_constant(
+    values: Sequence[float], like: torch.Tensor, dtype: Optional[torch.dtype] = None
+) -> torch.Tensor:
+    """``like.new_tensor(values, dtype=dtype)`` without making the host wait (see :func:`upload`)."""
+    return upload(torch.tensor(values, dtype=dtype or like.dtype), like.device)
 
 
 def _distributed() -> bool:

@@ -22,7 +22,11 @@ from streampetr_plugin.models.assigners.assign_result import AssignResult
 from streampetr_plugin.models.assigners.hungarian_3d import HungarianAssigner3D
 from streampetr_plugin.models.assigners.solver import MatchingProblem, solve_matchings
 from streampetr_plugin.models.box_ops import normalize_bbox
-from streampetr_plugin.models.layers.functional import classification_normaliser, mean_count_over_ranks
+from streampetr_plugin.models.layers.functional import (
+    classification_normaliser,
+    mean_count_over_ranks,
+    upload,
+)
 from streampetr_plugin.models.losses.focal_loss import FocalLoss
 from streampetr_plugin.models.losses.l1_loss import L1Loss
 
@@ -190,7 +194,7 @@ class StreamPETRCriterion(nn.Module):
         """Focal + L1 loss of one layer: ``cls_scores`` (B, Q, C), ``bbox_preds`` (B, Q, 10)."""
         batch_size, num_queries, num_classes = cls_scores.shape
         device = cls_scores.device
-        # Targets are assembled on the host from the (CPU) assignment and copied once: no device sync.
+        # Targets are assembled on the host from the (CPU) assignment and uploaded without a device sync.
         labels = torch.stack(
             [torch.where(a.labels < 0, self.num_classes, a.labels) for a in assignments]
         )  # (B, Q)
@@ -199,13 +203,14 @@ class StreamPETRCriterion(nn.Module):
 
         cls_avg_factor = classification_normaliser(num_pos, cls_scores, over_ranks=self.sync_cls_avg_factor)
         loss_cls = self.loss_cls(
-            cls_scores.reshape(-1, num_classes), labels.to(device).reshape(-1), avg_factor=cls_avg_factor
+            cls_scores.reshape(-1, num_classes), upload(labels, device).reshape(-1), avg_factor=cls_avg_factor
         )
 
         bbox_targets = torch.cat(
-            [gt[a.pos_assigned_gt_inds.to(device)] for gt, a in zip(gt_bboxes_3d, assignments)]
+            [gt[upload(a.pos_assigned_gt_inds, device)] for gt, a in zip(gt_bboxes_3d, assignments)]
         )  # (P, 9)
-        matched_preds = bbox_preds.reshape(batch_size * num_queries, -1)[positive_rows.to(device)]  # (P, 10)
+        flat_preds = bbox_preds.reshape(batch_size * num_queries, -1)  # (B * Q, 10)
+        matched_preds = flat_preds[upload(positive_rows, device)]  # (P, 10)
         loss_bbox = self._masked_l1(
             matched_preds, normalize_bbox(bbox_targets), code_weights, mean_count_over_ranks(num_pos, device)
         )
