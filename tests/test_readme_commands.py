@@ -99,6 +99,15 @@ class Workspace:
     def checkpoint(self) -> Path:
         return self.run_dir / "checkpoints" / "iter_00000002.pth"
 
+    @cached_property
+    def exported(self) -> Path:
+        """The run's checkpoint as an ONNX graph (``streampetr export``, no parity frames)."""
+        out_dir = self.scratch / "exported"
+        argv = ["export", "demo_cpu", *self.overrides(self.run_dir), "--checkpoint", str(self.checkpoint),
+                "--out", str(out_dir), "--parity-frames", "0"]
+        assert streampetr(argv) == 0
+        return out_dir
+
 
 @pytest.fixture(autouse=True)
 def in_a_clone(monkeypatch):
@@ -240,6 +249,32 @@ def bench(command: str, ws: Workspace, capsys) -> None:
     assert report["steps"] == 1 and len(report["baseline"]["train"]["step_time_s"]["times"]) == 1
 
 
+def export_onnx(command: str, ws: Workspace, capsys) -> None:
+    assert words(command) == ["export", "RECIPE", "--checkpoint", "PATH", "--out", "DIR"]
+    out_dir = ws.scratch / "export"
+    argv = ["export", "demo_cpu", *ws.overrides(ws.run_dir), "--checkpoint", str(ws.checkpoint),
+            "--out", str(out_dir), "--parity-frames", "2"]
+    assert streampetr(argv) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(out_dir / "streampetr.onnx")
+    described = json.loads((out_dir / "export.json").read_text())
+    assert {"img", "prev_exists", "time_delta"} <= {entry["name"] for entry in described["inputs"]}
+
+
+def infer(command: str, ws: Workspace, capsys) -> None:
+    assert words(command) == ["infer", "RECIPE", "--checkpoint", "PATH"]
+    assert "[--backend onnxruntime --onnx DIR]" in command
+    val_tokens = {sample.token for sample in load_infos(ws.data.val_info).samples}
+    for backend in ("torch", "onnxruntime"):
+        source = ["--checkpoint", str(ws.checkpoint)] if backend == "torch" else ["--onnx", str(ws.exported)]
+        out_dir = ws.scratch / f"infer_{backend}"
+        argv = ["infer", "demo_cpu", *ws.overrides(ws.run_dir), *source, "--backend", backend,
+                "--out", str(out_dir)]
+        assert streampetr(argv) == 0
+        results = Path(capsys.readouterr().out.strip().splitlines()[-1])
+        assert results.parent == out_dir
+        assert set(json.loads(results.read_text())["results"]) == val_tokens
+
+
 RUNNERS: Dict[str, Callable[[str, Workspace, object], None]] = {
     "streampetr-run recipes/vov_8p.yaml [a.b=value ...]": train_one_process,
     "torchrun --nproc-per-node 8 -m streampetr_plugin.cli.run recipes/vov_8p.yaml": train_under_torchrun,
@@ -254,6 +289,8 @@ RUNNERS: Dict[str, Callable[[str, Workspace, object], None]] = {
     "streampetr eval RECIPE --checkpoint PATH": evaluate,
     "streampetr visualize --run RUN_DIR [--sample TOKEN]": visualize,
     "streampetr bench RECIPE [--steps N --json]": bench,
+    "streampetr export RECIPE --checkpoint PATH --out DIR": export_onnx,
+    "streampetr infer RECIPE --checkpoint PATH [--backend onnxruntime --onnx DIR]": infer,
 }
 
 

@@ -38,6 +38,7 @@ def bench_command(
     variants: Sequence[str] = (),
     as_json: bool = False,
     device: Optional[str] = None,
+    backend: str = "torch",
 ) -> Dict[str, Any]:
     """Benchmark ``recipe`` and write the report to stdout (JSON with ``as_json``, else a table).
 
@@ -52,6 +53,9 @@ def bench_command(
             ``amp``, ``channels_last``, ``fused_optimizer``) or ``all``.
         as_json: write the report as JSON.
         device: ``auto`` / ``npu`` / ``cuda`` / ``cpu``; None: the recipe's ``accelerator.device``.
+        backend: ``onnxruntime`` (with ``inference``): time streaming inference of the exported graph in
+            onnxruntime against PyTorch, alternating frame by frame, instead of the training steps
+            (:mod:`streampetr_plugin.deploy.bench`).
 
     Returns:
         The report as a dict (:meth:`BenchReport.to_dict`): ``mode``, ``recipe``, ``overrides``,
@@ -72,9 +76,13 @@ def bench_command(
     groups = expand_groups(tuple(variants))
     if data and (groups or inference):
         raise ValueError("--data times the input pipeline only; run --inference / --variants without --data")
+    if backend != "torch" and (data or groups or not inference):
+        raise ValueError("--backend onnxruntime compares inference backends: use it with --inference alone")
     all_overrides = [*overrides, *([f"accelerator.device={device}"] if device else [])]
     base = load_recipe(recipe, all_overrides)
     handle, device_records = select_device(base)
+    if backend != "torch" and handle.kind != "cpu":
+        raise ValueError("--backend onnxruntime compares the backends on the CPU: add --device cpu")
     shape = stream_shape(base, training=True)
     report = BenchReport(
         mode="data" if data else "model",
@@ -91,6 +99,12 @@ def bench_command(
         from streampetr_plugin.bench.data_pipeline import bench_data_pipeline
 
         report.data = bench_data_pipeline(base, steps=steps, warmup=warmup)
+    elif backend != "torch":
+        from streampetr_plugin.deploy.bench import bench_backends
+
+        report.mode = "backends"
+        report.backends = bench_backends(base, steps=steps, warmup=warmup).to_dict()
+        report.notes.append("inputs: synthetic frames at the recipe's test shapes; initial weights")
     else:
         plan = Plan(steps=steps, warmup=warmup, inference=inference, seed=base.runtime.seed)
         baseline, outcomes, winners, model_records = bench_model(
@@ -137,6 +151,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--device", choices=DEVICE_CHOICES, default=None,
         help="device kind; default: the recipe's accelerator.device",
     )
+    parser.add_argument(
+        "--backend", choices=("torch", "onnxruntime"), default="torch",
+        help="with --inference: onnxruntime times the exported graph against PyTorch (CPU, inference only)",
+    )
     parser.set_defaults(run=run_bench)
     return parser
 
@@ -156,6 +174,7 @@ def run_bench(args: argparse.Namespace) -> int:
             variants=args.variants,
             as_json=args.as_json,
             device=args.device,
+            backend=args.backend,
         )
     )
     return 0

@@ -142,7 +142,7 @@ class DataPipelineResult:
 
 @dataclass
 class BenchReport:
-    """Everything ``streampetr bench`` measured (``mode`` is ``model`` or ``data``)."""
+    """Everything ``streampetr bench`` measured (``mode`` is ``model``, ``data`` or ``backends``)."""
 
     mode: str
     recipe: str
@@ -158,6 +158,7 @@ class BenchReport:
     variants: List[VariantOutcome] = field(default_factory=list)
     winners: Dict[str, str] = field(default_factory=dict)
     data: Optional[DataPipelineResult] = None
+    backends: Optional[Dict[str, Any]] = None  # mode "backends": streampetr_plugin.deploy.bench
     seed_reference: Dict[str, Any] = field(
         default_factory=lambda: {"seconds_per_step": SEED_SECONDS_PER_STEP, "device": SEED_DEVICE}
     )
@@ -178,6 +179,10 @@ class BenchReport:
             lines.append(f"overrides: {' '.join(self.overrides)}")
         if self.mode == "data":
             lines.extend(_data_lines(self.data))
+        elif self.mode == "backends":
+            from streampetr_plugin.deploy.bench import backend_lines
+
+            lines.extend(backend_lines(self.backends))
         else:
             lines.extend(self._model_lines())
         lines.extend(f"note: {note}" for note in self.notes)

@@ -206,6 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_arguments(bench)
     bench.set_defaults(handler=run_bench)
 
+    from streampetr_plugin.deploy.commands import add_export_arguments, add_infer_arguments
+
+    add_export_arguments(
+        commands.add_parser("export", help="write a checkpoint as an ONNX graph of one streaming frame")
+    )
+    add_infer_arguments(
+        commands.add_parser("infer", help="run a checkpoint over a split in stream order (nuScenes results)")
+    )
+
     visualize = commands.add_parser("visualize", help="draw a run's predictions and ground truth as a PNG")
     visualize.add_argument("--run", dest="run_dir", metavar="RUN_DIR", required=True,
                            help="run directory (holds recipe.yaml and eval/)")

@@ -185,15 +185,22 @@ class StreamPETRDetector(nn.Module):
     @torch.no_grad()
     def infer(self, batch: Dict[str, Any], prev_exists: Optional[torch.Tensor] = None) -> FrameOutputs:
         """One inference frame per stream. ``prev_exists`` (B,) overrides the scene-token rule."""
-        self._inference_ran = True
         if prev_exists is None:
             prev_exists = self._prev_exists_from_scenes(batch["scene_token"], batch["img"])
-        outs, _, _ = self._run_heads(batch, prev_exists.to(batch["img"].device), with_targets=False)
+        outs = self.head_outputs(batch, prev_exists.to(batch["img"].device))
         return FrameOutputs(
             all_cls_scores=outs["all_cls_scores"],
             all_bbox_preds=outs["all_bbox_preds"],
             detections=self.pts_bbox_head.get_bboxes(outs),
         )
+
+    def head_outputs(self, batch: Dict[str, Any], prev_exists: torch.Tensor) -> Dict[str, Any]:
+        """The 3D head's outputs of one inference frame per stream (``all_cls_scores``,
+        ``all_bbox_preds``, see :meth:`StreamPETRHead.forward`) with an explicit ``prev_exists`` (B,): what
+        :meth:`infer` decodes, and what an exported graph decodes at a fixed size."""
+        self._inference_ran = True
+        outs, _, _ = self._run_heads(batch, prev_exists, with_targets=False)
+        return outs
 
     def _prev_exists_from_scenes(self, scene_tokens: Sequence[str], img: torch.Tensor) -> torch.Tensor:
         tokens = list(scene_tokens)

@@ -1,6 +1,7 @@
 """NMS-free decoding of the 3D head's last-layer outputs into scored boxes (reference ``NMSFreeCoder``)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -30,6 +31,22 @@ class NMSFreeCoderParams(BaseModel):
         default=None, ge=0, le=1, description="Drop boxes scoring below this; None (or 0) keeps all."
     )
     num_classes: int = Field(default=10, gt=0, description="Number of classes (logits per query).")
+
+
+@dataclass
+class DenseDecoding:
+    """The top K (query, class) pairs of every sample, before any is dropped.
+
+    Fields: ``bboxes`` (B, K, 9) (x, y, z_gravity, x_size, y_size, z_size, yaw, vx, vy), ``scores`` (B, K)
+    descending, ``labels`` (B, K), ``query_index`` (B, K), ``keep`` (B, K) bool (inside
+    ``post_center_range`` and at least ``score_threshold``).
+    """
+
+    bboxes: torch.Tensor
+    scores: torch.Tensor
+    labels: torch.Tensor
+    query_index: torch.Tensor
+    keep: torch.Tensor
 
 
 class NMSFreeCoder:
@@ -66,6 +83,17 @@ class NMSFreeCoder:
             ``scores`` (K,) descending, ``labels`` (K,) and ``query_index`` (K,); K <= ``max_num``. The
             same query can appear once per class.
         """
+        dense = self.decode_dense(cls_scores, bbox_preds)
+        fields = {"bboxes": dense.bboxes, "scores": dense.scores, "labels": dense.labels,
+                  "query_index": dense.query_index}
+        # One read per sample (how many pairs it keeps), then plain indexing of every field.
+        kept = [keep.nonzero().squeeze(1) for keep in dense.keep]
+        return [{name: value[row][kept[row]] for name, value in fields.items()} for row in range(len(kept))]
+
+    @torch.no_grad()
+    def decode_dense(self, cls_scores: torch.Tensor, bbox_preds: torch.Tensor) -> DenseDecoding:
+        """:meth:`decode` at a fixed size: K = ``min(max_num, Q C)`` pairs per sample, those it drops marked
+        in ``keep`` (static shapes, as an exported graph needs)."""
         batch_size = cls_scores.size(0)
         flat_scores = cls_scores.sigmoid().reshape(batch_size, -1)  # (B, Q * C), index = query * C + class
         scores, pair_index = flat_scores.topk(min(self.max_num, flat_scores.size(1)), dim=1)  # (B, K)
@@ -80,13 +108,4 @@ class NMSFreeCoder:
         if self.post_center_range is not None:
             bounds = device_constant(self.post_center_range, boxes)
             keep &= (boxes[..., :3] >= bounds[:3]).all(-1) & (boxes[..., :3] <= bounds[3:]).all(-1)
-        results = []
-        for b in range(batch_size):
-            kept = keep[b].nonzero().squeeze(1)  # the one read per sample: how many detections it keeps
-            results.append({
-                "bboxes": boxes[b][kept],
-                "scores": scores[b][kept],
-                "labels": labels[b][kept],
-                "query_index": query_index[b][kept],
-            })
-        return results
+        return DenseDecoding(bboxes=boxes, scores=scores, labels=labels, query_index=query_index, keep=keep)

@@ -35,6 +35,7 @@ from streampetr_plugin.models.coders.nms_free_coder import NMSFreeCoder
 from streampetr_plugin.models.heads.geometric_warm_start import alignment_loss
 from streampetr_plugin.models.layers.denoising import build_denoising_queries
 from streampetr_plugin.models.layers.functional import bias_init_with_prob, device_constant, inverse_sigmoid
+from streampetr_plugin.models.layers.matrix_inverse import inverse_4x4
 from streampetr_plugin.models.layers.memory import StreamingMemory
 from streampetr_plugin.models.layers.positional_encoding import (
     MLN,
@@ -263,7 +264,7 @@ class StreamPETRHead(nn.Module):
             coords = torch.cat(
                 [uv, depth.view(num_bins, 1).expand_as(uv[..., :1]), torch.ones_like(uv[..., :1])], dim=-1
             )  # (B, N, hw, D, 4): (u d, v d, d, 1)
-            img2lidar = lidar2img.float().inverse()  # (B, N, 4, 4)
+            img2lidar = inverse_4x4(lidar2img.float())  # (B, N, 4, 4)
             coords3d = torch.matmul(img2lidar[:, :, None, None], coords.unsqueeze(-1)).squeeze(-1)[..., :3]
             low, high = self.position_range[0:3], self.position_range[3:6]
             coords3d = (coords3d - low) / (high - low)
@@ -387,7 +388,8 @@ class StreamPETRHead(nn.Module):
             pad_shape: (pad_h, pad_w) of the padded input images.
             intrinsics: (B, N, 4, 4); only K[0, 0], K[1, 1] are read.
             lidar2img: (B, N, 4, 4) LiDAR -> padded-image pixels.
-            timestamp: (B,) float64 seconds.
+            timestamp: (B,) float64 seconds; with a ``relative_time`` memory float32 seconds since the
+                stream's previous frame.
             ego_pose, ego_pose_inv: (B, 4, 4) LiDAR -> global and its inverse.
             prev_exists: (B,) 0 at the first frame of a stream.
             gt_bboxes_3d, gt_labels_3d: per-sample GT (gravity-centre boxes (n, 9)); used for denoising
@@ -399,8 +401,9 @@ class StreamPETRHead(nn.Module):
             (layers, B, Q + P, 10), ``dn_mask_dict`` (the denoising mask dict with
             ``output_known_lbs_bboxes`` = (cls (layers, B, pad, C), boxes (layers, B, pad, 10))) or None.
         """
-        if timestamp.dtype != torch.float64:
-            raise TypeError(f"timestamp must be float64 (absolute seconds), got {timestamp.dtype}")
+        if timestamp.dtype != self.memory.time_dtype:
+            meaning = "seconds since the previous frame" if self.memory.relative_time else "absolute seconds"
+            raise TypeError(f"timestamp must be {self.memory.time_dtype} ({meaning}), got {timestamp.dtype}")
         batch = img_feats.shape[0]
         device = img_feats.device
         pc_low, pc_high = self.pc_range[0:3], self.pc_range[3:6]
@@ -557,19 +560,36 @@ class StreamPETRHead(nn.Module):
         return losses
 
     @torch.no_grad()
+    def decode_fixed(self, preds: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        """Decode the last layer at a fixed size: the top K = ``max_num`` (query, class) pairs, no NMS.
+
+        Returns ``{"boxes_3d": (B, K, 9) (x, y, z_bottom, dx, dy, dz, yaw, vx, vy), "scores_3d": (B, K)
+        descending, "labels_3d": (B, K), "keep": (B, K) bool}`` in the current LiDAR frame; ``keep`` is
+        False where the decoder's ``post_center_range`` or ``score_threshold`` drops the pair.
+        """
+        dense = self.bbox_coder.decode_dense(preds["all_cls_scores"][-1], preds["all_bbox_preds"][-1])
+        boxes = dense.bboxes
+        bottom_z = boxes[..., 2:3] - boxes[..., 5:6] * 0.5  # gravity centre -> bottom centre
+        return {
+            "boxes_3d": torch.cat([boxes[..., :2], bottom_z, boxes[..., 3:]], dim=-1),
+            "scores_3d": dense.scores,
+            "labels_3d": dense.labels,
+            "keep": dense.keep,
+        }
+
+    @torch.no_grad()
     def get_bboxes(self, preds: Dict[str, Any]) -> List[Dict[str, torch.Tensor]]:
-        """Decode the last layer (top ``max_num`` (query, class) pairs, no NMS).
+        """Decode the last layer (:meth:`decode_fixed` without the dropped pairs).
 
         Returns per sample ``{"boxes_3d": (K, 9) (x, y, z_bottom, dx, dy, dz, yaw, vx, vy),
-        "scores_3d": (K,), "labels_3d": (K,)}`` in the current LiDAR frame.
+        "scores_3d": (K,), "labels_3d": (K,)}`` in the current LiDAR frame, K <= ``max_num``.
         """
-        decoded = self.bbox_coder.decode(preds["all_cls_scores"][-1], preds["all_bbox_preds"][-1])
-        results = []
-        for sample in decoded:
-            boxes = sample["bboxes"].clone()
-            boxes[:, 2] = boxes[:, 2] - boxes[:, 5] * 0.5  # gravity centre -> bottom centre
-            results.append({"boxes_3d": boxes, "scores_3d": sample["scores"], "labels_3d": sample["labels"]})
-        return results
+        fixed = self.decode_fixed(preds)
+        kept = [keep.nonzero().squeeze(1) for keep in fixed["keep"]]  # one read per row
+        return [
+            {name: fixed[name][row][kept[row]] for name in ("boxes_3d", "scores_3d", "labels_3d")}
+            for row in range(len(kept))
+        ]
 
 
 def _gather_tokens(values: torch.Tensor, topk_indexes: torch.Tensor) -> torch.Tensor:

@@ -63,7 +63,7 @@ def classification_normaliser(count: float, like: torch.Tensor, *, over_ranks: b
     ranks, as a (1,) tensor on ``like``'s device (the reference's shape), clamped there without a read."""
     if not over_ranks:
         return max(float(count), 1.0)
-    return torch.clamp(reduce_mean(like.new_tensor([float(count)])), min=1)
+    return torch.clamp(reduce_mean(device_constant([float(count)], like)), min=1)
 
 
 def bias_init_with_prob(prior_prob: float) -> float:

@@ -1,0 +1,138 @@
+"""Streaming inference in PyTorch and in onnxruntime, timed alternately on the same frames.
+
+``streampetr bench RECIPE --inference --backend onnxruntime`` lands here: the recipe's detector (initial
+weights) is exported to a temporary graph, and one synthetic stream of the recipe's test shapes
+(:mod:`streampetr_plugin.bench.synthetic_batch`, batch 1) runs through the PyTorch eval path and through
+onnxruntime at each graph optimisation level. Every frame goes through every configuration in turn, so
+a change in the machine's load falls on all of them alike. onnxruntime gets as many threads as PyTorch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import torch
+
+from streampetr_plugin.bench.report import StepTimes
+from streampetr_plugin.bench.synthetic_batch import SyntheticStreams, stream_shape
+from streampetr_plugin.config.schema import Recipe
+from streampetr_plugin.deploy.export import export_graph, load_detector, recipe_test_shape
+from streampetr_plugin.deploy.onnx_runner import ONNX_FILE, OnnxStreamRunner
+from streampetr_plugin.models.detector import StreamPETRDetector
+
+DEFAULT_LEVELS = ("disable", "basic", "all")
+
+
+@dataclass
+class BackendTiming:
+    """One configuration: seconds per frame (``step_time_s``), frames per second at the median and the
+    median process CPU seconds per frame (all threads)."""
+
+    name: str
+    step_time_s: StepTimes
+    frames_per_s: float
+    cpu_s_per_frame: float
+
+
+@dataclass
+class BackendComparison:
+    """Every configuration's timing, the threads each backend used and the export's wall seconds (None
+    when the graph was given)."""
+
+    threads: int
+    export_s: Optional[float]
+    timings: List[BackendTiming]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def bench_backends(
+    recipe: Recipe, *, steps: int, warmup: int, levels: Sequence[str] = DEFAULT_LEVELS
+) -> BackendComparison:
+    """Export the recipe's detector (initial weights) to a temporary graph and :func:`time_backends`."""
+    detector = load_detector(recipe, None)
+    num_cameras, image_hw = recipe_test_shape(recipe)
+    with tempfile.TemporaryDirectory() as directory:
+        start = time.perf_counter()
+        export_graph(detector, Path(directory) / ONNX_FILE, num_cameras=num_cameras, image_hw=image_hw)
+        export_s = time.perf_counter() - start
+        return time_backends(
+            recipe, detector, Path(directory), steps=steps, warmup=warmup, levels=levels, export_s=export_s
+        )
+
+
+def time_backends(
+    recipe: Recipe,
+    detector: StreamPETRDetector,
+    onnx_path: Path,
+    *,
+    steps: int,
+    warmup: int,
+    levels: Sequence[str] = DEFAULT_LEVELS,
+    export_s: Optional[float] = None,
+) -> BackendComparison:
+    """Time ``steps`` frames (after ``warmup``) of ``detector`` in PyTorch and of its graph ``onnx_path``
+    in onnxruntime at ``levels``, on one synthetic stream of the recipe's test shapes."""
+    threads = torch.get_num_threads()
+    streams = SyntheticStreams(
+        dataclasses.replace(stream_shape(recipe, training=False), batch_size=1),
+        with_targets=False,
+        seed=recipe.runtime.seed,
+    )
+    frames = [streams.frame(index, torch.device("cpu")) for index in range(warmup + steps)]
+    configurations: Dict[str, Callable[[Mapping[str, Any]], Any]] = {"torch eager": detector.infer}
+    for level in levels:
+        configurations[f"onnxruntime {level}"] = OnnxStreamRunner(
+            onnx_path, threads=threads, optimization=level
+        ).step
+    wall: Dict[str, List[float]] = {name: [] for name in configurations}
+    cpu: Dict[str, List[float]] = {name: [] for name in configurations}
+    with torch.no_grad():
+        for index, batch in enumerate(frames):
+            for name, step in configurations.items():
+                start, cpu_start = time.perf_counter(), time.process_time()
+                step(batch)
+                if index >= warmup:
+                    wall[name].append(time.perf_counter() - start)
+                    cpu[name].append(time.process_time() - cpu_start)
+    timings = []
+    for name in configurations:
+        step_time = StepTimes.from_times(wall[name])
+        timings.append(
+            BackendTiming(
+                name=name,
+                step_time_s=step_time,
+                frames_per_s=1.0 / step_time.median,
+                cpu_s_per_frame=statistics.median(cpu[name]),
+            )
+        )
+    return BackendComparison(threads=threads, export_s=export_s, timings=timings)
+
+
+def backend_lines(comparison: Mapping[str, Any]) -> List[str]:
+    """The comparison (as :meth:`BackendComparison.to_dict` gives it) as table lines."""
+    baseline = comparison["timings"][0]["step_time_s"]["median"]
+    title = (
+        f"streaming inference, batch 1, {comparison['threads']} threads per backend, configurations "
+        "alternating frame by frame"
+    )
+    if comparison["export_s"] is not None:
+        title += f"; export took {comparison['export_s']:.1f} s"
+    lines = [
+        title,
+        f"{'configuration':<24}{'s/frame med':>12}{'p90':>8}{'cpu s':>8}{'frames/s':>10}{'vs eager':>10}",
+    ]
+    for timing in comparison["timings"]:
+        step = timing["step_time_s"]
+        lines.append(
+            f"{timing['name']:<24}{step['median']:>12.4f}{step['p90']:>8.4f}"
+            f"{timing['cpu_s_per_frame']:>8.3f}{timing['frames_per_s']:>10.2f}"
+            f"{baseline / step['median']:>9.2f}x"
+        )
+    return lines

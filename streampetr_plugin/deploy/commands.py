@@ -1,0 +1,127 @@
+"""The ``streampetr export`` and ``streampetr infer`` command lines (light to import: the work happens in
+:mod:`~streampetr_plugin.deploy.export` and :mod:`~streampetr_plugin.deploy.infer`).
+
+Wire them into a CLI with :func:`add_export_arguments` / :func:`add_infer_arguments` (each sets
+``handler``)::
+
+    add_export_arguments(commands.add_parser("export", help="..."))
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DEFAULT_OPSET = 18
+MIN_OPSET = 18  # the lowest the dynamo exporter writes (it raises lower requests to 18)
+DEFAULT_PARITY_FRAMES = 8
+BACKENDS = ("torch", "onnxruntime")
+SPLITS = ("val", "train")
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``streampetr export``'s arguments to ``parser`` and set ``handler`` to :func:`run_export`."""
+    parser.add_argument("recipe", help="recipe file or shipped recipe name")
+    parser.add_argument("overrides", nargs="*", help="a.b=value to set, ~a.b to delete")
+    parser.add_argument(
+        "--checkpoint", required=True, type=Path, help="trained checkpoint (ours or a reference .pth)"
+    )
+    parser.add_argument(
+        "--out", required=True, type=Path, help="output directory (streampetr.onnx, export.json)"
+    )
+    parser.add_argument(
+        "--opset",
+        type=int,
+        default=DEFAULT_OPSET,
+        help=f"ONNX opset (>= {MIN_OPSET}); default {DEFAULT_OPSET}",
+    )
+    parser.add_argument(
+        "--parity-frames",
+        type=int,
+        default=DEFAULT_PARITY_FRAMES,
+        help=f"frames to compare onnxruntime and PyTorch on (0: skip); default {DEFAULT_PARITY_FRAMES}",
+    )
+    parser.set_defaults(handler=run_export)
+    return parser
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """The ``streampetr export`` command on parsed arguments."""
+    from streampetr_plugin.cli.common import exit_on_recipe_error
+    from streampetr_plugin.config.loader import load_recipe
+    from streampetr_plugin.deploy.export import export_command
+
+    recipe = exit_on_recipe_error(lambda: load_recipe(args.recipe, args.overrides))
+    result = export_command(
+        recipe,
+        checkpoint=args.checkpoint,
+        out_dir=args.out,
+        opset=args.opset,
+        parity_frames=args.parity_frames,
+    )
+    if result.parity is not None:
+        carried = result.parity.onnxruntime
+        print(
+            f"onnxruntime against PyTorch over {result.parity.frames} frames: logits within "
+            f"{carried.max_logit_error:.1e}, box codes within {carried.max_box_error:.1e}; "
+            f"{carried.detections} detections >= {result.parity.score_threshold}, "
+            f"{carried.mismatched_frames} frames differing (export.json has the figures)"
+        )
+    print(result.onnx_path)
+    return 0
+
+
+def add_infer_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``streampetr infer``'s arguments to ``parser`` and set ``handler`` to :func:`run_infer`."""
+    parser.add_argument("recipe", help="recipe file or shipped recipe name")
+    parser.add_argument("overrides", nargs="*", help="a.b=value to set, ~a.b to delete")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="trained checkpoint (ours or a reference .pth); required with --backend torch",
+    )
+    parser.add_argument("--backend", choices=BACKENDS, default="torch", help="default torch")
+    parser.add_argument(
+        "--onnx",
+        type=Path,
+        default=None,
+        help="export directory (or .onnx file); required with --backend onnxruntime",
+    )
+    parser.add_argument("--split", choices=SPLITS, default="val", help="default val")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output directory (default <work_dir>/infer/<backend>)"
+    )
+    parser.add_argument("--pictures", type=int, default=0, help="draw the first N samples (default 0)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads of either backend (default: the recipe's cpu_threads setting)",
+    )
+    parser.set_defaults(handler=run_infer)
+    return parser
+
+
+def run_infer(args: argparse.Namespace) -> int:
+    """The ``streampetr infer`` command on parsed arguments."""
+    from streampetr_plugin.cli.common import exit_on_recipe_error
+    from streampetr_plugin.config.loader import load_recipe
+    from streampetr_plugin.deploy.infer import infer_command
+
+    recipe = exit_on_recipe_error(lambda: load_recipe(args.recipe, args.overrides))
+    result = infer_command(
+        recipe,
+        checkpoint=args.checkpoint,
+        backend=args.backend,
+        onnx_dir=args.onnx,
+        split=args.split,
+        out_dir=args.out,
+        pictures=args.pictures,
+        threads=args.threads,
+    )
+    print(
+        f"{result.frames} frames ({args.backend}): {result.model_fps:.2f} frames/s (model), "
+        f"{result.total_fps:.2f} frames/s (with data loading)"
+    )
+    print(result.results_path)
+    return 0
