@@ -237,10 +237,12 @@ class ResizeCropFlipRotImage:
 def resize_crop(image: Image.Image, augmentation: ImageAugmentation) -> Image.Image:
     """``image.resize(resize_dims, BICUBIC).crop(crop)`` in one pass over only the pixels the crop keeps.
 
-    PIL resamples a source box to an output size with the same filter positions and support as the
-    full resize (scale = source size / ``resize_dims``), so the kept pixels come out as the full
-    resize gives them; the part of the crop outside the resized image stays black, as ``crop`` fills
-    it. The source may be decoded at a reduced size (JPEG draft): it then stands for the full image.
+    PIL resamples a source box to an output size with the filter positions and support of the full
+    resize (scale = source size / ``resize_dims``), so the kept pixels come out as the full resize gives
+    them, but for PIL taking the box in float32: a filter tap moves by one step of its fixed-point
+    weights now and then (1-2 levels in about 0.1% of values). The part of the crop outside the resized
+    image stays black, as ``crop`` fills it. The source may be decoded at a reduced size (JPEG draft):
+    it then stands for the full image.
     """
     new_w, new_h = augmentation.resize_dims
     x1, y1, x2, y2 = augmentation.crop

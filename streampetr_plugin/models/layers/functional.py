@@ -55,7 +55,7 @@ def mean_count_over_ranks(count: float, device: torch.device) -> float | torch.T
     ``device`` (a loss normaliser that stays on the device: reading it back would make the host wait)."""
     if not _distributed():
         return max(float(count), 1.0)
-    return torch.clamp(reduce_mean(torch.tensor(float(count), device=device)), min=1)
+    return torch.clamp(reduce_mean(upload(torch.tensor(float(count)), device)), min=1)
 
 
 def classification_normaliser(count: float, like: torch.Tensor, *, over_ranks: bool) -> float | torch.Tensor:
