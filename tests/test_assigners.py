@@ -2,12 +2,16 @@
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
+from scipy.optimize import linear_sum_assignment
 
+from streampetr_plugin.bench.counting import HostSyncCounter
 from streampetr_plugin.models.assigners.hungarian_2d import HungarianAssigner2D
 from streampetr_plugin.models.assigners.hungarian_3d import HungarianAssigner3D
 from streampetr_plugin.models.assigners.match_costs import BBoxL1Cost, FocalLossCost, IoUCost
+from streampetr_plugin.models.assigners.solver import solve_matchings
 
 CODE_WEIGHTS = torch.tensor([2.0, 2.0, 1, 1, 1, 1, 1, 1, 1, 1])
 
@@ -187,3 +191,40 @@ def test_2d_matches_brute_force_optimum():
     assigner = HungarianAssigner2D()
     result = assigner.assign(logits[0], boxes[0], centres[0], gt_boxes, gt_labels, gt_centres, (h, w))
     assert _pairs(result) == {(q, g) for g, q in enumerate(best)}
+
+
+def test_one_copy_solves_both_heads_exactly_as_scipy_does_per_image():
+    """Every matching of a step (3D layers x samples, 2D images) solved from one host copy gives, sample
+    by sample, scipy's assignment of that sample's own costs, NaN / inf clamped as in the reference."""
+    generator = torch.Generator().manual_seed(6)
+    logits_3d, codes = _random_3d_preds(generator, 4, 12)  # e.g. 2 layers x 2 samples
+    gts_3d = [_random_3d_gt(generator, n) for n in (4, 0, 7, 2)]
+    problem_3d = HungarianAssigner3D().problem(
+        logits_3d, codes, [g for g, _ in gts_3d], [lab for _, lab in gts_3d], CODE_WEIGHTS
+    )
+    logits_2d, boxes, centres = _random_2d(generator, 3, 20)
+    gts_2d = [_random_2d_gt(generator, n) for n in (3, 0, 5)]
+    problem_2d = HungarianAssigner2D().problem(
+        logits_2d, boxes, centres, [g[0] for g in gts_2d], [g[1] for g in gts_2d], [g[2] for g in gts_2d],
+        (64, 96),
+    )
+    problem_3d.costs[0, 3, 1] = float("nan")
+    problem_3d.costs[2, 5, 0] = float("inf")
+    problem_2d.costs[2, 7, 4] = -float("inf")
+
+    with HostSyncCounter("cpu").watch() as syncs:
+        solved = solve_matchings([problem_3d, problem_2d])
+    assert syncs.total == 1
+
+    for problem, results, labels in (
+        (problem_3d, solved[0], [lab for _, lab in gts_3d]),
+        (problem_2d, solved[1], [g[1] for g in gts_2d]),
+    ):
+        assert len(results) == len(problem.num_gts)
+        for cost, result, sample_labels in zip(problem.costs, results, labels):
+            num_gt = len(sample_labels)
+            clamped = np.nan_to_num(cost[:, :num_gt].numpy(), nan=100.0, posinf=100.0, neginf=-100.0)
+            rows, cols = linear_sum_assignment(clamped)
+            assert _pairs(result) == set(zip(rows.tolist(), cols.tolist()))
+            assert torch.equal(result.labels[result.pos_inds], sample_labels[result.pos_assigned_gt_inds])
+            assert (result.labels >= 0).sum() == num_gt and result.num_gts == num_gt

@@ -81,6 +81,20 @@ def test_training_figures_are_sane_and_consistent(report):
     assert train["cpu_s_per_step"] > 0  # process CPU time of a step, robust to other processes
 
 
+def test_baseline_reports_host_syncs_ops_and_where_the_syncs_come_from(report):
+    returned = report[0]
+    train, infer = returned["baseline"]["train"], returned["baseline"]["inference"]
+    assert 1 <= train["host_syncs_per_step"] <= 4  # at least the loss read back; the recipe's target
+    assert sum(train["host_sync_sites"].values()) == train["host_syncs_per_step"]
+    assert train["blocking_uploads_per_step"] == 0 and train["blocking_upload_sites"] == {}
+    assert infer["host_syncs_per_step"] >= 1  # the detections are copied to the host
+    # Training runs forward, backward and the optimiser: many more ops than an inference frame.
+    assert train["ops_per_step"] > 2 * infer["ops_per_step"] > 0
+    assert train["kernel_launches_per_step"] is None  # counted on CUDA only
+    variant = next(v for v in returned["variants"] if v["status"] == "measured")
+    assert variant["result"]["train"]["host_syncs_per_step"] is None  # counted on the baseline only
+
+
 def test_inference_is_timed_at_the_eval_batch_size_with_fewer_flops(report):
     baseline = report[0]["baseline"]
     infer = baseline["inference"]
@@ -122,6 +136,7 @@ def test_table_output_names_device_baseline_and_winners(capsys):
     assert "AMD" in text or "cpu" in text.lower()
     assert "baseline" in text and "checkpointing=off" in text
     assert "fastest on this device: checkpointing" in text
+    assert "per training step: " in text and " host syncs, " in text
     assert "0.615 s/step" in text
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -173,6 +174,45 @@ def test_missing_or_corrupt_image_names_file_and_token(tmp_path, synthetic_nusce
     with pytest.raises(ImageReadError) as error:
         dataset[0]
     assert str(corrupt) in str(error.value) and token in str(error.value)
+
+    # A readable header, then the data stops: the decoder fails, not the opening.
+    original = synthetic_nuscenes.root / infos.samples[index].cams["CAM_BACK"].data_path
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(original.read_bytes()[: original.stat().st_size // 2])
+    dataset = NuScenesStreamDataset(infos=_with_image(infos, index, str(truncated)),
+                                    root=synthetic_nuscenes.root, training=False, final_dim=(64, 160))
+    with pytest.raises(ImageReadError) as error:
+        dataset[0]
+    assert str(truncated) in str(error.value) and token in str(error.value)
+
+
+def test_draft_decoding_reduces_the_images_and_changes_nothing_but_pixels(synthetic_params):  # noqa: F811
+    reference = build_nuscenes_dataset(synthetic_params, split="train")
+    width, height = reference.image_size(0)
+    # The smallest JPEG DCT scale (1/2, 1/4, 1/8) that still covers the asked size: here 1/4.
+    images = reference.load_images(0, draft_size=(width // 4 - 2, height // 4 - 2))
+    assert {image.size for image in images} == {(math.ceil(width / 4), math.ceil(height / 4))}
+    assert {image.size for image in reference.load_images(0)} == {(width, height)}
+    # Resizing by 0.9-1.1 decodes at full size (only the kept pixels resampled: a level here and there);
+    # by 0.3-0.45 at half size (the decoder's 2 x 2 downscaling before the bicubic filter).
+    for resize_lim, max_levels, mean_levels in (((0.9, 1.1), 2, 0.05), ((0.3, 0.45), 64, 3)):
+        params = synthetic_params.model_copy(update={"resize_lim": resize_lim, "final_dim": (32, 64)})
+        theirs_dataset = build_nuscenes_dataset(params, split="train")
+        draft_params = params.model_copy(update={"resize_path": "draft"})
+        ours_dataset = build_nuscenes_dataset(draft_params, split="train")
+        for index in (0, 5):
+            ours, theirs = ours_dataset[index], theirs_dataset[index]
+            assert set(ours) == set(theirs)
+            for key, value in theirs.items():
+                if key == "img":
+                    levels = (ours[key] - value).abs() * 57.12  # about one 8-bit level per 1 / std
+                    assert levels.max() <= max_levels and levels.mean() <= mean_levels, resize_lim
+                elif isinstance(value, torch.Tensor):
+                    assert torch.equal(ours[key], value), key
+                elif isinstance(value, list):
+                    assert all(torch.equal(a, b) for a, b in zip(ours[key], value)), key
+                else:
+                    assert ours[key] == value
 
 
 def test_missing_info_file_names_the_create_data_command(synthetic_nuscenes):  # noqa: F811

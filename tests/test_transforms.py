@@ -28,6 +28,7 @@ from streampetr_plugin.data.transforms import (
     filter_occluded_boxes,
     normalize_images,
     pad_images,
+    resize_crop,
 )
 
 
@@ -227,6 +228,37 @@ def test_normalise_bgr_and_rgb_and_pad():
     assert padded.shape == (1, 3, 32, 32)
     np.testing.assert_array_equal(padded[:, :, :2, :3], bgr)
     assert not padded[:, :, 2:, :].any() and not padded[:, :, :, 3:].any()
+
+
+def test_normalisation_equals_the_float32_formula_on_every_pixel_value():
+    values = np.arange(256, dtype=np.uint8)
+    channels = [values, values[::-1], ((values.astype(int) * 7) % 256).astype(np.uint8)]
+    image = Image.fromarray(np.stack(channels, axis=-1)[None])  # (1, 256, 3): every value in every channel
+    mean, std = (103.53, 116.28, 123.675), (57.375, 57.12, 58.395)
+    rgb = np.asarray(image, dtype=np.float32)
+    for to_rgb, order in ((True, [0, 1, 2]), (False, [2, 1, 0])):
+        expected = (rgb[..., order] - np.float32(mean)) / np.float32(std)  # (1, 256, 3)
+        got = normalize_images([image, image], mean=mean, std=std, to_rgb=to_rgb)
+        assert got.shape == (2, 3, 1, 256)
+        np.testing.assert_array_equal(got[1], expected.transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize("crop_x", [0, 37])
+def test_resizing_only_the_kept_pixels_matches_resize_then_crop(crop_x):
+    generator = np.random.default_rng(3)
+    smooth = np.cumsum(generator.integers(-3, 4, (90, 160, 3)), axis=1) % 256  # structured, not noise
+    image = Image.fromarray(smooth.astype(np.uint8))
+    # 0.47 * 160 = 75 columns resized, a crop of 70 x 30 from the bottom; crop_x 37 runs past the right edge.
+    augmentation = ImageAugmentation(resize=0.47, resize_dims=(75, 42), crop=(crop_x, 12, crop_x + 70, 42),
+                                     flip=False)
+    expected = np.asarray(image.resize((75, 42), Image.BICUBIC).crop(augmentation.crop), dtype=int)
+    got = np.asarray(resize_crop(image, augmentation), dtype=int)
+    assert got.shape == expected.shape == (30, 70, 3)
+    # PIL takes the source box in float32: a filter tap can move by one step of its fixed-point weights.
+    assert np.abs(got - expected).max() <= 2
+    assert (got != expected).mean() < 0.01
+    inside = 75 - crop_x
+    assert not got[:, inside:].any() and not expected[:, inside:].any()  # beyond the resized image: black
 
 
 def test_test_time_resize_is_bottom_centre_crop():

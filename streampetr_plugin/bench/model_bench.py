@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 
 from streampetr_plugin.adapters.device import DeviceHandle
+from streampetr_plugin.bench.counting import count_dispatch
 from streampetr_plugin.bench.measure import (
     count_flops,
     counting_setup,
@@ -42,6 +43,7 @@ from streampetr_plugin.config.schema import Recipe
 logger = logging.getLogger(__name__)
 
 RecipeLoader = Callable[[Sequence[str]], Recipe]
+COUNTED_STEPS = 1  # host syncs and ops per step do not vary from step to step (GridMask aside)
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ def _measure_phase(
     training: bool,
     flops_per_sample: Optional[int],
     label: str,
+    count: bool,
 ) -> PhaseResult:
     device = run.device
     streams = SyntheticStreams(
@@ -105,14 +108,23 @@ def _measure_phase(
     )
     run.model.train(training)
     run.model.reset_memory()
+    step = run.train_step if training else run.infer_step
+
+    def frame(index: int) -> dict:
+        return streams.frame(index, device.torch_device)
+
+    counts = None
+    if count:
+        # Before the timed steps: the counter's first step sees the optimiser state being made.
+        logger.info("%s: counting host syncs and ops", label)
+        counts = count_dispatch(step, frame, first=0, steps=COUNTED_STEPS, device_kind=device.kind)
+        run.model.reset_memory()
     _release(device)
     reset_worked = reset_peak_memory(device)
-    step = run.train_step if training else run.infer_step
     times, cpu_times = time_steps(
-        step, lambda index: streams.frame(index, device.torch_device), steps=plan.steps, warmup=plan.warmup,
-        device=device, label=label,
+        step, frame, steps=plan.steps, warmup=plan.warmup, device=device, label=label,
     )
-    return PhaseResult.from_times(
+    result = PhaseResult.from_times(
         times,
         cpu_times=cpu_times,
         batch_size=shape.batch_size,
@@ -121,24 +133,40 @@ def _measure_phase(
         flops_per_sample=flops_per_sample,
         nonfinite_steps=run.nonfinite_steps if training else 0,
     )
+    if counts is not None:
+        result.host_syncs_per_step = counts.host_syncs
+        result.blocking_uploads_per_step = counts.blocking_uploads
+        result.ops_per_step = counts.ops
+        result.kernel_launches_per_step = counts.kernel_launches
+        result.host_sync_sites = counts.sync_sites
+        result.blocking_upload_sites = counts.upload_sites
+    return result
 
 
 def measure_configuration(
-    name: str, run: BenchRun, recipe: Recipe, plan: Plan, flops: FlopCounts, *, inference: bool
+    name: str,
+    run: BenchRun,
+    recipe: Recipe,
+    plan: Plan,
+    flops: FlopCounts,
+    *,
+    inference: bool,
+    count: bool = False,
 ) -> ConfigurationResult:
-    """Training (and, with ``inference``, streaming inference) timings of one built configuration."""
+    """Training (and, with ``inference``, streaming inference) timings of one built configuration;
+    with ``count``, also its host syncs, ops and kernel launches per step."""
     settings = run.settings()
     logger.info("bench %s: %s", name, ", ".join(f"{k} {v}" for k, v in settings.items()))
     train = _measure_phase(
         run, stream_shape(recipe, training=True), plan, training=True, flops_per_sample=flops.train,
-        label=f"bench {name}, training",
+        label=f"bench {name}, training", count=count,
     )
     infer = None
     if inference:
         run.release_training_state()
         infer = _measure_phase(
             run, stream_shape(recipe, training=False), plan, training=False, flops_per_sample=flops.inference,
-            label=f"bench {name}, inference",
+            label=f"bench {name}, inference", count=count,
         )
     logger.info("bench %s: %.3f s/step median", name, train.step_time_s.median)
     return ConfigurationResult(name=name, settings=settings, train=train, inference=infer)
@@ -158,7 +186,9 @@ def bench_model(
     adapters = adapter_rows(run.adapters.records)
     logger.info("bench: counting the model's FLOPs on one frame (forward and backward, no checkpointing)")
     flops = count_model_flops(run, recipe, plan)
-    baseline = measure_configuration("baseline", run, recipe, plan, flops, inference=plan.inference)
+    baseline = measure_configuration(
+        "baseline", run, recipe, plan, flops, inference=plan.inference, count=True
+    )
     del run
     _release(device)
     outcomes: List[VariantOutcome] = []

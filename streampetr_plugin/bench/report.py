@@ -48,7 +48,10 @@ class PhaseResult:
     ``samples_per_s`` = ``batch_size`` / median step time; ``tflops_per_s`` = ``flops_per_sample`` x
     ``batch_size`` / median step time / 1e12 (None when FLOPs were not counted). ``cpu_s_per_step`` is the
     median process CPU time (user + system, all threads) of a step: on a shared CPU it is less affected by
-    other processes than the wall time.
+    other processes than the wall time. ``host_syncs_per_step``, ``blocking_uploads_per_step``,
+    ``ops_per_step`` and ``kernel_launches_per_step`` (CUDA only) are counted on the baseline
+    (:mod:`streampetr_plugin.bench.counting`); ``host_sync_sites`` and ``blocking_upload_sites`` say where
+    they come from (``op at file:line``: number per step).
     """
 
     batch_size: int
@@ -60,6 +63,12 @@ class PhaseResult:
     tflops_per_s: Optional[float]
     cpu_s_per_step: Optional[float] = None
     nonfinite_steps: int = 0
+    host_syncs_per_step: Optional[float] = None
+    blocking_uploads_per_step: Optional[float] = None
+    ops_per_step: Optional[float] = None
+    kernel_launches_per_step: Optional[float] = None
+    host_sync_sites: Dict[str, float] = field(default_factory=dict)
+    blocking_upload_sites: Dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_times(
@@ -187,6 +196,9 @@ class BenchReport:
             f"{self.boxes_per_frame} boxes per frame; {self.steps} timed steps after {self.warmup} warm-up",
             "baseline: " + ", ".join(f"{k} {v}" for k, v in baseline.settings.items()),
         ]
+        lines.extend(_count_line(name, phase) for name, phase in (
+            ("training step", baseline.train), ("inference frame", baseline.inference)
+        ) if phase is not None and phase.host_syncs_per_step is not None)
         if baseline.train.flops_per_sample is not None:
             flops = f"{baseline.train.flops_per_sample / 1e9:,.1f} GFLOP per sample per training step"
             if baseline.inference is not None and baseline.inference.flops_per_sample is not None:
@@ -215,6 +227,14 @@ class BenchReport:
             applied = [a["name"] for a in self.adapters if a["status"] == "APPLIED"]
             lines.append(f"adapters applied: {', '.join(applied) or 'none'}")
         return lines
+
+
+def _count_line(name: str, phase: PhaseResult) -> str:
+    line = (f"per {name}: {phase.host_syncs_per_step:g} host syncs, {phase.blocking_uploads_per_step:g} "
+            f"blocking uploads, {phase.ops_per_step:,.0f} ATen ops")
+    if phase.kernel_launches_per_step is not None:
+        line += f", {phase.kernel_launches_per_step:,.0f} kernel launches"
+    return line
 
 
 def _fmt(value: Optional[float], digits: int = 3) -> str:

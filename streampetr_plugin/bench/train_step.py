@@ -187,11 +187,11 @@ class BenchRun:
             scaler.unscale_(optimizer)
         parameters = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
         clip = self.recipe.optimization.grad_clip
-        grad_norm = 0.0
+        norm = loss.new_zeros(())
         if clip is not None and parameters:
             norm = torch.nn.utils.clip_grad_norm_(parameters, clip.max_norm, norm_type=clip.norm_type)
-            grad_norm = float(norm)
-        loss_value = float(loss.detach())  # the trainer reads the loss back every iteration too
+        # The loss and the gradient norm come back in one read, as in the trainer.
+        loss_value, grad_norm = torch.stack([loss.detach().float(), norm.float()]).tolist()
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if scaler is not None:
             if math.isfinite(loss_value):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from .geometry import invert_rigid, pose_matrix, rigid_matrix
 from .infos import CAMERA_NAMES, InfoSet, SampleInfo, load_info_file
 from .prepare_synthetic import SyntheticDataOptions, ensure_synthetic_dataset
 from .transforms import (
+    RESIZE_PATHS,
     Frame,
     GlobalRotScaleTransImage,
     ObjectNameFilter,
@@ -51,6 +52,9 @@ NUSCENES_CLASSES: Tuple[str, ...] = (
 
 class ImageReadError(InputError):
     """A camera image is missing or cannot be decoded; the message names the file and the sample token."""
+
+
+IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError)  # what PIL raises on a bad file
 
 
 class NuScenesDatasetParams(BaseModel):
@@ -104,6 +108,12 @@ class NuScenesDatasetParams(BaseModel):
     use_valid_flag: bool = Field(default=True, description="train only on boxes with LiDAR or radar points")
     filter_invisible: bool = Field(default=True,
                                    description="drop fully occluded 2D boxes after augmentation")
+    resize_path: Literal["reference", "cropped", "draft"] = Field(
+        default="reference",
+        description="how camera images become the input size: " + "; ".join(
+            f"{name}: {what}" for name, what in RESIZE_PATHS.items()
+        ),
+    )
 
 
 def sequence_group_flags(num_sweeps: Sequence[int], seq_split_num: int) -> np.ndarray:
@@ -179,6 +189,7 @@ class NuScenesStreamDataset(Dataset):
         seq_split_num: int = 2,
         use_valid_flag: bool = True,
         filter_invisible: bool = True,
+        resize_path: str = "reference",
         seed: int = 0,
         synthetic: Optional[Mapping[str, object]] = None,
         infos: Optional[InfoSet] = None,
@@ -205,8 +216,9 @@ class NuScenesStreamDataset(Dataset):
         self.image_augmentation = ResizeCropFlipRotImage(
             final_dim=final_dim, resize_lim=resize_lim, bot_pct_lim=bot_pct_lim, rot_lim=rot_lim,
             rand_flip=rand_flip, training=training, test_resize=test_resize,
-            filter_invisible=filter_invisible,
+            filter_invisible=filter_invisible, resize_path=resize_path,
         )
+        self.resize_path = resize_path
         self.global_augmentation = GlobalRotScaleTransImage(
             rot_range=rot_range, scale_ratio_range=scale_ratio_range, translation_std=translation_std,
             reverse_angle=True,
@@ -234,21 +246,44 @@ class NuScenesStreamDataset(Dataset):
             return bool(self.flag[index - 1] == self.flag[index])
         return self.samples[index - 1].scene_token == self.samples[index].scene_token
 
-    def load_images(self, index: int) -> List[Image.Image]:
-        """The N camera images of sample ``index`` (PIL RGB), fully decoded."""
+    def _image_path(self, index: int, name: str) -> Path:
         sample = self.samples[index]
+        path = _resolve_path(self.root, sample.cams[name].data_path)
+        if not path.exists():
+            raise ImageReadError(f"image file {path} of sample {sample.token} ({name}) does not exist")
+        return path
+
+    def image_size(self, index: int) -> Tuple[int, int]:
+        """(width, height) of sample ``index``'s first camera image, from its header (no decoding)."""
+        path = self._image_path(index, CAMERA_NAMES[0])
+        try:
+            with Image.open(path) as image:
+                return image.size
+        except IMAGE_ERRORS as error:
+            raise self._read_error(index, CAMERA_NAMES[0], path, error) from error
+
+    def _read_error(self, index: int, name: str, path: Path, error: Exception) -> ImageReadError:
+        token = self.samples[index].token
+        return ImageReadError(f"cannot read image file {path} of sample {token} ({name}): {error}")
+
+    def load_images(self, index: int, draft_size: Optional[Tuple[int, int]] = None) -> List[Image.Image]:
+        """The N camera images of sample ``index`` (PIL RGB), fully decoded or, with ``draft_size``
+        (width, height), at the smallest JPEG DCT scale (1/2, 1/4, 1/8) not below that size."""
         images = []
         for name in CAMERA_NAMES:
-            path = _resolve_path(self.root, sample.cams[name].data_path)
-            if not path.exists():
-                raise ImageReadError(f"image file {path} of sample {sample.token} ({name}) does not exist")
+            path = self._image_path(index, name)
             try:
-                with Image.open(path) as image:
-                    images.append(image.convert("RGB"))
-            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
-                raise ImageReadError(
-                    f"cannot read image file {path} of sample {sample.token} ({name}): {error}"
-                ) from error
+                image = Image.open(path)
+                try:
+                    if draft_size is not None:
+                        image.draft("RGB", draft_size)
+                    image.load()  # decodes, then closes the file; the pixels stay (no copy)
+                except BaseException:
+                    image.close()
+                    raise
+                images.append(image if image.mode == "RGB" else image.convert("RGB"))
+            except IMAGE_ERRORS as error:
+                raise self._read_error(index, name, path, error) from error
         return images
 
     def _targets(self, sample: SampleInfo) -> Tuple[np.ndarray, np.ndarray]:
@@ -260,8 +295,9 @@ class NuScenesStreamDataset(Dataset):
                           dtype=np.int64)
         return boxes, labels
 
-    def raw_frame(self, index: int) -> Frame:
-        """Sample ``index`` before any filter or augmentation (labels attached in training)."""
+    def raw_frame(self, index: int, draft_size: Optional[Tuple[int, int]] = None) -> Frame:
+        """Sample ``index`` before any filter or augmentation (labels attached in training); images as
+        :meth:`load_images` decodes them."""
         sample = self.samples[index]
         lidar2ego = pose_matrix(sample.lidar2ego_rotation, sample.lidar2ego_translation)
         ego2global = pose_matrix(sample.ego2global_rotation, sample.ego2global_translation)
@@ -274,7 +310,7 @@ class NuScenesStreamDataset(Dataset):
         intrinsics = np.tile(np.eye(4), (len(cams), 1, 1))
         intrinsics[:, :3, :3] = np.stack([cam.intrinsic for cam in cams])
         frame = Frame(
-            images=self.load_images(index), intrinsics=intrinsics, extrinsics=extrinsics,
+            images=self.load_images(index, draft_size), intrinsics=intrinsics, extrinsics=extrinsics,
             lidar2img=intrinsics @ extrinsics, ego_pose=ego_pose, ego_pose_inv=invert_rigid(ego_pose),
         )
         if self.training:
@@ -293,14 +329,16 @@ class NuScenesStreamDataset(Dataset):
             index, draw_key = index
             rng = np.random.default_rng([*self._entropy, *draw_key])
         sample = self.samples[index]
-        frame = self.raw_frame(index)
+        # Drawn first (the filters draw nothing), so that the decoder knows the size the resize needs.
+        augmentation = self.image_augmentation.sample(self.image_size(index), rng)
+        draft_size = augmentation.resize_dims if self.resize_path == "draft" else None
+        frame = self.raw_frame(index, draft_size)
         if self.training:
             frame = self.range_filter(frame, rng)
             frame = self.name_filter(frame, rng)
-            frame = self.image_augmentation(frame, rng)
+        frame = self.image_augmentation.apply(frame, augmentation)
+        if self.training:
             frame = self.global_augmentation(frame, rng)
-        else:
-            frame = self.image_augmentation(frame, rng)
         img = normalize_images(frame.images, mean=self.mean, std=self.std, to_rgb=self.to_rgb)
         img = pad_images(img, self.size_divisor)
         item: Dict[str, object] = {

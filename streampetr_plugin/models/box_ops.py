@@ -83,7 +83,7 @@ def bbox_overlaps(
         union = area_first
     else:
         union = area_first + area_second - overlap
-    eps_tensor = union.new_tensor([eps])
+    eps_tensor = union.new_full((1,), eps)  # filled on the device: no host-to-device copy
     union = torch.max(union, eps_tensor)
     ious = overlap / union
     if mode != "giou":

@@ -24,7 +24,9 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
 
+from streampetr_plugin.models.assigners.solver import solve_matchings
 from streampetr_plugin.models.heads.streampetr_head import StreamPETRHead, full_precision
+from streampetr_plugin.models.layers.functional import upload
 from streampetr_plugin.models.layers.grid_mask import GridMask
 
 
@@ -168,13 +170,16 @@ class StreamPETRDetector(nn.Module):
             self._inference_ran = False
         prev_exists = batch["prev_exists"].to(batch["img"].device)
         outs, outs_roi, pad_hw = self._run_heads(batch, prev_exists, with_targets=True)
-        losses = self.pts_bbox_head.loss(batch["gt_bboxes_3d"], batch["gt_labels_3d"], outs)
+        targets_3d = (batch["gt_bboxes_3d"], batch["gt_labels_3d"])
+        targets_2d = (batch["gt_bboxes_2d"], batch["gt_labels_2d"], batch["centers_2d"], pad_hw)
+        # Both heads' matchings go to the host together: one device -> host copy per step.
+        problems = [self.pts_bbox_head.matching_problem(*targets_3d, outs)]
         if outs_roi is not None:
-            losses.update(
-                self.img_roi_head.loss(
-                    outs_roi, batch["gt_bboxes_2d"], batch["gt_labels_2d"], batch["centers_2d"], pad_hw
-                )
-            )
+            problems.append(self.img_roi_head.matching_problem(outs_roi, *targets_2d))
+        assignments = solve_matchings(problems)
+        losses = self.pts_bbox_head.loss(*targets_3d, outs, assignments=assignments[0])
+        if outs_roi is not None:
+            losses.update(self.img_roi_head.loss(outs_roi, *targets_2d, assignments=assignments[1]))
         return losses
 
     @torch.no_grad()
@@ -205,7 +210,7 @@ class StreamPETRDetector(nn.Module):
         else:
             continues = [now == before for now, before in zip(tokens, previous)]
         self._prev_scene_tokens = tokens
-        return torch.tensor(continues, dtype=torch.float32, device=img.device)
+        return upload(torch.tensor(continues, dtype=torch.float32), img.device)
 
 
 class StreamPETRDetectorParams(BaseModel):

@@ -647,7 +647,8 @@ class Trainer:
     def _trainable_parameters(self) -> List[torch.Tensor]:
         return [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
 
-    def _gradient_norm(self) -> float:
+    def _gradient_norm(self) -> torch.Tensor:
+        """The total gradient norm (clipping the gradients when the recipe says so), on the device."""
         parameters = self._trainable_parameters()
         clip = self.recipe.optimization.grad_clip
         if clip is not None:
@@ -656,8 +657,8 @@ class Trainer:
             norms = torch.stack([torch.linalg.vector_norm(p.grad) for p in parameters])
             norm = torch.linalg.vector_norm(norms)
         else:
-            norm = torch.zeros(())
-        return float(norm)
+            norm = torch.zeros((), device=self.device.torch_device)
+        return norm
 
     def train_step(self, batch: Mapping[str, Any]) -> Dict[str, float]:
         """One iteration on a batch already on the device; returns the rank-mean loss terms and
@@ -676,7 +677,8 @@ class Trainer:
         # Rank means of every term and the total; a NaN anywhere shows on every rank.
         values = torch.stack([losses[name].detach().float().reshape(()) for name in names] + [loss.detach()])
         values = distributed.all_reduce_sum(values) / self.dist_env.world_size
-        host = values.tolist()
+        # One read for every term, the total and the gradient norm (equal on every rank already).
+        *host, grad_norm = torch.cat([values, grad_norm.detach().float().reshape(1)]).tolist()
         terms = dict(zip(names, host[:-1]))
         terms["loss"] = host[-1]
         loss_finite = math.isfinite(host[-1])

@@ -6,10 +6,11 @@ from typing import List, Sequence, Tuple
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from streampetr_plugin.models.assigners._solver import solve_padded_costs
 from streampetr_plugin.models.assigners.assign_result import AssignResult
 from streampetr_plugin.models.assigners.match_costs import BBox3DL1Cost, BBoxL1Cost, FocalLossCost, IoUCost
+from streampetr_plugin.models.assigners.solver import MatchingProblem, solve_matchings
 from streampetr_plugin.models.box_ops import bbox_cxcywh_to_xyxy
+from streampetr_plugin.models.layers.functional import device_constant
 
 
 class HungarianAssigner2D:
@@ -34,7 +35,7 @@ class HungarianAssigner2D:
         self.centers2d_cost = BBox3DL1Cost(weight=centers2d_weight)
 
     @torch.no_grad()
-    def assign_batch(
+    def problem(
         self,
         cls_logits: torch.Tensor,
         bbox_preds: torch.Tensor,
@@ -43,8 +44,8 @@ class HungarianAssigner2D:
         gt_labels: Sequence[torch.Tensor],
         gt_centers2d: Sequence[torch.Tensor],
         pad_hw: Tuple[int, int],
-    ) -> List[AssignResult]:
-        """Match each of N images independently (one host copy for all).
+    ) -> MatchingProblem:
+        """The costs of matching each of N images, computed together on the device.
 
         Args:
             cls_logits: (N, T, C) class logits of T tokens.
@@ -54,16 +55,13 @@ class HungarianAssigner2D:
             gt_labels: N tensors (G_n,).
             gt_centers2d: N tensors (G_n, 2) pixels.
             pad_hw: (H, W) of the padded input.
-
-        Returns:
-            N :class:`AssignResult` on the CPU.
         """
         num_gts = [int(g.size(0)) for g in gt_bboxes]
         if max(num_gts, default=0) == 0:
-            no_labels = torch.zeros(len(num_gts), 0, dtype=torch.long)
-            return solve_padded_costs(cls_logits.new_zeros(cls_logits.shape[:2] + (0,)), no_labels, num_gts)
+            no_labels = torch.zeros(len(num_gts), 0, dtype=torch.long, device=cls_logits.device)
+            return MatchingProblem(cls_logits.new_zeros(cls_logits.shape[:2] + (0,)), no_labels, num_gts)
         pad_h, pad_w = pad_hw
-        factor = bbox_preds.new_tensor([pad_w, pad_h, pad_w, pad_h])
+        factor = device_constant([pad_w, pad_h, pad_w, pad_h], bbox_preds)
         boxes = pad_sequence([g.to(bbox_preds) for g in gt_bboxes], batch_first=True)  # (N, G, 4) pixels
         labels = pad_sequence([lbl.to(bbox_preds.device, torch.long) for lbl in gt_labels], batch_first=True)
         centres = pad_sequence([c.to(bbox_preds) for c in gt_centers2d], batch_first=True)  # (N, G, 2) pixels
@@ -74,7 +72,27 @@ class HungarianAssigner2D:
             + self.iou_cost(bbox_cxcywh_to_xyxy(bbox_preds) * factor, boxes)
             + self.centers2d_cost(centers2d_preds, centres / factor[:2])
         )  # (N, T, G)
-        return solve_padded_costs(cost, labels, num_gts)
+        return MatchingProblem(cost, labels, num_gts)
+
+    def assign_batch(
+        self,
+        cls_logits: torch.Tensor,
+        bbox_preds: torch.Tensor,
+        centers2d_preds: torch.Tensor,
+        gt_bboxes: Sequence[torch.Tensor],
+        gt_labels: Sequence[torch.Tensor],
+        gt_centers2d: Sequence[torch.Tensor],
+        pad_hw: Tuple[int, int],
+    ) -> List[AssignResult]:
+        """Match each of N images independently (arguments of :meth:`problem`; one host copy).
+
+        Returns:
+            N :class:`AssignResult` on the CPU.
+        """
+        problem = self.problem(
+            cls_logits, bbox_preds, centers2d_preds, gt_bboxes, gt_labels, gt_centers2d, pad_hw
+        )
+        return solve_matchings([problem])[0]
 
     def assign(
         self,

@@ -6,9 +6,9 @@ from typing import List, Optional, Sequence
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from streampetr_plugin.models.assigners._solver import solve_padded_costs
 from streampetr_plugin.models.assigners.assign_result import AssignResult
 from streampetr_plugin.models.assigners.match_costs import BBox3DL1Cost, FocalLossCost
+from streampetr_plugin.models.assigners.solver import MatchingProblem, solve_matchings
 from streampetr_plugin.models.box_ops import normalize_bbox
 
 
@@ -27,7 +27,7 @@ class HungarianAssigner3D:
         self.reg_cost = BBox3DL1Cost(weight=reg_weight)
 
     @torch.no_grad()
-    def assign_batch(
+    def problem(
         self,
         cls_logits: torch.Tensor,
         bbox_preds: torch.Tensor,
@@ -35,8 +35,8 @@ class HungarianAssigner3D:
         gt_labels: Sequence[torch.Tensor],
         code_weights: Optional[torch.Tensor] = None,
         with_velo: bool = False,
-    ) -> List[AssignResult]:
-        """Match each of N samples independently (costs for all samples computed together, one host copy).
+    ) -> MatchingProblem:
+        """The costs of matching each of N samples, computed together on the device.
 
         Args:
             cls_logits: (N, Q, C) class logits.
@@ -45,14 +45,11 @@ class HungarianAssigner3D:
             gt_labels: N tensors (G_n,) class indices.
             code_weights: (10,) per-dim weights of the L1 cost, or None.
             with_velo: include the velocity dims in the L1 cost.
-
-        Returns:
-            N :class:`AssignResult` on the CPU.
         """
         num_gts = [int(g.size(0)) for g in gt_bboxes]
         if max(num_gts, default=0) == 0:
-            no_labels = torch.zeros(len(num_gts), 0, dtype=torch.long)
-            return solve_padded_costs(cls_logits.new_zeros(cls_logits.shape[:2] + (0,)), no_labels, num_gts)
+            no_labels = torch.zeros(len(num_gts), 0, dtype=torch.long, device=cls_logits.device)
+            return MatchingProblem(cls_logits.new_zeros(cls_logits.shape[:2] + (0,)), no_labels, num_gts)
         # Padding boxes have unit sizes so their (unused) codes stay finite.
         padded_boxes = pad_sequence(
             [g.to(bbox_preds) for g in gt_bboxes], batch_first=True, padding_value=1.0
@@ -68,7 +65,25 @@ class HungarianAssigner3D:
         cost = self.cls_cost(cls_logits, padded_labels) + self.reg_cost(
             bbox_preds[..., :num_dims], gt_codes[..., :num_dims]
         )  # (N, Q, G)
-        return solve_padded_costs(cost, padded_labels, num_gts)
+        return MatchingProblem(cost, padded_labels, num_gts)
+
+    def assign_batch(
+        self,
+        cls_logits: torch.Tensor,
+        bbox_preds: torch.Tensor,
+        gt_bboxes: Sequence[torch.Tensor],
+        gt_labels: Sequence[torch.Tensor],
+        code_weights: Optional[torch.Tensor] = None,
+        with_velo: bool = False,
+    ) -> List[AssignResult]:
+        """Match each of N samples independently (arguments of :meth:`problem`; one host copy).
+
+        Returns:
+            N :class:`AssignResult` on the CPU.
+        """
+        return solve_matchings(
+            [self.problem(cls_logits, bbox_preds, gt_bboxes, gt_labels, code_weights, with_velo)]
+        )[0]
 
     def assign(
         self,

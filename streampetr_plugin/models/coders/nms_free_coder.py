@@ -8,6 +8,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from streampetr_plugin.models.box_ops import denormalize_bbox
+from streampetr_plugin.models.layers.functional import device_constant
 
 
 class NMSFreeCoderParams(BaseModel):
@@ -85,8 +86,9 @@ class NMSFreeCoder:
         dense = self.decode_dense(cls_scores, bbox_preds)
         fields = {"bboxes": dense.bboxes, "scores": dense.scores, "labels": dense.labels,
                   "query_index": dense.query_index}
-        return [{name: value[row][keep] for name, value in fields.items()}
-                for row, keep in enumerate(dense.keep)]
+        # One read per sample (how many pairs it keeps), then plain indexing of every field.
+        kept = [keep.nonzero().squeeze(1) for keep in dense.keep]
+        return [{name: value[row][kept[row]] for name, value in fields.items()} for row in range(len(kept))]
 
     @torch.no_grad()
     def decode_dense(self, cls_scores: torch.Tensor, bbox_preds: torch.Tensor) -> DenseDecoding:
@@ -104,6 +106,6 @@ class NMSFreeCoder:
         if self.score_threshold:
             keep &= scores >= self.score_threshold
         if self.post_center_range is not None:
-            bounds = boxes.new_tensor(self.post_center_range)
+            bounds = device_constant(self.post_center_range, boxes)
             keep &= (boxes[..., :3] >= bounds[:3]).all(-1) & (boxes[..., :3] <= bounds[3:]).all(-1)
         return DenseDecoding(bboxes=boxes, scores=scores, labels=labels, query_index=query_index, keep=keep)

@@ -9,7 +9,7 @@ centerness, ltrb, center2d}.*``.
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,13 +18,16 @@ from torch.nn.utils.rnn import pad_sequence
 
 from streampetr_plugin.models.assigners.assign_result import AssignResult
 from streampetr_plugin.models.assigners.hungarian_2d import HungarianAssigner2D
+from streampetr_plugin.models.assigners.solver import MatchingProblem, solve_matchings
 from streampetr_plugin.models.box_ops import bbox_cxcywh_to_xyxy, bbox_overlaps, bbox_xyxy_to_cxcywh
 from streampetr_plugin.models.layers.functional import (
     bias_init_with_prob,
+    classification_normaliser,
     clip_sigmoid,
+    device_constant,
     inverse_sigmoid,
     mean_count_over_ranks,
-    reduce_mean,
+    upload,
 )
 from streampetr_plugin.models.losses.gaussian_focal_loss import GaussianFocalLoss
 from streampetr_plugin.models.losses.giou_loss import GIoULoss
@@ -169,6 +172,22 @@ class FocalHead(nn.Module):
             return 0.2 + 0.8 * torch.rand(()).item()
         return self.train_ratio
 
+    def matching_problem(
+        self,
+        preds: Dict[str, torch.Tensor],
+        gt_bboxes_2d: Sequence[Sequence[torch.Tensor]],
+        gt_labels_2d: Sequence[Sequence[torch.Tensor]],
+        centers_2d: Sequence[Sequence[torch.Tensor]],
+        pad_hw: Tuple[int, int],
+    ) -> MatchingProblem:
+        """The costs of matching the tokens of all B*N images (the arguments of :meth:`loss`), on the
+        device; :meth:`loss` takes its solution."""
+        gt_boxes, gt_labels, gt_centres = _per_image(preds, gt_bboxes_2d, gt_labels_2d, centers_2d)
+        return self.assigner.problem(
+            preds["enc_cls_scores"], preds["enc_bbox_preds"], preds["pred_centers2d"],
+            gt_boxes, gt_labels, gt_centres, pad_hw,
+        )
+
     def loss(
         self,
         preds: Dict[str, torch.Tensor],
@@ -176,6 +195,7 @@ class FocalHead(nn.Module):
         gt_labels_2d: Sequence[Sequence[torch.Tensor]],
         centers_2d: Sequence[Sequence[torch.Tensor]],
         pad_hw: Tuple[int, int],
+        assignments: Optional[Sequence[AssignResult]] = None,
     ) -> Dict[str, torch.Tensor]:
         """2D losses over all B*N images (the reference's ``FocalHead.loss`` / ``loss_single``).
 
@@ -185,6 +205,8 @@ class FocalHead(nn.Module):
             gt_labels_2d: [B][N] tensors (m,) 2D class indices.
             centers_2d: [B][N] tensors (m, 2) projected 3D centres in pixels.
             pad_hw: (H, W) of the padded input.
+            assignments: the solution of :meth:`matching_problem` on these arguments (one per image),
+                when the caller solved it together with other matchings; None: solve here.
 
         Returns:
             ``enc_loss_cls`` (QFL), ``enc_loss_bbox`` (L1 on normalised cxcywh), ``enc_loss_iou`` (GIoU in
@@ -192,23 +214,19 @@ class FocalHead(nn.Module):
         """
         cls_scores = preds["enc_cls_scores"]  # (I, T, C), I = B*N images
         bbox_preds = preds["enc_bbox_preds"]  # (I, T, 4)
-        centers2d_preds = preds["pred_centers2d"]  # (I, T, 2)
         num_images, num_tokens, num_classes = cls_scores.shape
         device = cls_scores.device
-        gt_boxes = [boxes.to(device) for per_sample in gt_bboxes_2d for boxes in per_sample]
-        gt_labels = [labels.to(device) for per_sample in gt_labels_2d for labels in per_sample]
-        gt_centres = [centres.to(device) for per_sample in centers_2d for centres in per_sample]
-
-        assignments = self.assigner.assign_batch(
-            cls_scores, bbox_preds, centers2d_preds, gt_boxes, gt_labels, gt_centres, pad_hw
-        )
+        gt_boxes, gt_labels, gt_centres = _per_image(preds, gt_bboxes_2d, gt_labels_2d, centers_2d)
+        if assignments is None:
+            problem = self.matching_problem(preds, gt_bboxes_2d, gt_labels_2d, centers_2d, pad_hw)
+            assignments = solve_matchings([problem])[0]
         labels, bbox_targets, bbox_weights, centers2d_targets = self._targets(
             assignments, gt_boxes, gt_centres, num_tokens, pad_hw, bbox_preds
         )
         num_pos = sum(int(a.pos_inds.numel()) for a in assignments)
 
         pad_h, pad_w = pad_hw
-        factor = bbox_preds.new_tensor([pad_w, pad_h, pad_w, pad_h])
+        factor = device_constant([pad_w, pad_h, pad_w, pad_h], bbox_preds)
         bbox_preds = bbox_preds.reshape(-1, 4)
         pred_pixels = bbox_cxcywh_to_xyxy(bbox_preds) * factor
         target_pixels = bbox_cxcywh_to_xyxy(bbox_targets) * factor
@@ -216,10 +234,7 @@ class FocalHead(nn.Module):
         loss_iou = self.loss_iou2d(pred_pixels, target_pixels, bbox_weights, avg_factor=num_pos)
         iou_score = bbox_overlaps(target_pixels, pred_pixels, is_aligned=True).reshape(-1)
 
-        cls_avg_factor: float | torch.Tensor = float(num_pos)
-        if self.sync_cls_avg_factor:
-            cls_avg_factor = reduce_mean(cls_scores.new_tensor([cls_avg_factor]))
-        cls_avg_factor = max(cls_avg_factor, 1)
+        cls_avg_factor = classification_normaliser(num_pos, cls_scores, over_ranks=self.sync_cls_avg_factor)
         loss_cls = self.loss_cls2d(
             cls_scores.reshape(-1, num_classes), (labels, iou_score.detach()), avg_factor=cls_avg_factor
         )
@@ -231,7 +246,8 @@ class FocalHead(nn.Module):
         )
         loss_bbox = self.loss_bbox2d(bbox_preds, bbox_targets, bbox_weights, avg_factor=mean_num_pos)
         loss_centers2d = self.loss_centers2d(
-            centers2d_preds.reshape(-1, 2), centers2d_targets, bbox_weights[:, :2], avg_factor=mean_num_pos
+            preds["pred_centers2d"].reshape(-1, 2), centers2d_targets, bbox_weights[:, :2],
+            avg_factor=mean_num_pos,
         )
         return {
             "enc_loss_cls": loss_cls,
@@ -254,15 +270,16 @@ class FocalHead(nn.Module):
         (1 at matched tokens), normalised centres."""
         device = like.device
         pad_h, pad_w = pad_hw
-        factor = like.new_tensor([pad_w, pad_h, pad_w, pad_h])
+        factor = device_constant([pad_w, pad_h, pad_w, pad_h], like)
         labels = torch.cat([torch.where(a.labels < 0, self.num_classes, a.labels) for a in assignments])
-        labels = labels.to(device)
-        rows = torch.cat([a.pos_inds + n * num_tokens for n, a in enumerate(assignments)]).to(device)  # (P,)
+        labels = upload(labels, device)
+        rows = torch.cat([a.pos_inds + n * num_tokens for n, a in enumerate(assignments)])  # (P,)
+        rows = upload(rows, device)
         matched_boxes = torch.cat(
-            [boxes[a.pos_assigned_gt_inds.to(device)] for boxes, a in zip(gt_boxes, assignments)]
+            [boxes[upload(a.pos_assigned_gt_inds, device)] for boxes, a in zip(gt_boxes, assignments)]
         ).to(like.dtype)  # (P, 4) pixels
         matched_centres = torch.cat(
-            [centres[a.pos_assigned_gt_inds.to(device)] for centres, a in zip(gt_centres, assignments)]
+            [centres[upload(a.pos_assigned_gt_inds, device)] for centres, a in zip(gt_centres, assignments)]
         ).to(like.dtype)  # (P, 2) pixels
 
         total = len(assignments) * num_tokens
@@ -314,3 +331,18 @@ class FocalHead(nn.Module):
         window = (dx.abs() <= radius[..., None, None]) & (dy.abs() <= radius[..., None, None])
         gaussian = torch.where(window & valid[..., None, None], gaussian, torch.zeros_like(gaussian))
         return gaussian.amax(dim=1).reshape(num_images, -1)
+
+
+def _per_image(
+    preds: Dict[str, torch.Tensor],
+    gt_bboxes_2d: Sequence[Sequence[torch.Tensor]],
+    gt_labels_2d: Sequence[Sequence[torch.Tensor]],
+    centers_2d: Sequence[Sequence[torch.Tensor]],
+) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
+    """The [B][N] ground truths as B*N per-image lists (boxes, labels, centres) on the predictions' device."""
+    device = preds["enc_cls_scores"].device
+    return (
+        [boxes.to(device) for per_sample in gt_bboxes_2d for boxes in per_sample],
+        [labels.to(device) for per_sample in gt_labels_2d for labels in per_sample],
+        [centres.to(device) for per_sample in centers_2d for centres in per_sample],
+    )

@@ -79,14 +79,19 @@ def projection_targets(
     seen = (depth > MIN_DEPTH_M) & (u >= 0) & (u < pad_hw[1]) & (v >= 0) & (v < pad_hw[0])  # (B, N, P)
     column = (u / stride).floor().long().clamp(0, width - 1)
     row = (v / stride).floor().long().clamp(0, height - 1)
-    target = points.new_zeros(batch, num_points, num_cams, height + 2, width + 2)  # one cell of margin
-    b_idx, n_idx, p_idx = torch.nonzero(seen, as_tuple=True)
-    centre_row, centre_col = row[b_idx, n_idx, p_idx] + 1, column[b_idx, n_idx, p_idx] + 1
+    margin_width = width + 2  # one cell of margin on every side
+    target = points.new_zeros(batch, num_points, num_cams, (height + 2) * margin_width)
+    # Dense over every (point, camera): a camera that does not see the point adds 0, so no indexing by
+    # the seen pairs (whose number the host would have to wait for). Each cell gets one addition.
+    centre_row, centre_col = row.transpose(1, 2) + 1, column.transpose(1, 2) + 1  # (B, P, N)
+    seen_weight = seen.transpose(1, 2).to(target.dtype)  # (B, P, N)
     for d_row in (-1, 0, 1):
         for d_col in (-1, 0, 1):
             weight = 1.0 if d_row == 0 and d_col == 0 else NEIGHBOUR_WEIGHT
-            target[b_idx, p_idx, n_idx, centre_row + d_row, centre_col + d_col] += weight
-    target = target[..., 1:-1, 1:-1].reshape(batch, num_points, num_cams * height * width)
+            cell = (centre_row + d_row) * margin_width + centre_col + d_col  # (B, P, N)
+            target.scatter_add_(-1, cell[..., None], (seen_weight * weight)[..., None])
+    target = target.view(batch, num_points, num_cams, height + 2, margin_width)[..., 1:-1, 1:-1]
+    target = target.reshape(batch, num_points, num_cams * height * width)
     total = target.sum(dim=-1, keepdim=True)
     return target / total.clamp(min=1e-12), total[..., 0] > 0
 

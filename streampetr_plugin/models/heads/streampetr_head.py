@@ -29,10 +29,12 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
 
+from streampetr_plugin.models.assigners.assign_result import AssignResult
+from streampetr_plugin.models.assigners.solver import MatchingProblem
 from streampetr_plugin.models.coders.nms_free_coder import NMSFreeCoder
 from streampetr_plugin.models.heads.geometric_warm_start import alignment_loss
 from streampetr_plugin.models.layers.denoising import build_denoising_queries
-from streampetr_plugin.models.layers.functional import bias_init_with_prob, inverse_sigmoid
+from streampetr_plugin.models.layers.functional import bias_init_with_prob, device_constant, inverse_sigmoid
 from streampetr_plugin.models.layers.matrix_inverse import inverse_4x4
 from streampetr_plugin.models.layers.memory import StreamingMemory
 from streampetr_plugin.models.layers.positional_encoding import (
@@ -256,7 +258,7 @@ class StreamPETRHead(nn.Module):
             else:
                 # Reference quirk: tiling the camera axis gives token t the focal lengths of camera t mod N.
                 focal = focal.repeat(1, tokens_per_cam, 1)  # (B, L, 2)
-            pad_wh = location.new_tensor([pad_w, pad_h], dtype=torch.float32)
+            pad_wh = device_constant([pad_w, pad_h], location, torch.float32)
             pixels = location.float() * pad_wh  # (B N, h, w, 2) pixel centres
             depth = self.coords_d.float()
             num_bins = depth.size(0)
@@ -526,16 +528,31 @@ class StreamPETRHead(nn.Module):
 
     # ------------------------------------------------------------------ losses and decoding
 
+    def matching_problem(
+        self,
+        gt_bboxes_3d: Sequence[torch.Tensor],
+        gt_labels_3d: Sequence[torch.Tensor],
+        preds: Dict[str, Any],
+    ) -> MatchingProblem:
+        """The Hungarian matching costs of every decoder layer (the arguments of :meth:`loss`), on the
+        device; :meth:`loss` takes its solution."""
+        return self.criterion.matching_problem(
+            preds["all_cls_scores"], preds["all_bbox_preds"], list(gt_bboxes_3d), list(gt_labels_3d),
+            self.match_costs,
+        )
+
     def loss(
         self,
         gt_bboxes_3d: Sequence[torch.Tensor],
         gt_labels_3d: Sequence[torch.Tensor],
         preds: Dict[str, Any],
+        assignments: Optional[Sequence[AssignResult]] = None,
     ) -> Dict[str, torch.Tensor]:
         """3D losses of :meth:`forward`'s outputs against per-sample GT boxes (n, 9) (gravity-centre z) and
         labels (n,). Keys: ``loss_cls``, ``loss_bbox``, ``d0..d4.loss_*`` and the ``dn_`` counterparts; with
         geometric guidance also ``loss_geometric_guidance`` (weighted) and ``geometric_guidance_share`` (the
-        attention share on the target tokens, detached)."""
+        attention share on the target tokens, detached). ``assignments``: the solved
+        :meth:`matching_problem` (None: solved here)."""
         losses = self.criterion(
             preds["all_cls_scores"],
             preds["all_bbox_preds"],
@@ -544,6 +561,7 @@ class StreamPETRHead(nn.Module):
             list(gt_labels_3d),
             self.code_weights,
             self.match_costs,
+            assignments=assignments,
         )
         if preds.get("geometric_guidance") is not None:
             loss, share = preds["geometric_guidance"]
@@ -582,9 +600,9 @@ class StreamPETRHead(nn.Module):
         ``"query_ids_3d"`` (K,) (the id of the query each box came from) when ``preds`` has ``query_ids``.
         """
         fixed = self.decode_fixed(preds)
-        keep = fixed["keep"]
         names = [name for name in ("boxes_3d", "scores_3d", "labels_3d", "query_ids_3d") if name in fixed]
-        return [{name: fixed[name][row][keep[row]] for name in names} for row in range(keep.size(0))]
+        kept = [keep.nonzero().squeeze(1) for keep in fixed["keep"]]  # one read per row
+        return [{name: fixed[name][row][kept[row]] for name in names} for row in range(len(kept))]
 
 
 def _gather_tokens(values: torch.Tensor, topk_indexes: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from streampetr_plugin.models.layers.functional import upload
+
 
 @dataclass
 class DenoisingQueries:
@@ -96,7 +98,8 @@ def build_denoising_queries(
     known_num = [int(boxes.size(0)) for boxes in gt_bboxes_3d]
     boxes = torch.cat([b.to(device=device, dtype=reference_points.dtype) for b in gt_bboxes_3d])  # (T, 9)
     labels = torch.cat([lbl.to(device) for lbl in gt_labels_3d]).long()  # (T,)
-    batch_idx = torch.cat([torch.full((n,), b, dtype=torch.long) for b, n in enumerate(known_num)]).to(device)
+    batch_idx = torch.cat([torch.full((n,), b, dtype=torch.long) for b, n in enumerate(known_num)])  # (T,)
+    batch_idx = upload(batch_idx, device)
     total = boxes.size(0)
 
     known_indice = torch.arange(total, device=device).repeat(num_groups)  # (G * T,) group-major
@@ -117,7 +120,7 @@ def build_denoising_queries(
     pad_size = single_pad * num_groups
     padded = torch.cat([reference_points.new_zeros(pad_size, 3), reference_points], dim=0)
     padded = padded.unsqueeze(0).repeat(batch_size, 1, 1)  # (B, pad + Q, 3)
-    within_sample = torch.cat([torch.arange(n) for n in known_num]).long().to(device)  # (T,)
+    within_sample = upload(torch.cat([torch.arange(n) for n in known_num]).long(), device)  # (T,)
     map_known_indice = torch.cat([within_sample + single_pad * g for g in range(num_groups)])  # (G * T,)
     if total:
         padded[known_bid, map_known_indice] = centers

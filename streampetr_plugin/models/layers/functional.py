@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -17,6 +18,20 @@ def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     numerator = x.clamp(min=eps)
     denominator = (1 - x).clamp(min=eps)
     return torch.log(numerator / denominator)
+
+
+def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` (host memory) copied to ``device`` without making the host wait: CUDA copies pageable
+    memory with ``non_blocking=False`` through a stream synchronisation, while a non-blocking copy is
+    staged at once (the source may be freed right after)."""
+    return tensor.to(device, non_blocking=True)
+
+
+def device_constant(
+    values: Sequence[float], like: torch.Tensor, dtype: Optional[torch.dtype] = None
+) -> torch.Tensor:
+    """``like.new_tensor(values, dtype=dtype)`` without making the host wait (see :func:`upload`)."""
+    return upload(torch.tensor(values, dtype=dtype or like.dtype), like.device)
 
 
 def _distributed() -> bool:
@@ -35,14 +50,20 @@ def reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def mean_count_over_ranks(count: float, device: torch.device) -> float:
-    """``max(reduce_mean(count), 1)`` as a Python float.
-
-    Without a process group this never touches the device, so a loss normaliser costs no host sync.
-    """
+def mean_count_over_ranks(count: float, device: torch.device) -> float | torch.Tensor:
+    """``max(reduce_mean(count), 1)``: a Python float without a process group, else a 0-dim tensor on
+    ``device`` (a loss normaliser that stays on the device: reading it back would make the host wait)."""
     if not _distributed():
         return max(float(count), 1.0)
-    return torch.clamp(reduce_mean(torch.tensor([float(count)], device=device)), min=1).item()
+    return torch.clamp(reduce_mean(upload(torch.tensor(float(count)), device)), min=1)
+
+
+def classification_normaliser(count: float, like: torch.Tensor, *, over_ranks: bool) -> float | torch.Tensor:
+    """``max(count, 1)``; with ``over_ranks`` (``sync_cls_avg_factor``) the mean of ``count`` over all
+    ranks, as a (1,) tensor on ``like``'s device (the reference's shape), clamped there without a read."""
+    if not over_ranks:
+        return max(float(count), 1.0)
+    return torch.clamp(reduce_mean(device_constant([float(count)], like)), min=1)
 
 
 def bias_init_with_prob(prior_prob: float) -> float:

@@ -87,7 +87,8 @@ class GridMask(nn.Module):
         if not self.training or torch.rand(1, generator=self.generator).item() > self.prob:
             return images
         height, width = images.shape[-2:]
-        mask = self.make_mask(height, width).to(device=images.device, dtype=images.dtype)
+        # Made on the host; uploaded without waiting for the device.
+        mask = self.make_mask(height, width).to(device=images.device, dtype=images.dtype, non_blocking=True)
         if not self.offset:
             return images * mask
         noise = 2 * (torch.rand(height, width, generator=self.generator) - 0.5)  # U[-1, 1)

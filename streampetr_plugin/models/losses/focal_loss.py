@@ -56,8 +56,10 @@ class FocalLoss(nn.Module):
 
         ``weight`` is per sample (N,) or per element (N, C).
         """
-        num_classes = pred.size(1)
-        one_hot = F.one_hot(target.long(), num_classes=num_classes + 1)[:, :num_classes]  # (N, C)
+        classes = torch.arange(pred.size(1), device=pred.device)
+        # (N, C) one-hot rows, background (C) all zero; a comparison, where F.one_hot would read the
+        # labels' range back to the host.
+        one_hot = target.long()[:, None] == classes
         loss = sigmoid_focal_loss(pred, one_hot, gamma=self.gamma, alpha=self.alpha)
         if weight is not None and weight.dim() == 1:
             weight = weight.view(-1, 1)

@@ -31,11 +31,12 @@ class GIoULoss(nn.Module):
         ``weight`` is (N,) or (N, 4); a (N, 4) weight is averaged over its last dim. When no weight is
         positive the result is an exact zero that still depends on ``pred`` (so the graph stays connected).
         """
-        if weight is not None and not torch.any(weight > 0):
-            if pred.dim() == weight.dim() + 1:
-                weight = weight.unsqueeze(1)
-            return (pred * weight).sum()
-        if weight is not None and weight.dim() > 1:
-            weight = weight.mean(-1)
+        mean_weight = weight.mean(-1) if weight is not None and weight.dim() > 1 else weight
         loss = 1 - bbox_overlaps(pred, target, mode="giou", is_aligned=True, eps=self.eps)
-        return self.loss_weight * weight_reduce_loss(loss, weight, self.reduction, avg_factor)
+        reduced = self.loss_weight * weight_reduce_loss(loss, mean_weight, self.reduction, avg_factor)
+        if weight is None:
+            return reduced
+        # mmdet returns (pred * weight).sum() when no weight is positive; chosen on the device, so the
+        # host never waits for the answer.
+        connected_zero = (pred * (weight.unsqueeze(1) if pred.dim() == weight.dim() + 1 else weight)).sum()
+        return torch.where(torch.any(weight > 0), reduced, connected_zero)

@@ -25,18 +25,14 @@ def quality_focal_loss(
         (N,) loss summed over classes.
     """
     prob = logits.sigmoid()
-    zeros = torch.zeros_like(logits)
-    loss = F.binary_cross_entropy_with_logits(logits, zeros, reduction="none") * prob.pow(beta)
-    num_classes = logits.size(1)
-    positive = ((labels >= 0) & (labels < num_classes)).nonzero().squeeze(1)
-    positive_labels = labels[positive].long()
-    positive_logits = logits[positive, positive_labels]
-    positive_scores = scores[positive].type_as(logits)
-    scale = (positive_scores - prob[positive, positive_labels]).abs().pow(beta)
-    loss = loss.index_put(
-        (positive, positive_labels),
-        F.binary_cross_entropy_with_logits(positive_logits, positive_scores, reduction="none") * scale,
-    )
+    classes = torch.arange(logits.size(1), device=logits.device)
+    # (N, C): a sample's own class; background (C) and negative labels match no column. Computed densely
+    # (no indexing by the positives), so the host never waits for their number.
+    positive = labels.long()[:, None] == classes
+    positive_scores = scores.type_as(logits)[:, None]  # (N, 1)
+    targets = torch.where(positive, positive_scores, torch.zeros_like(logits))
+    weight = torch.where(positive, (positive_scores - prob).abs().pow(beta), prob.pow(beta))
+    loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * weight
     return loss.sum(dim=1)
 
 

@@ -20,8 +20,13 @@ from torch import nn
 
 from streampetr_plugin.models.assigners.assign_result import AssignResult
 from streampetr_plugin.models.assigners.hungarian_3d import HungarianAssigner3D
+from streampetr_plugin.models.assigners.solver import MatchingProblem, solve_matchings
 from streampetr_plugin.models.box_ops import normalize_bbox
-from streampetr_plugin.models.layers.functional import mean_count_over_ranks, reduce_mean
+from streampetr_plugin.models.layers.functional import (
+    classification_normaliser,
+    mean_count_over_ranks,
+    upload,
+)
 from streampetr_plugin.models.losses.focal_loss import FocalLoss
 from streampetr_plugin.models.losses.l1_loss import L1Loss
 
@@ -81,6 +86,35 @@ class StreamPETRCriterion(nn.Module):
         self.loss_cls = FocalLoss(gamma=cls_gamma, alpha=cls_alpha, loss_weight=cls_loss_weight)
         self.loss_bbox = L1Loss(loss_weight=bbox_loss_weight)
 
+    def matching_problem(
+        self,
+        all_cls_scores: torch.Tensor,
+        all_bbox_preds: torch.Tensor,
+        gt_bboxes_3d: Sequence[torch.Tensor],
+        gt_labels_3d: Sequence[torch.Tensor],
+        match_costs: Optional[torch.Tensor],
+    ) -> MatchingProblem:
+        """The costs of the Hungarian matching of every layer and sample, computed in one batch.
+
+        Args:
+            all_cls_scores: (L, B, Q, C) logits. all_bbox_preds: (L, B, Q, 10) box codes.
+            gt_bboxes_3d: B tensors (n_b, 9) gravity-centre boxes. gt_labels_3d: B tensors (n_b,).
+            match_costs: (10,) per-dim weights of the L1 matching cost.
+
+        Returns:
+            The problem of the L * B (layer-major) samples; :meth:`forward` takes its solution.
+        """
+        device = all_cls_scores.device
+        num_layers = all_cls_scores.size(0)
+        return self.assigner.problem(
+            all_cls_scores.flatten(0, 1),
+            all_bbox_preds.flatten(0, 1),
+            [g.to(device) for g in gt_bboxes_3d] * num_layers,
+            [g.to(device) for g in gt_labels_3d] * num_layers,
+            code_weights=match_costs,
+            with_velo=self.match_with_velo,
+        )
+
     def match(
         self,
         all_cls_scores: torch.Tensor,
@@ -89,26 +123,15 @@ class StreamPETRCriterion(nn.Module):
         gt_labels_3d: Sequence[torch.Tensor],
         match_costs: Optional[torch.Tensor],
     ) -> List[List[AssignResult]]:
-        """Hungarian matching of every layer and sample, computed in one batch.
-
-        Args:
-            all_cls_scores: (L, B, Q, C) logits. all_bbox_preds: (L, B, Q, 10) box codes.
-            gt_bboxes_3d: B tensors (n_b, 9) gravity-centre boxes. gt_labels_3d: B tensors (n_b,).
-            match_costs: (10,) per-dim weights of the L1 matching cost.
+        """Hungarian matching of every layer and sample (the arguments of :meth:`matching_problem`).
 
         Returns:
             ``result[l][b]``: the :class:`AssignResult` of layer l, sample b.
         """
-        num_layers, batch_size = all_cls_scores.shape[:2]
-        flat = self.assigner.assign_batch(
-            all_cls_scores.flatten(0, 1),
-            all_bbox_preds.flatten(0, 1),
-            list(gt_bboxes_3d) * num_layers,
-            list(gt_labels_3d) * num_layers,
-            code_weights=match_costs,
-            with_velo=self.match_with_velo,
+        problem = self.matching_problem(
+            all_cls_scores, all_bbox_preds, gt_bboxes_3d, gt_labels_3d, match_costs
         )
-        return [flat[layer * batch_size : (layer + 1) * batch_size] for layer in range(num_layers)]
+        return _by_layer(solve_matchings([problem])[0], all_cls_scores.size(1))
 
     def forward(
         self,
@@ -119,6 +142,7 @@ class StreamPETRCriterion(nn.Module):
         gt_labels_3d: Sequence[torch.Tensor],
         code_weights: torch.Tensor,
         match_costs: Optional[torch.Tensor],
+        assignments: Optional[Sequence[AssignResult]] = None,
     ) -> Dict[str, torch.Tensor]:
         """All 3D losses.
 
@@ -130,6 +154,8 @@ class StreamPETRCriterion(nn.Module):
             gt_bboxes_3d: B tensors (n_b, 9), (x, y, z_gravity, x_size, y_size, z_size, yaw, vx, vy).
             gt_labels_3d: B tensors (n_b,) long.
             code_weights: (10,) weights of the L1 loss dims. match_costs: (10,) weights of the matching cost.
+            assignments: the solution of :meth:`matching_problem` on these arguments (L * B results,
+                layer-major), when the caller solved it together with other matchings; None: solve here.
 
         Returns:
             ``loss_cls``, ``loss_bbox`` (last layer), ``d{i}.loss_cls``, ``d{i}.loss_bbox`` (layers
@@ -141,10 +167,13 @@ class StreamPETRCriterion(nn.Module):
         device = all_cls_scores.device
         gt_bboxes_3d = [g.to(device) for g in gt_bboxes_3d]
         gt_labels_3d = [g.to(device) for g in gt_labels_3d]
-        assignments = self.match(all_cls_scores, all_bbox_preds, gt_bboxes_3d, gt_labels_3d, match_costs)
+        if assignments is None:
+            by_layer = self.match(all_cls_scores, all_bbox_preds, gt_bboxes_3d, gt_labels_3d, match_costs)
+        else:
+            by_layer = _by_layer(assignments, all_cls_scores.size(1))
         layer_losses = [
             self._matching_loss(cls_scores, bbox_preds, layer_assignments, gt_bboxes_3d, code_weights)
-            for cls_scores, bbox_preds, layer_assignments in zip(all_cls_scores, all_bbox_preds, assignments)
+            for cls_scores, bbox_preds, layer_assignments in zip(all_cls_scores, all_bbox_preds, by_layer)
         ]
         losses = _name_layer_losses(layer_losses, "")
         if dn_mask_dict is not None:
@@ -165,25 +194,23 @@ class StreamPETRCriterion(nn.Module):
         """Focal + L1 loss of one layer: ``cls_scores`` (B, Q, C), ``bbox_preds`` (B, Q, 10)."""
         batch_size, num_queries, num_classes = cls_scores.shape
         device = cls_scores.device
-        # Targets are assembled on the host from the (CPU) assignment and copied once: no device sync.
+        # Targets are assembled on the host from the (CPU) assignment and uploaded without a device sync.
         labels = torch.stack(
             [torch.where(a.labels < 0, self.num_classes, a.labels) for a in assignments]
         )  # (B, Q)
         positive_rows = torch.cat([a.pos_inds + b * num_queries for b, a in enumerate(assignments)])  # (P,)
         num_pos = int(positive_rows.numel())
 
-        cls_avg_factor: float | torch.Tensor = float(num_pos)
-        if self.sync_cls_avg_factor:
-            cls_avg_factor = reduce_mean(cls_scores.new_tensor([cls_avg_factor]))
-        cls_avg_factor = max(cls_avg_factor, 1)
+        cls_avg_factor = classification_normaliser(num_pos, cls_scores, over_ranks=self.sync_cls_avg_factor)
         loss_cls = self.loss_cls(
-            cls_scores.reshape(-1, num_classes), labels.to(device).reshape(-1), avg_factor=cls_avg_factor
+            cls_scores.reshape(-1, num_classes), upload(labels, device).reshape(-1), avg_factor=cls_avg_factor
         )
 
         bbox_targets = torch.cat(
-            [gt[a.pos_assigned_gt_inds.to(device)] for gt, a in zip(gt_bboxes_3d, assignments)]
+            [gt[upload(a.pos_assigned_gt_inds, device)] for gt, a in zip(gt_bboxes_3d, assignments)]
         )  # (P, 9)
-        matched_preds = bbox_preds.reshape(batch_size * num_queries, -1)[positive_rows.to(device)]  # (P, 10)
+        flat_preds = bbox_preds.reshape(batch_size * num_queries, -1)  # (B * Q, 10)
+        matched_preds = flat_preds[upload(positive_rows, device)]  # (P, 10)
         loss_bbox = self._masked_l1(
             matched_preds, normalize_bbox(bbox_targets), code_weights, mean_count_over_ranks(num_pos, device)
         )
@@ -206,10 +233,10 @@ class StreamPETRCriterion(nn.Module):
         known_coord = known_coord[:, batch_of_copy, slot_of_copy]  # (L, num_dn, 10)
         num_dn = known_indice.numel()
 
-        cls_avg_factor: float | torch.Tensor = num_dn * 3.14159 / 6 * self.split * self.split * self.split
-        if self.sync_cls_avg_factor:
-            cls_avg_factor = reduce_mean(known_cls.new_tensor([cls_avg_factor]))
-        cls_avg_factor = max(cls_avg_factor, 1)
+        expected_positives = num_dn * 3.14159 / 6 * self.split * self.split * self.split
+        cls_avg_factor = classification_normaliser(
+            expected_positives, known_cls, over_ranks=self.sync_cls_avg_factor
+        )
         bbox_avg_factor = mean_count_over_ranks(num_dn, device)
         targets = normalize_bbox(known_bboxes.to(device))
         labels = known_labels.long().to(device)
@@ -224,7 +251,11 @@ class StreamPETRCriterion(nn.Module):
         return losses
 
     def _masked_l1(
-        self, preds: torch.Tensor, targets: torch.Tensor, code_weights: torch.Tensor, avg_factor: float
+        self,
+        preds: torch.Tensor,
+        targets: torch.Tensor,
+        code_weights: torch.Tensor,
+        avg_factor: float | torch.Tensor,
     ) -> torch.Tensor:
         """L1 over rows whose target code is finite (a zero-size box has log size -inf and is skipped).
 
@@ -234,6 +265,11 @@ class StreamPETRCriterion(nn.Module):
         preds = torch.where(finite, preds, torch.zeros_like(preds))
         targets = torch.where(finite, targets, torch.zeros_like(targets))
         return self.loss_bbox(preds, targets, code_weights * finite, avg_factor=avg_factor)
+
+
+def _by_layer(flat: Sequence[AssignResult], batch_size: int) -> List[List[AssignResult]]:
+    """Layer-major results of L * B samples -> ``result[l][b]``."""
+    return [list(flat[start : start + batch_size]) for start in range(0, len(flat), batch_size)]
 
 
 def _name_layer_losses(
