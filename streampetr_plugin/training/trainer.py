@@ -367,7 +367,7 @@ class Trainer:
     def _geometric_warm_start(self) -> None:
         """Align the head's position embeddings with the cameras before iteration 0 (no labels), on
         frames spread over the training set, the same on every rank; rank 0's result is broadcast."""
-        from streampetr_plugin.models.heads.geometric_warm_start import (
+        from streampetr_plugin.training.geometric_warm_start import (
             geometric_warm_start,
             warm_start_parameters,
         )

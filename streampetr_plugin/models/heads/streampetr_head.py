@@ -32,7 +32,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from streampetr_plugin.models.assigners.assign_result import AssignResult
 from streampetr_plugin.models.assigners.solver import MatchingProblem
 from streampetr_plugin.models.coders.nms_free_coder import NMSFreeCoder
-from streampetr_plugin.models.heads.geometric_warm_start import alignment_loss
 from streampetr_plugin.models.layers.denoising import build_denoising_queries
 from streampetr_plugin.models.layers.functional import bias_init_with_prob, device_constant, inverse_sigmoid
 from streampetr_plugin.models.layers.matrix_inverse import inverse_4x4
@@ -46,6 +45,7 @@ from streampetr_plugin.models.layers.positional_encoding import (
 )
 from streampetr_plugin.models.layers.query_identities import QueryIdentities
 from streampetr_plugin.models.layers.transformer import PETRTemporalTransformer
+from streampetr_plugin.models.losses.geometric_alignment import alignment_loss
 from streampetr_plugin.models.losses.streampetr_criterion import StreamPETRCriterion
 
 PC_RANGE = [-51.2, -51.2, -5.0, 51.2, 51.2, 3.0]
@@ -691,7 +691,7 @@ class StreamPETRHeadParams(BaseModel):
         ge=0,
         description="Weight of an auxiliary, label-free loss in training: the geometric warm start's "
         "alignment of the cross-attention of fresh queries with the tokens their points project into "
-        "(models/heads/geometric_warm_start.py), on each frame's keys. 0: off, as the reference. Keeps "
+        "(models/losses/geometric_alignment.py), on each frame's keys. 0: off, as the reference. Keeps "
         "the attention geometric when training from scratch (the CPU demo; docs/demo.md).",
     )
     geometric_guidance_points: int = Field(
