@@ -179,7 +179,7 @@ def test_onnxruntime_follows_the_pytorch_eval_path_over_a_stream_that_restarts(e
     compared, previous_time = 0, 0.0
     clock = StreamClock()
     for index, batch in enumerate(batches):
-        eager_memory = detector.pts_bbox_head.memory.save()
+        eager_memory = detector.stream_state.memory.save()
         eager = detector.infer(batch)
         eager_detections = {name: value.numpy() for name, value in eager.detections[0].items()}
         result = carried.step(batch)

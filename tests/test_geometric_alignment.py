@@ -59,7 +59,7 @@ def test_fresh_query_positions_and_image_keys_are_what_the_decoder_uses():
     seen = {}
     head.transformer.register_forward_pre_hook(lambda module, args: seen.update(args=args))
     with torch.no_grad():
-        head(**inputs)
+        head(**inputs, stream=head.new_stream_state())
         memory, pos_embed = head.image_keys(**{key: inputs[key] for key in (
             "img_feats", "location", "pad_shape", "intrinsics", "lidar2img")})
         query_pos = head.fresh_query_positions(head.reference_points.weight.expand(2, -1, -1))
@@ -108,7 +108,7 @@ def test_geometric_guidance_adds_the_weighted_alignment_loss_of_the_frame_in_tra
     inputs = frame(0)
     boxes, labels = gt_for([3, 2])
     torch.manual_seed(7)
-    losses = head.loss(boxes, labels, head(**inputs))
+    losses = head.loss(boxes, labels, head(**inputs, stream=head.new_stream_state()))
     torch.manual_seed(7)
     points = torch.rand(2, 16, 3)  # the guidance draws its points first in the forward pass
     with torch.no_grad():
@@ -124,7 +124,7 @@ def test_geometric_guidance_adds_the_weighted_alignment_loss_of_the_frame_in_tra
     assert head.position_encoder[0].weight.grad.abs().sum() > 0
     assert head.cls_branches[0][0].weight.grad is None  # the guidance does not train the predictions
 
-    assert head.eval()(**frame(0))["geometric_guidance"] is None
+    assert head.eval()(**frame(0), stream=head.new_stream_state()).geometric_guidance is None
     plain = tiny_head().train()
-    plain_losses = plain.loss(boxes, labels, plain(**frame(0)))
+    plain_losses = plain.loss(boxes, labels, plain(**frame(0), stream=plain.new_stream_state()))
     assert not any("geometric_guidance" in name for name in plain_losses)

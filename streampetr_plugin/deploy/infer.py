@@ -115,10 +115,10 @@ def _torch_step(recipe: Recipe, checkpoint: Optional[Path]) -> Callable[[Mapping
             describe("--checkpoint", "required with --backend torch", "pass the trained checkpoint")
         )
     detector = load_detector(recipe, checkpoint)
-    detector.reset_memory()
+    detector.stream_state.reset()
 
     def step(batch: Mapping[str, Any]) -> Detections:
-        return {name: value.numpy() for name, value in detector(batch)[0].items()}
+        return {name: value.numpy() for name, value in detector(batch).detections[0].items()}
 
     return step
 

@@ -147,7 +147,7 @@ def measure_parity(
     both start afresh and ``detector``'s memory is reset at the end."""
     head = detector.pts_bbox_head
     frame_module = StreamingFrameGraph(detector)
-    detector.reset_memory()
+    detector.stream_state.reset()
     runner.reset()
     clock = StreamClock()
     report = ParityReport(
@@ -162,7 +162,7 @@ def measure_parity(
     previous_time = 0.0
     try:
         for batch in batches:
-            eager_state = head.memory.save()
+            eager_state = detector.stream_state.memory.save()
             outputs = detector.infer(batch)
             eager = _numpy(
                 {
@@ -208,7 +208,7 @@ def measure_parity(
             )
             previous_time = float(batch["timestamp"][0])
     finally:
-        detector.reset_memory()
+        detector.stream_state.reset()
         runner.reset()
     return report
 

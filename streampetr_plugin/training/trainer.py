@@ -666,7 +666,7 @@ class Trainer:
         self._set_lr()
         self.optimizer.zero_grad(set_to_none=True)
         with self.precision.autocast():
-            losses = self.wrapped(batch)
+            losses = self.wrapped(batch).losses
         loss = total_loss(losses)
         names = [name for name, value in losses.items() if torch.is_tensor(value) and value.numel() == 1]
         scaler = self.precision.scaler
