@@ -1,4 +1,5 @@
-"""NMS-free decoding of the 3D head's last-layer outputs into scored boxes (reference ``NMSFreeCoder``)."""
+"""NMS-free decoding of the 3D head's last-layer outputs into scored boxes (reference ``NMSFreeCoder``),
+with an optional class-wise suppression of duplicates by centre distance (off in the reference)."""
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence
@@ -6,7 +7,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from streampetr_plugin.models.box_ops import denormalize_bbox
+from streampetr_plugin.models.box_ops import circle_suppression, denormalize_bbox
 
 
 class NMSFreeCoderParams(BaseModel):
@@ -29,10 +30,15 @@ class NMSFreeCoderParams(BaseModel):
         default=None, ge=0, le=1, description="Drop boxes scoring below this; None (or 0) keeps all."
     )
     num_classes: int = Field(default=10, gt=0, description="Number of classes (logits per query).")
+    nms_radius: Optional[float] = Field(
+        default=None, gt=0,
+        description="Drop a box whose centre lies within this distance (m, bird's-eye view) of a "
+        "higher-scoring box of its class; None: no suppression (the reference).",
+    )
 
 
 class NMSFreeCoder:
-    """Top-k over sigmoid scores of all (query, class) pairs, no NMS.
+    """Top-k over sigmoid scores of all (query, class) pairs; no NMS unless ``nms_radius`` is set.
 
     ``pc_range`` is accepted for parity with the reference configuration; decoding does not need it because
     the head already outputs metric centres.
@@ -45,12 +51,14 @@ class NMSFreeCoder:
         max_num: int = 300,
         score_threshold: Optional[float] = None,
         num_classes: int = 10,
+        nms_radius: Optional[float] = None,
     ) -> None:
         self.pc_range = list(pc_range)
         self.post_center_range = None if post_center_range is None else list(post_center_range)
         self.max_num = max_num
         self.score_threshold = score_threshold
         self.num_classes = num_classes
+        self.nms_radius = nms_radius
 
     @torch.no_grad()
     def decode(self, cls_scores: torch.Tensor, bbox_preds: torch.Tensor) -> List[Dict[str, torch.Tensor]]:
@@ -63,7 +71,7 @@ class NMSFreeCoder:
         Returns:
             Per sample a dict with ``bboxes`` (K, 9) (x, y, z_gravity, x_size, y_size, z_size, yaw, vx, vy),
             ``scores`` (K,) descending, ``labels`` (K,) and ``query_index`` (K,); K <= ``max_num``. The
-            same query can appear once per class.
+            same query can appear once per class (suppression compares boxes of one class only).
         """
         batch_size = cls_scores.size(0)
         flat_scores = cls_scores.sigmoid().reshape(batch_size, -1)  # (B, Q * C), index = query * C + class
@@ -79,6 +87,10 @@ class NMSFreeCoder:
         if self.post_center_range is not None:
             bounds = boxes.new_tensor(self.post_center_range)
             keep &= (boxes[..., :3] >= bounds[:3]).all(-1) & (boxes[..., :3] <= bounds[3:]).all(-1)
+        if self.nms_radius is not None:
+            for b in range(batch_size):
+                kept = keep[b].nonzero().squeeze(1)  # (K',) in descending score order
+                keep[b, kept] = circle_suppression(boxes[b, kept, :2], labels[b, kept], self.nms_radius)
         return [
             {
                 "bboxes": boxes[b][keep[b]],

@@ -112,6 +112,7 @@ class StreamPETRHead(nn.Module):
         post_center_range: Sequence[float] = tuple(POSITION_RANGE),
         max_num: int = 300,
         score_threshold: Optional[float] = None,
+        nms_radius: Optional[float] = None,
         per_camera_focal: bool = False,
         query_pos_temperature: float = 10000.0,
         geometric_guidance_weight: float = 0.0,
@@ -210,6 +211,7 @@ class StreamPETRHead(nn.Module):
             max_num=max_num,
             score_threshold=score_threshold,
             num_classes=num_classes,
+            nms_radius=nms_radius,
         )
         self.criterion = criterion if criterion is not None else StreamPETRCriterion(
             num_classes=num_classes,
@@ -540,7 +542,7 @@ class StreamPETRHead(nn.Module):
 
     @torch.no_grad()
     def get_bboxes(self, preds: Dict[str, Any]) -> List[Dict[str, torch.Tensor]]:
-        """Decode the last layer (top ``max_num`` (query, class) pairs, no NMS).
+        """Decode the last layer (top ``max_num`` (query, class) pairs; no NMS unless ``nms_radius``).
 
         Returns per sample ``{"boxes_3d": (K, 9) (x, y, z_bottom, dx, dy, dz, yaw, vx, vy),
         "scores_3d": (K,), "labels_3d": (K,)}`` in the current LiDAR frame.
@@ -623,6 +625,12 @@ class StreamPETRHeadParams(BaseModel):
     )
     max_num: int = Field(default=300, gt=0, description="Boxes kept per frame by the decoder.")
     score_threshold: Optional[float] = Field(default=None, description="Minimum score of decoded boxes.")
+    nms_radius: Optional[float] = Field(
+        default=None, gt=0,
+        description="Class-wise suppression of decoded boxes whose centres lie within this distance (m) of "
+        "a higher-scoring box of their class; None: none (the reference; its six decoder layers' "
+        "self-attention removes duplicates, a one-layer decoder cannot).",
+    )
     per_camera_focal: bool = Field(
         default=False,
         description="Give every image token its own camera's focal length in the cone (the reference tiles "
