@@ -123,6 +123,7 @@ def streampetr_register_adapters(register: Register) -> None:
     register(cuda.CudaFusedAdamW.name, cuda.CudaFusedAdamW, params=NoOptions)
     register(cpu.CpuThreads.name, cpu.CpuThreads, params=cpu.CpuThreadsParams)
     register(cpu.CpuForeachAdamW.name, cpu.CpuForeachAdamW, params=NoOptions)
+    register(cpu.CpuGlibcMalloc.name, cpu.CpuGlibcMalloc, params=cpu.CpuGlibcMallocParams)
     register(common.DdpStaticGraph.name, common.DdpStaticGraph, params=NoOptions)
     register(common.GradientCheckpointing.name, common.GradientCheckpointing,
              params=common.GradientCheckpointingParams)

@@ -225,3 +225,24 @@ def test_graph_marks_the_pairs_the_eval_decoder_drops(exported):
     assert 0 < len(graph["scores_3d"]) < TOP_K  # some pairs were dropped, some kept
     for name in ("boxes_3d", "scores_3d", "labels_3d"):
         np.testing.assert_allclose(graph[name], eager[name].numpy(), atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_runner_suppresses_duplicates_as_the_eval_decoder_does(exported):
+    detector = load_detector(exported.recipe, exported.checkpoint)
+    detector.pts_bbox_head.bbox_coder.nms_radius = 3.0
+    batch = next(islice(stream_batches(exported.recipe, split="val"), 1))
+    frame = frame_inputs(batch, time_delta=0.0, prev_exists=False)
+    memory = [torch.zeros(1, MEMORY_ROWS, *MEMORY_SHAPES[field]) for field in MEMORY_FIELDS]
+    values = StreamingFrameGraph(detector)(*[torch.from_numpy(frame[name]) for name in FRAME_INPUTS], *memory)
+    names = ["boxes_3d", "scores_3d", "labels_3d", "cls_logits", "bbox_preds"] + list(MEMORY_OUTPUTS)
+    outputs = {name: value.numpy() for name, value in zip(names, values)}
+    graph = kept_detections(outputs, nms_radius=3.0)
+    assert len(graph["scores_3d"]) < len(kept_detections(outputs)["scores_3d"])  # some were duplicates
+    for label in np.unique(graph["labels_3d"]):  # no two kept boxes of a class within the radius
+        centres = graph["boxes_3d"][graph["labels_3d"] == label, :2]
+        distances = np.linalg.norm(centres[:, None] - centres[None], axis=-1)
+        assert (distances[~np.eye(len(centres), dtype=bool)] > 3.0).all()
+    eager = detector.infer(batch).detections[0]
+    for name in ("boxes_3d", "scores_3d", "labels_3d"):
+        np.testing.assert_allclose(graph[name], eager[name].numpy(), atol=1e-5, rtol=0)

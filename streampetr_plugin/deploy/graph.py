@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from streampetr_plugin.models.box_ops import circle_suppression
 from streampetr_plugin.models.detector import StreamPETRDetector
 from streampetr_plugin.models.layers.memory import MEMORY_FIELDS
 
@@ -168,10 +169,18 @@ class StreamingFrameGraph(nn.Module):
         )
 
 
-def kept_detections(outputs: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+def kept_detections(
+    outputs: Mapping[str, np.ndarray], *, nms_radius: Optional[float] = None
+) -> Dict[str, np.ndarray]:
     """The eval output of one frame's graph outputs: ``boxes_3d`` (K, 9), ``scores_3d`` (K,), ``labels_3d``
-    (K,) of the pairs the decoder keeps (score >= 0)."""
-    keep = outputs["scores_3d"][0] >= 0
+    (K,) of the pairs the decoder keeps (score >= 0), less the duplicates within ``nms_radius`` metres
+    (the decoder's class-wise suppression, which the graph leaves out: it is greedy and data-dependent)."""
+    keep = outputs["scores_3d"][0] >= 0  # (K,), scores in descending order
+    if nms_radius is not None:
+        kept = np.flatnonzero(keep)
+        centres = torch.from_numpy(outputs["boxes_3d"][0][kept, :2])
+        labels = torch.from_numpy(outputs["labels_3d"][0][kept])
+        keep[kept] = circle_suppression(centres, labels, nms_radius).numpy()
     return {name: outputs[name][0][keep] for name in DETECTION_OUTPUTS}
 
 

@@ -126,7 +126,7 @@ def _torch_step(recipe: Recipe, checkpoint: Optional[Path]) -> Callable[[Mapping
 def _onnxruntime_step(
     recipe: Recipe, onnx_dir: Optional[Path], threads: int
 ) -> Callable[[Mapping[str, Any]], Detections]:
-    from streampetr_plugin.deploy.export import recipe_test_shape
+    from streampetr_plugin.deploy.export import recipe_nms_radius, recipe_test_shape
     from streampetr_plugin.deploy.onnx_runner import OnnxStreamRunner
 
     if onnx_dir is None:
@@ -137,7 +137,7 @@ def _onnxruntime_step(
                 "pass the directory `streampetr export` wrote",
             )
         )
-    runner = OnnxStreamRunner(onnx_dir, threads=threads)
+    runner = OnnxStreamRunner(onnx_dir, threads=threads, nms_radius=recipe_nms_radius(recipe))
     num_cameras, (height, width) = recipe_test_shape(recipe)
     graph_shape = tuple(next(node.shape for node in runner.ort_session.get_inputs() if node.name == "img"))
     if graph_shape != (1, num_cameras, 3, height, width):
@@ -216,7 +216,8 @@ def _infer(
     results_path = tracking_results_path = None
     if "detection" in tasks:
         results_path = out_dir / RESULTS_FILE
-        results_path.write_text(json.dumps(format_nuscenes_results(predictions, infos, classes=dataset.classes)))
+        results = format_nuscenes_results(predictions, infos, classes=dataset.classes)
+        results_path.write_text(json.dumps(results))
     if "tracking" in tasks:
         tracking_results_path = _write_tracks(recipe, predictions, infos, out_dir, classes=dataset.classes)
     predictions_path = save_predictions(predictions, out_dir / PREDICTIONS_FILE)

@@ -142,6 +142,7 @@ class StreamPETRHead(nn.Module):
         post_center_range: Sequence[float] = tuple(POSITION_RANGE),
         max_num: int = 300,
         score_threshold: Optional[float] = None,
+        nms_radius: Optional[float] = None,
         per_camera_focal: bool = False,
         query_pos_temperature: float = 10000.0,
         geometric_guidance_weight: float = 0.0,
@@ -239,6 +240,7 @@ class StreamPETRHead(nn.Module):
             max_num=max_num,
             score_threshold=score_threshold,
             num_classes=num_classes,
+            nms_radius=nms_radius,
         )
         self.criterion = criterion if criterion is not None else StreamPETRCriterion(
             num_classes=num_classes,
@@ -623,13 +625,15 @@ class StreamPETRHead(nn.Module):
 
     @torch.no_grad()
     def get_bboxes(self, preds: StreamPETRHeadOutputs) -> List[Dict[str, torch.Tensor]]:
-        """Decode the last layer (:meth:`decode_fixed` without the dropped pairs).
+        """Decode the last layer (:meth:`decode_fixed` without the dropped pairs, and without the duplicates
+        the decoder's ``nms_radius`` suppresses when it is set).
 
         Returns per sample ``{"boxes_3d": (K, 9) (x, y, z_bottom, dx, dy, dz, yaw, vx, vy),
         "scores_3d": (K,), "labels_3d": (K,)}`` in the current LiDAR frame, K <= ``max_num``, and
         ``"query_ids_3d"`` (K,) (the id of the query each box came from) with ``preds.query_ids``.
         """
         fixed = self.decode_fixed(preds)
+        fixed["keep"] = self.bbox_coder.suppress_duplicates(fixed["boxes_3d"], fixed["labels_3d"], fixed["keep"])
         names = [name for name in ("boxes_3d", "scores_3d", "labels_3d", "query_ids_3d") if name in fixed]
         kept = [keep.nonzero().squeeze(1) for keep in fixed["keep"]]  # one read per row
         return [{name: fixed[name][row][kept[row]] for name in names} for row in range(len(kept))]
@@ -704,6 +708,12 @@ class StreamPETRHeadParams(BaseModel):
     )
     max_num: int = Field(default=300, gt=0, description="Boxes kept per frame by the decoder.")
     score_threshold: Optional[float] = Field(default=None, description="Minimum score of decoded boxes.")
+    nms_radius: Optional[float] = Field(
+        default=None, gt=0,
+        description="Class-wise suppression of decoded boxes whose centres lie within this distance (m) of "
+        "a higher-scoring box of their class; None: none (the reference; its six decoder layers' "
+        "self-attention removes duplicates, a one-layer decoder cannot).",
+    )
     per_camera_focal: bool = Field(
         default=False,
         description="Give every image token its own camera's focal length in the cone (the reference tiles "
