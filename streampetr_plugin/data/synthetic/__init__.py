@@ -36,7 +36,7 @@ import numpy as np
 import shapely.geometry
 from PIL import Image, ImageDraw
 
-from .geometry import (
+from ..geometry import (
     box_corners,
     invert_rigid,
     matrix_to_quaternion,

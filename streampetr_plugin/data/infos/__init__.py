@@ -32,7 +32,7 @@ import numpy as np
 from streampetr_plugin.errors import InputError, StreamPETRError, describe
 from streampetr_plugin.safe_loading import RestrictedUnpickler, UnsafePickleError
 
-from .geometry import invert_rigid, pose_matrix
+from ..geometry import invert_rigid, pose_matrix
 
 __all__ = [
     "CAMERA_NAMES",
