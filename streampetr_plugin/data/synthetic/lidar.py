@@ -7,7 +7,7 @@ import numpy as np
 
 from ..geometry import invert_rigid, transform_points
 
-LIDAR_HEIGHT_M = 1.84
+LIDAR_HEIGHT_M = 1.84  # LIDAR_TOP above the ground (z = 0), as mounted on the nuScenes car
 
 
 def lidar_points(
