@@ -5,13 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from streampetr_plugin.interop import synth
 from streampetr_plugin.models.backbones.resnet import ResNet
 from streampetr_plugin.models.backbones.vovnet import VoVNet
 from streampetr_plugin.models.detector import StreamPETRDetector, StreamPETRDetectorParams, token_locations
 from streampetr_plugin.models.heads.focal_head import FocalHead
 from streampetr_plugin.models.heads.streampetr_head import StreamPETRHead
 from streampetr_plugin.models.necks.cp_fpn import CPFPN
+from tests import reference_synth as synth
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NUM_CLASSES, NUM_CAMS, IMG_H, IMG_W = 3, 2, 64, 128

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from streampetr_plugin.adapters.cpu import usable_cpus
 from streampetr_plugin.adapters.device import DeviceHandle
 from streampetr_plugin.models.layers.multihead_attention import MultiheadAttentionCore
 
@@ -151,16 +152,12 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def usable_cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def describe_device(device: DeviceHandle) -> Dict[str, Any]:
     """The device in words and numbers: ``kind``, ``name``, ``torch`` version and, on the CPU, ``cores``,
     ``threads`` and the 1-minute ``load_average`` when measuring started."""
     info: Dict[str, Any] = {"kind": device.kind, "torch": torch.__version__}
     if device.kind == "cpu":
-        cores = usable_cpu_count()
+        cores = usable_cpus()
         info.update(
             name=f"{cpu_model_name()} ({cores} cores, {torch.get_num_threads()} threads)",
             cores=cores,

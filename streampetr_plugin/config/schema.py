@@ -13,7 +13,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
 
 logger = logging.getLogger(__name__)
 
-NUSCENES_CLASSES = [
+# The nuScenes detection classes in label order: the default of data.class_names, the dataset and the metrics.
+NUSCENES_CLASSES = (
     "car",
     "truck",
     "construction_vehicle",
@@ -24,7 +25,7 @@ NUSCENES_CLASSES = [
     "bicycle",
     "pedestrian",
     "traffic_cone",
-]
+)
 
 
 def _switch_word(value: object) -> object:

@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset
 
+from streampetr_plugin.config.schema import NUSCENES_CLASSES
 from streampetr_plugin.errors import InputError
 
 from .geometry import invert_rigid, pose_matrix, rigid_matrix
@@ -42,13 +43,6 @@ __all__ = [
     "build_nuscenes_dataset",
     "sequence_group_flags",
 ]
-
-NUSCENES_CLASSES: Tuple[str, ...] = (
-    "car", "truck", "construction_vehicle", "bus", "trailer",
-    "barrier", "motorcycle", "bicycle", "pedestrian",
-    "traffic_cone",
-)
-
 
 class ImageReadError(InputError):
     """A camera image is missing or cannot be decoded; the message names the file and the sample token."""
