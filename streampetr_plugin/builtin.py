@@ -1,12 +1,13 @@
 """The built-in plugin: registers StreamPETR's own components through the public hooks.
 
-Imports happen inside the hooks so that ``import streampetr_plugin`` stays light.
+Imports happen inside the hooks so that creating a plugin host stays light.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 from streampetr_plugin.hookspecs import Register, hookimpl
+from streampetr_plugin.registry import NoOptions
 from streampetr_plugin.models.backbones.contract import ShapeSpec
 
 
@@ -108,7 +109,6 @@ def streampetr_register_lr_schedulers(register: Register) -> None:
 @hookimpl
 def streampetr_register_adapters(register: Register) -> None:
     from streampetr_plugin.adapters import ascend, common, cpu, cuda
-    from streampetr_plugin.adapters.base import NoOptions
 
     register(ascend.NpuEnvironment.name, ascend.NpuEnvironment, params=ascend.NpuEnvironmentParams)
     register(ascend.NpuRuntime.name, ascend.NpuRuntime, params=ascend.NpuRuntimeParams)
@@ -150,3 +150,26 @@ def streampetr_register_trackers(register: Register) -> None:
 
     register("centerpoint", _build_centerpoint_tracker, params=CenterPointTrackerParams)
     register("query_propagation", _build_query_propagation_tracker, params=QueryPropagationTrackerParams)
+
+
+def _sdpa() -> Callable[..., Any]:
+    """PyTorch's fused ``scaled_dot_product_attention`` (the default)."""
+    from streampetr_plugin.models.layers.attention import sdpa_attention
+
+    return sdpa_attention
+
+
+def _math() -> Callable[..., Any]:
+    """An explicit softmax (the numerical reference)."""
+    from streampetr_plugin.models.layers.attention import math_attention
+
+    return math_attention
+
+
+@hookimpl
+def streampetr_register_attention_backends(register: Register) -> None:
+    from streampetr_plugin.adapters.ascend import NPU_ATTENTION_BACKEND, npu_fusion_attention_backend
+
+    register("sdpa", _sdpa, params=NoOptions)
+    register("math", _math, params=NoOptions)
+    register(NPU_ATTENTION_BACKEND, npu_fusion_attention_backend, params=NoOptions)

@@ -9,16 +9,28 @@ same hooks.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Protocol, Type
 
 import pluggy
+from pydantic import BaseModel
 
 PROJECT_NAME = "streampetr"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
-Register = Callable[..., None]
+
+class Register(Protocol):
+    """The callback a registration hook receives: ``register(name, factory, params=Model)``.
+
+    ``factory(**options, **context)`` builds the component; ``params`` (a pydantic model) validates the
+    component's options in a recipe.
+    """
+
+    def __call__(
+        self, name: str, factory: Callable[..., Any], *, params: Optional[Type[BaseModel]] = None
+    ) -> None:
+        ...
 
 
 @hookspec
@@ -82,6 +94,13 @@ def streampetr_register_trackers(register: Register) -> None:
     """Register multi-object trackers. ``factory(**options)`` returns an object with ``reset()`` (a new scene
     starts) and ``update(frame) -> (N,) int64`` track ids of the frame's detections, -1 for those not
     output (see ``streampetr_plugin.tracking.frame``: ``TrackingFrame``, ``Tracker``)."""
+
+
+@hookspec
+def streampetr_register_attention_backends(register: Register) -> None:
+    """Register attention kernels. ``factory()`` returns a callable ``attend(q, k, v, *, attn_mask,
+    dropout_p, training) -> out`` on head-split tensors (see ``streampetr_plugin.models.layers.attention``);
+    a recipe's ``model.head.attention_backend`` and the accelerator adapters select one by name."""
 
 
 @hookspec

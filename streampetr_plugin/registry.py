@@ -5,7 +5,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Generic, Iterator, List, Mapping, Optional, Type, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from streampetr_plugin.errors import InputError
 
@@ -14,6 +14,12 @@ T = TypeVar("T")
 
 class RegistryError(InputError, LookupError):
     """A duplicate or unknown component name."""
+
+
+class NoOptions(BaseModel):
+    """Params of a component that takes no options: any key is an error."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 @dataclass(frozen=True)

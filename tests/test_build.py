@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from streampetr_plugin import build_model, hookimpl, load_recipe
-from streampetr_plugin.plugins import get_plugin_host, reset_plugin_host
+from streampetr_plugin.host import create_plugin_host
 
 SPEC = Path(__file__).resolve().parent / "fixtures"
 
@@ -38,12 +38,9 @@ def test_post_model_build_hook_sees_the_model():
         def streampetr_post_model_build(self, model, recipe):
             seen.append((type(model).__name__, recipe.name))
 
-    reset_plugin_host()
-    get_plugin_host().register_plugin(Spy(), name="spy")
-    try:
-        model = build_model(load_recipe("demo_cpu"))
-    finally:
-        reset_plugin_host()
+    host = create_plugin_host()
+    host.register_plugin(Spy(), name="spy")
+    model = build_model(load_recipe("demo_cpu", host=host), host)
     assert seen == [(type(model).__name__, "demo_cpu")]
     assert isinstance(model, torch.nn.Module)
 

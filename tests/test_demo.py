@@ -16,7 +16,8 @@ from typing import List
 
 import torch
 
-from streampetr_plugin.config.loader import load_recipe
+from streampetr_plugin import load_recipe
+from streampetr_plugin.host import create_plugin_host
 from streampetr_plugin.data.prepare_synthetic import (
     OPTIONS_FILE,
     SyntheticDataOptions,
@@ -46,7 +47,7 @@ def test_demo_recipe_loss_falls_in_a_short_schedule(synthetic_nuscenes, tmp_path
     recipe = load_recipe(trainer_helpers.DEMO_RECIPE, overrides)
     threads = torch.get_num_threads()
     try:
-        train(recipe)
+        train(recipe, host=create_plugin_host())
     finally:
         torch.set_num_threads(threads)  # the cpu_threads adapter sets the process-wide count
 

@@ -14,7 +14,8 @@ from streampetr_plugin.models.heads.geometric_warm_start import (
     projection_targets,
     warm_start_parameters,
 )
-from streampetr_plugin.config.loader import load_recipe
+from streampetr_plugin import load_recipe
+from streampetr_plugin.host import create_plugin_host
 from streampetr_plugin.models.heads.streampetr_head import StreamPETRHead
 from streampetr_plugin.training.trainer import train
 from tests import trainer_helpers
@@ -114,7 +115,7 @@ def test_trainer_runs_the_warm_start_before_the_first_iteration(synthetic_nuscen
         "optimization.geometric_warm_start.steps=3",
     ]
     with caplog.at_level(logging.INFO, logger="streampetr_plugin.training.trainer"):
-        result = train(load_recipe(trainer_helpers.DEMO_RECIPE, overrides))
+        result = train(load_recipe(trainer_helpers.DEMO_RECIPE, overrides), host=create_plugin_host())
     assert result.iteration == 1
     messages = [record.getMessage() for record in caplog.records]
     assert any(message.startswith("geometric warm start: 3 steps on 2 frames") for message in messages)

@@ -9,6 +9,7 @@ from data_fixtures import synthetic_nuscenes  # noqa: F401  (session fixture)
 from PIL import Image
 
 from streampetr_plugin import load_recipe
+from streampetr_plugin.host import create_plugin_host
 from streampetr_plugin.config.loader import dump_recipe
 from streampetr_plugin.data.dataset import NuScenesDatasetParams, build_nuscenes_dataset
 from streampetr_plugin.data.infos import CAMERA_NAMES
@@ -301,12 +302,13 @@ def test_visualize_renders_the_first_val_sample_of_the_newest_predictions(
     newest = predictions_path(run_dir, 12)
     save_predictions({first.token: prediction, second.token: prediction}, newest)
 
-    path = visualize_command(run_dir)
+    path = visualize_command(run_dir, host=create_plugin_host())
     assert path == newest.parent / f"sample_{first.token}.png"
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size[1] == 600
 
-    chosen = visualize_command(str(run_dir), sample=second.token, out=run_dir / "second.png")
+    chosen = visualize_command(str(run_dir), sample=second.token, out=run_dir / "second.png",
+                               host=create_plugin_host())
     assert chosen == run_dir / "second.png" and chosen.is_file()
 
 
@@ -339,15 +341,16 @@ def test_sample_projection_puts_box_centres_on_the_converter_2d_centres(syntheti
 
 def test_visualize_says_what_is_missing(run_dir, synthetic_nuscenes):  # noqa: F811
     with pytest.raises(VisualizationError, match="no predictions"):
-        visualize_command(run_dir)
+        visualize_command(run_dir, host=create_plugin_host())
     token = val_dataset(synthetic_nuscenes).samples[0].token
     empty = {"boxes_3d": np.zeros((0, 9)), "scores_3d": [], "labels_3d": []}
     save_predictions({token: empty}, predictions_path(run_dir, 1))
     with pytest.raises(VisualizationError, match="not in the val set"):
-        visualize_command(run_dir, sample="no-such-token")
+        visualize_command(run_dir, sample="no-such-token", host=create_plugin_host())
     second = val_dataset(synthetic_nuscenes).samples[1].token
     with pytest.raises(VisualizationError, match=f"no predictions for sample '{second}'"):
-        visualize_command(run_dir, sample=second)
+        visualize_command(run_dir, sample=second, host=create_plugin_host())
     with pytest.raises(VisualizationError, match="no resolved recipe"):
-        visualize_command(run_dir / "elsewhere")
-    assert visualize_command(run_dir).is_file()  # a sample without detections still renders
+        visualize_command(run_dir / "elsewhere", host=create_plugin_host())
+    # a sample without detections still renders
+    assert visualize_command(run_dir, host=create_plugin_host()).is_file()

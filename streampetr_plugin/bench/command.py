@@ -22,6 +22,7 @@ import sys
 from typing import Any, Dict, Optional, Sequence
 
 from streampetr_plugin.bench import VARIANT_GROUPS
+from streampetr_plugin.plugins import PluginHost
 
 
 DEVICE_CHOICES = ("auto", "npu", "cuda", "cpu")
@@ -39,6 +40,7 @@ def bench_command(
     as_json: bool = False,
     device: Optional[str] = None,
     backend: str = "torch",
+    host: Optional[PluginHost] = None,
 ) -> Dict[str, Any]:
     """Benchmark ``recipe`` and write the report to stdout (JSON with ``as_json``, else a table).
 
@@ -56,6 +58,8 @@ def bench_command(
         backend: ``onnxruntime`` (with ``inference``): time streaming inference of the exported graph in
             onnxruntime against PyTorch, alternating frame by frame, instead of the training steps
             (:mod:`streampetr_plugin.deploy.bench`).
+        host: the plugin host whose components are benchmarked; None: a new one (built-in plugin and
+            installed entry points).
 
     Returns:
         The report as a dict (:meth:`BenchReport.to_dict`): ``mode``, ``recipe``, ``overrides``,
@@ -70,6 +74,7 @@ def bench_command(
     from streampetr_plugin.bench.train_step import adapter_rows, select_device
     from streampetr_plugin.bench.variants import expand_groups
     from streampetr_plugin.config.loader import load_recipe
+    from streampetr_plugin.host import create_plugin_host
 
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0 (got steps={steps}, warmup={warmup})")
@@ -79,8 +84,9 @@ def bench_command(
     if backend != "torch" and (data or groups or not inference):
         raise ValueError("--backend onnxruntime compares inference backends: use it with --inference alone")
     all_overrides = [*overrides, *([f"accelerator.device={device}"] if device else [])]
-    base = load_recipe(recipe, all_overrides)
-    handle, device_records = select_device(base)
+    host = host if host is not None else create_plugin_host()
+    base = load_recipe(recipe, all_overrides, host=host)
+    handle, device_records = select_device(base, host)
     if backend != "torch" and handle.kind != "cpu":
         raise ValueError("--backend onnxruntime compares the backends on the CPU: add --device cpu")
     shape = stream_shape(base, training=True)
@@ -98,17 +104,17 @@ def bench_command(
     if data:
         from streampetr_plugin.bench.data_pipeline import bench_data_pipeline
 
-        report.data = bench_data_pipeline(base, steps=steps, warmup=warmup)
+        report.data = bench_data_pipeline(base, host.registries, steps=steps, warmup=warmup)
     elif backend != "torch":
         from streampetr_plugin.deploy.bench import bench_backends
 
         report.mode = "backends"
-        report.backends = bench_backends(base, steps=steps, warmup=warmup).to_dict()
+        report.backends = bench_backends(base, host, steps=steps, warmup=warmup).to_dict()
         report.notes.append("inputs: synthetic frames at the recipe's test shapes; initial weights")
     else:
         plan = Plan(steps=steps, warmup=warmup, inference=inference, seed=base.runtime.seed)
         baseline, outcomes, winners, model_records = bench_model(
-            lambda extra: load_recipe(recipe, [*all_overrides, *extra]), handle, plan, groups
+            lambda extra: load_recipe(recipe, [*all_overrides, *extra], host=host), handle, plan, groups, host
         )
         report.baseline, report.variants, report.winners = baseline, outcomes, winners
         report.adapters = adapter_rows(device_records) + model_records
@@ -159,7 +165,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
-def run_bench(args: argparse.Namespace) -> int:
+def run_bench(args: argparse.Namespace, host: Optional[PluginHost] = None) -> int:
     """The ``streampetr bench`` command on parsed arguments; exit status 0, 2 on a recipe error."""
     from streampetr_plugin.cli.common import exit_on_recipe_error
 
@@ -175,6 +181,7 @@ def run_bench(args: argparse.Namespace) -> int:
             as_json=args.as_json,
             device=args.device,
             backend=args.backend,
+            host=host,
         )
     )
     return 0

@@ -27,6 +27,7 @@ from streampetr_plugin.adapters.device import (
 from streampetr_plugin.config.schema import Recipe
 from streampetr_plugin.models.build import build_model
 from streampetr_plugin.models.layers.multihead_attention import MultiheadAttentionCore
+from streampetr_plugin.plugins import PluginHost
 from streampetr_plugin.training.optimizers import build_optimizer
 from streampetr_plugin.training.precision import MixedPrecision
 from streampetr_plugin.training.batches import total_loss
@@ -41,17 +42,18 @@ class ModelSettings:
     channels_last: Optional[bool] = None
 
 
-def select_device(recipe: Recipe) -> Tuple[DeviceHandle, List[AdapterRecord]]:
+def select_device(recipe: Recipe, host: PluginHost) -> Tuple[DeviceHandle, List[AdapterRecord]]:
     """The device of ``recipe.accelerator.device`` made current, as the trainer selects it; returns it
     with the records of the ENVIRONMENT and RUNTIME adapters that ran."""
-    candidate, how = candidate_device(recipe.accelerator.device)
-    runner = AdapterRunner.from_recipe(recipe, candidate)
-    context = AdapterContext(device=candidate, recipe=recipe)
+    registries = host.registries
+    candidate, how = candidate_device(recipe.accelerator.device, hooks=host.hooks)
+    runner = AdapterRunner.from_recipe(recipe, candidate, registries)
+    context = AdapterContext(device=candidate, recipe=recipe, registries=registries)
     runner.run(Phase.ENVIRONMENT, context)
     kind, _ = confirm_device(candidate, how)
     if kind != candidate:
-        runner = AdapterRunner.from_recipe(recipe, kind)
-        context = AdapterContext(device=kind, recipe=recipe)
+        runner = AdapterRunner.from_recipe(recipe, kind, registries)
+        context = AdapterContext(device=kind, recipe=recipe, registries=registries)
         runner.run(Phase.ENVIRONMENT, context)
     runner.run(Phase.RUNTIME, context)
     device = device_for_local_rank(kind, 0)
@@ -101,28 +103,32 @@ class BenchRun:
 
     recipe: Recipe
     device: DeviceHandle
+    host: PluginHost
     model_settings: ModelSettings = field(default_factory=ModelSettings)
 
     def __post_init__(self) -> None:
-        recipe, device = self.recipe, self.device
+        recipe, device, registries = self.recipe, self.device, self.host.registries
         torch.manual_seed(recipe.runtime.seed)
-        model = build_model(recipe).to(device.torch_device)
-        self.adapters = AdapterRunner.from_recipe(recipe, device.kind)
-        context = AdapterContext(device=device.kind, recipe=recipe, model=model)
+        model = build_model(recipe, registries)
+        self.host.hooks.post_model_build(model=model, recipe=recipe)
+        model.to(device.torch_device)
+        self.adapters = AdapterRunner.from_recipe(recipe, device.kind, registries)
+        context = AdapterContext(device=device.kind, recipe=recipe, registries=registries, model=model)
         self.adapters.run(Phase.MODEL, context)
         self.precision = MixedPrecision(recipe.optimization.amp, device)
         self.precision.configure_model(model)
         self._apply_model_settings(model)
         self.adapters.run(Phase.OPTIMIZER, context)
         self.model = model
-        self.optimizer: Optional[torch.optim.Optimizer] = build_optimizer(model, recipe, context)
+        self.optimizer: Optional[torch.optim.Optimizer] = build_optimizer(model, recipe, context, registries)
         self.nonfinite_steps = 0
 
     def _apply_model_settings(self, model: nn.Module) -> None:
         wanted = self.model_settings
         if wanted.attention_backend is not None:
+            attend = self.host.registries.attention_backends.build(wanted.attention_backend, {})
             for module in attention_modules(model):
-                module.backend = wanted.attention_backend
+                module.use_backend(wanted.attention_backend, attend)
         if wanted.checkpointing is not None:
             for module in checkpointable_modules(model):
                 module.with_cp = wanted.checkpointing

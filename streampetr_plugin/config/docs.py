@@ -15,14 +15,14 @@ import re
 import sys
 import types
 import typing
-from typing import Any, Callable, List, Optional, Type
+from typing import Any, Callable, List, Type
 
 import annotated_types
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from streampetr_plugin.config.schema import ComponentSpec, Recipe
-from streampetr_plugin.plugins import BUILTIN_PLUGIN_NAME, REGISTRY_KINDS, PluginHost, Registries
+from streampetr_plugin.plugins import REGISTRY_KINDS, Registries
 
 __all__ = ["REGENERATE_COMMAND", "recipe_reference_markdown"]
 
@@ -212,18 +212,9 @@ def _components(registries: Registries) -> List[str]:
     return lines
 
 
-def _builtin_registries() -> Registries:
-    from streampetr_plugin import builtin
-
-    host = PluginHost()
-    host.register_plugin(builtin, name=BUILTIN_PLUGIN_NAME)
-    return host.registries
-
-
-def recipe_reference_markdown(registries: Optional[Registries] = None) -> str:
+def recipe_reference_markdown(registries: Registries) -> str:
     """The Markdown of ``docs/recipes.md``: recipe sections and fields, then the components of
-    ``registries`` (default: the built-in plugin's only)."""
-    registries = registries if registries is not None else _builtin_registries()
+    ``registries`` (for the shipped file: the built-in plugin's only)."""
     lines = [_INTRO, "## Sections", ""]
     lines += _field_table(Recipe) + [""]
     for name, info in Recipe.model_fields.items():
@@ -234,4 +225,6 @@ def recipe_reference_markdown(registries: Optional[Registries] = None) -> str:
 
 
 if __name__ == "__main__":
-    sys.stdout.write(recipe_reference_markdown())
+    from streampetr_plugin.host import create_plugin_host
+
+    sys.stdout.write(recipe_reference_markdown(create_plugin_host(entry_points=False).registries))

@@ -8,13 +8,16 @@ import copy
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from streampetr_plugin.config.schema import DEFAULT_TRACKER, ComponentSpec, Recipe
 from streampetr_plugin.errors import InputError
+
+if TYPE_CHECKING:
+    from streampetr_plugin.plugins import PluginHost, Registries
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 OVERRIDE_SOURCE = "<command line>"
@@ -306,12 +309,9 @@ def _component_sections(data: Dict[str, Any]) -> List[Tuple[KeyPath, str, str, D
 
 
 def _validate_components(
-    located: _Located, fallback: str
+    located: _Located, fallback: str, registries: "Registries"
 ) -> Tuple[List[str], List[Tuple[KeyPath, str, str, Dict[str, Any]]]]:
     """Check every component section against its registered params; returns errors and validated options."""
-    from streampetr_plugin.plugins import get_registries
-
-    registries = get_registries()
     errors: List[str] = []
     validated = []
     for path, kind, name, options in _component_sections(located.data):
@@ -346,14 +346,17 @@ def _store_validated(recipe: Recipe, path: KeyPath, kind: str, name: str, option
     setattr(parent, path[-1], ComponentSpec(type=name, **options))
 
 
-def load_recipe(path_or_name: Union[str, Path], overrides: Sequence[str] = ()) -> Recipe:
-    """Load, merge, override and validate a recipe; raises :class:`RecipeError` listing every problem."""
+def load_recipe(
+    path_or_name: Union[str, Path], overrides: Sequence[str] = (), *, host: "PluginHost"
+) -> Recipe:
+    """Load, merge, override and validate a recipe against the components of ``host``, then run its
+    ``streampetr_configure`` hook; raises :class:`RecipeError` listing every problem."""
     path = resolve_recipe_path(path_or_name)
     located = _load_tree(path)
     errors = _apply_overrides(located, overrides)
     located.data.setdefault("name", path.stem)
     fallback = str(path)
-    component_errors, validated = _validate_components(located, fallback)
+    component_errors, validated = _validate_components(located, fallback, host.registries)
     errors += component_errors
     try:
         recipe = Recipe.model_validate(located.data)
@@ -364,9 +367,7 @@ def load_recipe(path_or_name: Union[str, Path], overrides: Sequence[str] = ()) -
     for path_, kind, name, options in validated:
         _store_validated(recipe, path_, kind, name, options)
     recipe._source = str(path)
-    from streampetr_plugin.plugins import get_plugin_host
-
-    get_plugin_host().call_hook("streampetr_configure", recipe=recipe)
+    host.hooks.configure(recipe=recipe)
     return recipe
 
 

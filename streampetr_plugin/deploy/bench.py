@@ -24,6 +24,7 @@ from streampetr_plugin.config.schema import Recipe
 from streampetr_plugin.deploy.export import export_graph, load_detector, recipe_test_shape
 from streampetr_plugin.deploy.onnx_runner import ONNX_FILE, OnnxStreamRunner
 from streampetr_plugin.models.detector import StreamPETRDetector
+from streampetr_plugin.plugins import PluginHost
 
 DEFAULT_LEVELS = ("disable", "basic", "all")
 
@@ -53,10 +54,10 @@ class BackendComparison:
 
 
 def bench_backends(
-    recipe: Recipe, *, steps: int, warmup: int, levels: Sequence[str] = DEFAULT_LEVELS
+    recipe: Recipe, host: PluginHost, *, steps: int, warmup: int, levels: Sequence[str] = DEFAULT_LEVELS
 ) -> BackendComparison:
     """Export the recipe's detector (initial weights) to a temporary graph and :func:`time_backends`."""
-    detector = load_detector(recipe, None)
+    detector = load_detector(recipe, host, None)
     num_cameras, image_hw = recipe_test_shape(recipe)
     with tempfile.TemporaryDirectory() as directory:
         start = time.perf_counter()

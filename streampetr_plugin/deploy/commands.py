@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from streampetr_plugin.plugins import PluginHost
+
 DEFAULT_OPSET = 18
 MIN_OPSET = 18  # the lowest the dynamo exporter writes (it raises lower requests to 18)
 DEFAULT_PARITY_FRAMES = 8
@@ -44,15 +46,16 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     return parser
 
 
-def run_export(args: argparse.Namespace) -> int:
+def run_export(args: argparse.Namespace, host: PluginHost) -> int:
     """The ``streampetr export`` command on parsed arguments."""
     from streampetr_plugin.cli.common import exit_on_recipe_error
     from streampetr_plugin.config.loader import load_recipe
     from streampetr_plugin.deploy.export import export_command
 
-    recipe = exit_on_recipe_error(lambda: load_recipe(args.recipe, args.overrides))
+    recipe = exit_on_recipe_error(lambda: load_recipe(args.recipe, args.overrides, host=host))
     result = export_command(
         recipe,
+        host=host,
         checkpoint=args.checkpoint,
         out_dir=args.out,
         opset=args.opset,
@@ -105,15 +108,16 @@ def add_infer_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
-def run_infer(args: argparse.Namespace) -> int:
+def run_infer(args: argparse.Namespace, host: PluginHost) -> int:
     """The ``streampetr infer`` command on parsed arguments."""
     from streampetr_plugin.cli.common import exit_on_recipe_error
     from streampetr_plugin.config.loader import load_recipe
     from streampetr_plugin.deploy.infer import infer_command
 
-    recipe = exit_on_recipe_error(lambda: load_recipe(args.recipe, args.overrides))
+    recipe = exit_on_recipe_error(lambda: load_recipe(args.recipe, args.overrides, host=host))
     result = infer_command(
         recipe,
+        host=host,
         checkpoint=args.checkpoint,
         backend=args.backend,
         onnx_dir=args.onnx,

@@ -4,17 +4,25 @@ from __future__ import annotations
 from torch import nn
 
 from streampetr_plugin.config.schema import Recipe
-from streampetr_plugin.plugins import get_plugin_host
+from streampetr_plugin.models.layers.multihead_attention import MultiheadAttentionCore
+from streampetr_plugin.plugins import Registries
+from streampetr_plugin.registry import Registry
 
 
-def build_model(recipe: Recipe) -> nn.Module:
-    """The detector described by ``recipe.model`` (on CPU, plugins loaded, nothing moved to a device).
+def bind_attention_backends(model: nn.Module, backends: Registry) -> None:
+    """Give every attention module of ``model`` the kernel its backend name selects in ``backends``."""
+    for module in model.modules():
+        if isinstance(module, MultiheadAttentionCore):
+            module.use_backend(module.backend, backends.build(module.backend, {}))
+
+
+def build_model(recipe: Recipe, registries: Registries) -> nn.Module:
+    """The detector described by ``recipe.model``, every part from ``registries`` (on CPU, nothing moved to
+    a device; the ``streampetr_post_model_build`` hook is the caller's to run).
 
     Sizes flow from declared shapes: the neck from the backbone's ``output_shape()``, the heads
     from the neck level the detector uses.
     """
-    host = get_plugin_host()
-    registries = host.registries
     spec = recipe.model
     num_classes = len(recipe.data.class_names)
     backbone = registries.backbones.build(spec.backbone.type, spec.backbone.options())
@@ -47,5 +55,5 @@ def build_model(recipe: Recipe) -> nn.Module:
     model = registries.detectors.get(spec.type).factory(
         **detector_options, img_backbone=backbone, img_neck=neck, img_roi_head=roi_head, pts_bbox_head=head
     )
-    host.call_hook("streampetr_post_model_build", model=model, recipe=recipe)
+    bind_attention_backends(model, registries.attention_backends)
     return model

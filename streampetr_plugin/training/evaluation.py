@@ -12,13 +12,16 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, Iterable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from streampetr_plugin.errors import InputError, describe
 from streampetr_plugin.training.batches import move_to_device
+
+if TYPE_CHECKING:
+    from streampetr_plugin.plugins import PluginHost, Registries
 
 logger = logging.getLogger(__name__)
 
@@ -88,10 +91,17 @@ def default_evaluator(predictions: Predictions, dataset: Any, output_dir: Path) 
 
 
 def tracking_evaluator(
-    recipe: Any, predictions: Predictions, dataset: Any, output_dir: Path, *, restarts: Sequence[str] = ()
+    recipe: Any,
+    registries: "Registries",
+    predictions: Predictions,
+    dataset: Any,
+    output_dir: Path,
+    *,
+    restarts: Sequence[str] = (),
 ) -> Dict[str, Any]:
-    """Track the val set with the recipe's tracker and score the nuScenes tracking metric; ``restarts``:
-    samples where the detector's streams restarted within a scene (:func:`stream_starts`).
+    """Track the val set with the recipe's tracker (from ``registries``) and score the nuScenes tracking
+    metric; ``restarts``: samples where the detector's streams restarted within a scene
+    (:func:`stream_starts`).
 
     Gives every prediction its boxes' track ids (``track_ids_3d`` (K,), -1 where untracked), which
     ``predictions.npz`` then keeps. Returns ``AMOTA``, ``AMOTP``, ``MOTA``, ``RECALL``, ``IDS``, ``FRAG``,
@@ -108,7 +118,7 @@ def tracking_evaluator(
             "score tracking on a nuScenes val set, or set tracking.evaluate=false",
         ))
     infos = InfoSet(version=dataset.version, samples=list(dataset.samples))
-    track_ids = track_scenes(build_tracker(recipe), predictions, infos, classes=dataset.classes,
+    track_ids = track_scenes(build_tracker(recipe, registries), predictions, infos, classes=dataset.classes,
                              restarts=restarts)
     for token, ids in track_ids.items():
         predictions[token]["track_ids_3d"] = torch.from_numpy(ids)
@@ -172,7 +182,12 @@ def new_evaluation_dir(work_dir: Path, checkpoint: Path) -> Path:
 
 
 def evaluate_checkpoint(
-    recipe: Any, checkpoint: Path, *, output_dir: Optional[Path] = None, tasks: Sequence[str] = ("detection",)
+    recipe: Any,
+    checkpoint: Path,
+    *,
+    host: "PluginHost",
+    output_dir: Optional[Path] = None,
+    tasks: Sequence[str] = ("detection",),
 ) -> CheckpointEvaluation:
     """Score ``checkpoint`` (ours, or a reference ``.pth``) on the recipe's val set, in one process, for
     ``tasks``: ``"detection"`` (the detection metric) and/or ``"tracking"`` (the recipe's tracker and
@@ -195,8 +210,9 @@ def evaluate_checkpoint(
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise InputError(describe(str(checkpoint), "no such checkpoint file", "check the --checkpoint path"))
-    device, records = select_device(recipe)
-    model = build_model(recipe)
+    device, records = select_device(recipe, host)
+    model = build_model(recipe, host.registries)
+    host.hooks.post_model_build(model=model, recipe=recipe)
     report = load_reference_checkpoint(model, checkpoint)
     if report.missing or report.shape_mismatch:
         raise InputError(describe(
@@ -204,12 +220,13 @@ def evaluate_checkpoint(
             "evaluate it with the recipe it was trained with",
         ))
     model.to(device.torch_device)
-    adapters = AdapterRunner.from_recipe(recipe, device.kind)
-    adapters.run(Phase.MODEL, AdapterContext(device=device.kind, recipe=recipe, model=model))
+    adapters = AdapterRunner.from_recipe(recipe, device.kind, host.registries)
+    adapters.run(Phase.MODEL, AdapterContext(device=device.kind, recipe=recipe, registries=host.registries,
+                                             model=model))
     precision = MixedPrecision(recipe.optimization.amp, device)
     precision.configure_model(model)
     applied = [record.name for record in records + adapters.records if record.status is Status.APPLIED]
-    dataset = build_dataset(recipe, training=False)
+    dataset = build_dataset(recipe, host.registries, training=False)
     if output_dir is None:
         output_dir = new_evaluation_dir(recipe.work_dir(), checkpoint)
     output_dir = Path(output_dir)
@@ -232,7 +249,7 @@ def evaluate_checkpoint(
     )
     metrics = dict(default_evaluator(predictions, dataset, output_dir)) if "detection" in tasks else {}
     if "tracking" in tasks:
-        metrics.update(tracking_evaluator(recipe, predictions, dataset, output_dir))
+        metrics.update(tracking_evaluator(recipe, host.registries, predictions, dataset, output_dir))
     outputs = save_evaluation_outputs(predictions, dataset, output_dir, class_names=recipe.data.class_names)
     logger.info("evaluation of %s written to %s%s", checkpoint, output_dir,
                 f" (picture: {outputs.picture})" if outputs.picture is not None else "")

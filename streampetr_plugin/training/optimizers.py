@@ -7,11 +7,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from streampetr_plugin.plugins import get_plugin_host
-
 if TYPE_CHECKING:
     from streampetr_plugin.adapters.base import AdapterContext
     from streampetr_plugin.config.schema import Recipe
+    from streampetr_plugin.plugins import Registries
 
 
 def lr_multiplier(name: str, multipliers: Mapping[str, float]) -> float:
@@ -46,16 +45,18 @@ def build_param_groups(
     ]
 
 
-def build_optimizer(model: nn.Module, recipe: "Recipe", context: "AdapterContext") -> torch.optim.Optimizer:
-    """The recipe's registered optimiser over ``model``'s learning-rate groups, with what the OPTIMIZER
-    adapters left in ``context`` (extra options, a substitute optimiser class)."""
+def build_optimizer(
+    model: nn.Module, recipe: "Recipe", context: "AdapterContext", registries: "Registries"
+) -> torch.optim.Optimizer:
+    """The recipe's optimiser (from ``registries``) over ``model``'s learning-rate groups, with what the
+    OPTIMIZER adapters left in ``context`` (extra options, a substitute optimiser class)."""
     spec = recipe.optimization.optimizer
     options = {**spec.options(), **context.optimizer_options}
     if "lr" not in options:
         raise ValueError(f"optimization.optimizer ({spec.type}) has no lr option")
     groups = build_param_groups(model, base_lr=options["lr"], multipliers=recipe.optimization.lr_multipliers)
     extra = {} if context.optimizer_class is None else {"optimizer_class": context.optimizer_class}
-    return get_plugin_host().registries.optimizers.build(spec.type, options, param_groups=groups, **extra)
+    return registries.optimizers.build(spec.type, options, param_groups=groups, **extra)
 
 
 class AdamWParams(BaseModel):

@@ -64,7 +64,7 @@ from streampetr_plugin.data.collate import collate_frames
 from streampetr_plugin.data.loader import endless_batches
 from streampetr_plugin.errors import InputError, RunError, describe
 from streampetr_plugin.models.build import build_model
-from streampetr_plugin.plugins import get_plugin_host
+from streampetr_plugin.plugins import PluginHost
 from streampetr_plugin.training import distributed
 from streampetr_plugin.training.batches import move_to_device, total_loss
 from streampetr_plugin.training.checkpointing import (
@@ -200,6 +200,7 @@ class Trainer:
 
     Args:
         recipe: a validated recipe (``load_recipe``).
+        host: the plugin host whose components and hooks the run uses.
         environ: the process environment (default ``os.environ``); adapters write their variables here.
         loader_factory: ``(dataset, *, batch_size, num_workers, rank, world_size, seed, training) ->
             DataLoader``; default ``streampetr_plugin.data.loader.build_dataloader``.
@@ -211,11 +212,13 @@ class Trainer:
         self,
         recipe: Recipe,
         *,
+        host: PluginHost,
         environ: Optional[MutableMapping[str, str]] = None,
         loader_factory: Optional[LoaderFactory] = None,
         evaluator: Optional[Evaluator] = None,
     ) -> None:
         self.recipe = recipe
+        self.host = host
         self.environ = os.environ if environ is None else environ
         self._loader_factory = loader_factory
         self._evaluator = evaluator
@@ -272,7 +275,9 @@ class Trainer:
 
     def _select_device(self) -> None:
         env = self.dist_env
-        candidate, how = candidate_device(self.recipe.accelerator.device, environ=self.environ)
+        candidate, how = candidate_device(
+            self.recipe.accelerator.device, hooks=self.host.hooks, environ=self.environ
+        )
         self.adapters, self.adapter_context = self._adapters_for(candidate)
         self.adapters.run(Phase.ENVIRONMENT, self.adapter_context)
         kind, self.device_choice = confirm_device(candidate, how)
@@ -293,8 +298,9 @@ class Trainer:
             world_size=env.world_size,
             local_world_size=env.local_world_size,
             recipe=self.recipe,
+            registries=self.host.registries,
         )
-        return AdapterRunner.from_recipe(self.recipe, kind), context
+        return AdapterRunner.from_recipe(self.recipe, kind, self.host.registries), context
 
     def _seed(self, seed: int) -> None:
         # Same seed on every rank, as the reference (mmdet3d's train.py without --diff-seed).
@@ -307,7 +313,8 @@ class Trainer:
 
     def _build_model(self) -> None:
         recipe = self.recipe
-        model = build_model(recipe)
+        model = build_model(recipe, self.host.registries)
+        self.host.hooks.post_model_build(model=model, recipe=recipe)
         load_from = recipe.runtime.load_from
         if load_from and self._resume_from is None:
             from streampetr_plugin.interop.checkpoint import load_reference_checkpoint
@@ -341,16 +348,16 @@ class Trainer:
 
     def _build_optimizer(self) -> None:
         self.adapters.run(Phase.OPTIMIZER, self.adapter_context)
-        self.optimizer = build_optimizer(self.model, self.recipe, self.adapter_context)
+        self.optimizer = build_optimizer(self.model, self.recipe, self.adapter_context, self.host.registries)
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
 
     def _build_data(self) -> None:
         recipe = self.recipe
         env = self.dist_env
-        registries = get_plugin_host().registries
+        registries = self.host.registries
         data = recipe.data
-        self.train_dataset = build_dataset(recipe, training=True)
+        self.train_dataset = build_dataset(recipe, registries, training=True)
         batch = data.batch_size_per_device
         num_samples = data.num_train_samples or len(self.train_dataset)
         runtime = recipe.runtime
@@ -531,7 +538,7 @@ class Trainer:
                 "streams": [item["streams"] for item in per_rank],
                 "rng": [item["rng"] for item in per_rank],
                 "recipe": recipe_to_dict(self.recipe),
-                "plugin_versions": get_plugin_host().versions(),
+                "plugin_versions": self.host.versions(),
             }
             try:
                 write_checkpoint(state, path)
@@ -722,10 +729,10 @@ class Trainer:
     def train(self) -> TrainResult:
         """Run to ``max_iters`` (evaluating and checkpointing on the way); then evaluate if configured."""
         self.setup()
-        host = get_plugin_host()
+        hooks = self.host.hooks
         runtime = self.recipe.runtime
         self.model.train()
-        host.call_hook("streampetr_pre_train", context=self.context)
+        hooks.pre_train(context=self.context)
         try:
             iterator = iter(self.train_loader)
             if self._resume_rng is not None:
@@ -743,7 +750,7 @@ class Trainer:
             raise
         finally:
             self.context.iteration = self.iteration
-            host.call_hook("streampetr_post_train", context=self.context)
+            hooks.post_train(context=self.context)
             if self._metrics_log is not None:
                 self._metrics_log.close()
         metrics_file = self._metrics_log.path if self._metrics_log is not None else None
@@ -807,7 +814,7 @@ class Trainer:
         data = self.recipe.data
         distributed.broadcast_buffers(self.model)  # every rank scores with the statistics checkpoints hold
         if self._val_loader is None:
-            self._val_dataset = build_dataset(self.recipe, training=False)
+            self._val_dataset = build_dataset(self.recipe, self.host.registries, training=False)
             self._val_loader = self._make_loader(
                 self._val_dataset, data.val_batch_size_per_device, training=False
             )
@@ -824,8 +831,10 @@ class Trainer:
             evaluator = self._evaluator or default_evaluator
             metrics = dict(evaluator(merged, self._val_dataset, output_dir))
             if self.recipe.tracking.evaluate:
-                metrics.update(tracking_evaluator(self.recipe, merged, self._val_dataset, output_dir,
-                                                  restarts=stream_starts(gathered)))
+                metrics.update(tracking_evaluator(
+                    self.recipe, self.host.registries, merged, self._val_dataset, output_dir,
+                    restarts=stream_starts(gathered),
+                ))
             self._last_evaluation = save_evaluation_outputs(
                 merged, self._val_dataset, output_dir, class_names=data.class_names
             )
@@ -849,12 +858,13 @@ class Trainer:
 def train(
     recipe: Recipe,
     *,
+    host: PluginHost,
     environ: Optional[MutableMapping[str, str]] = None,
     loader_factory: Optional[LoaderFactory] = None,
     evaluator: Optional[Evaluator] = None,
 ) -> TrainResult:
     """Set up, train and evaluate ``recipe`` (in this process; under torchrun, in every process)."""
-    trainer = Trainer(recipe, environ=environ, loader_factory=loader_factory, evaluator=evaluator)
+    trainer = Trainer(recipe, host=host, environ=environ, loader_factory=loader_factory, evaluator=evaluator)
     try:
         return trainer.train()
     finally:

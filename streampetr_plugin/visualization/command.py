@@ -18,6 +18,7 @@ from streampetr_plugin.data.geometry import invert_rigid, pose_matrix, rigid_mat
 from streampetr_plugin.data.infos import CAMERA_NAMES, SampleInfo
 from streampetr_plugin.errors import InputError
 from streampetr_plugin.evaluation.predictions import list_predictions, load_predictions
+from streampetr_plugin.plugins import PluginHost
 from streampetr_plugin.visualization.render import NUSCENES_BEV_EXTENT, render_frame
 from streampetr_plugin.visualization.trajectories import render_trajectories
 
@@ -142,6 +143,7 @@ def visualize_command(
     sample: Optional[str] = None,
     out: Optional[Union[str, Path]] = None,
     *,
+    host: PluginHost,
     trajectories: bool = False,
 ) -> Path:
     """Render the run's newest predictions for sample token ``sample`` (default: the first sample of
@@ -162,8 +164,8 @@ def visualize_command(
             f"{run_dir}: no predictions (eval/iter_*/predictions.npz); the run has not been evaluated yet"
         )
     iteration, predictions_file = found[-1]
-    recipe = load_recipe(recipe_path)
-    dataset = build_dataset(recipe, training=False)
+    recipe = load_recipe(recipe_path, host=host)
+    dataset = build_dataset(recipe, host.registries, training=False)
     tokens = [info.token for info in dataset.samples]
     if not tokens:
         raise VisualizationError(f"the val set of {recipe_path} is empty")

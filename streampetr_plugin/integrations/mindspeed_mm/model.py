@@ -80,11 +80,13 @@ class StreamPETRForMindSpeedMM(nn.Module, BaseModel):
                 "path: set model.model_name_or_path: null so that it builds StreamPETR from model.streampetr"
             )
         from streampetr_plugin import build_model, load_recipe
+        from streampetr_plugin.host import create_plugin_host
         from streampetr_plugin.interop.checkpoint import load_reference_checkpoint
 
         params = read_block(model_args, HostModelParams)
-        recipe = load_recipe(params.recipe, params.recipe_overrides)
-        detector = build_model(recipe)
+        plugins = create_plugin_host()  # MindSpeed-MM calls this entry by itself: the plugins start here
+        recipe = load_recipe(params.recipe, params.recipe_overrides, plugins)
+        detector = build_model(recipe, plugins)
         weights = params.load_from or recipe.runtime.load_from
         if weights:
             report = load_reference_checkpoint(detector, weights)
