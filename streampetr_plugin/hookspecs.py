@@ -2,9 +2,11 @@
 
 A plugin is any object or module with functions marked ``@hookimpl`` (``from streampetr_plugin
 import hookimpl``), published through the ``streampetr`` entry-point group. Registration hooks
-receive a ``register(name, factory, *, params=None)`` callback: ``factory(**options, **context)``
-builds the component, ``params`` is an optional pydantic model that validates ``options`` from a
-recipe. The built-in StreamPETR components are registered by the built-in plugin through these
+receive a ``register(name, factory, *, params=None)`` callback (:class:`Register`): ``params`` is an
+optional pydantic model that validates a component's options once, when the recipe is loaded, and
+``factory(params, **context)`` builds the component from that instance (without a params model:
+``factory(**options, **context)``, options unchecked). ``options`` in the hook descriptions below stands
+for either. The built-in StreamPETR components are registered by the built-in plugin through these
 same hooks.
 """
 from __future__ import annotations
@@ -23,8 +25,9 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 class Register(Protocol):
     """The callback a registration hook receives: ``register(name, factory, params=Model)``.
 
-    ``factory(**options, **context)`` builds the component; ``params`` (a pydantic model) validates the
-    component's options in a recipe.
+    ``params`` (a pydantic model) validates the component's options in a recipe; ``factory(params,
+    **context)`` then builds the component from the instance (without ``params``: ``factory(**options,
+    **context)``).
     """
 
     def __call__(
@@ -55,8 +58,9 @@ def streampetr_register_heads(register: Register) -> None:
 
 @hookspec
 def streampetr_register_detectors(register: Register) -> None:
-    """Register detectors. ``factory(**options, img_backbone=..., img_neck=..., img_roi_head=...,
-    pts_bbox_head=...)`` assembles the modules built from the recipe's ``model`` section."""
+    """Register detectors. ``factory(**options, input_shape=ShapeSpec, img_backbone=..., img_neck=...,
+    img_roi_head=..., pts_bbox_head=...)`` assembles the modules built from the recipe's ``model`` section
+    (``input_shape``: the neck level the heads read, its channels and stride)."""
 
 
 @hookspec

@@ -39,7 +39,7 @@ from streampetr_plugin.config.loader import RecipeError, load_recipe
 from streampetr_plugin.models.layers.multihead_attention import MultiheadAttentionCore
 from streampetr_plugin.host import create_plugin_host
 from streampetr_plugin.training.distributed import read_distributed_env
-from streampetr_plugin.training.optimizers import build_adamw, build_param_groups
+from streampetr_plugin.training.optimizers import AdamWParams, build_adamw, build_param_groups
 from streampetr_plugin.training.trainer import Trainer
 from tests import trainer_helpers
 
@@ -366,8 +366,7 @@ def test_npu_fused_adamw_falls_back_in_order(
         assert part in record.reason
     groups = build_param_groups(model, base_lr=1e-3, multipliers={})
     extra = {} if context.optimizer_class is None else {"optimizer_class": context.optimizer_class}
-    optimizer = build_adamw(param_groups=groups, lr=1e-3, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8,
-                            implementation="auto", **extra)
+    optimizer = build_adamw(AdamWParams(lr=1e-3), param_groups=groups, **extra)
     built = type(optimizer)
     if status is Status.SKIPPED:
         assert built is torch.optim.AdamW

@@ -82,7 +82,7 @@ def test_a_plugin_component_appears_with_type_default_range_and_description():
     class Extra:
         @hookimpl
         def streampetr_register_backbones(self, register):
-            register("doc_test_backbone", lambda **options: options, params=WidthParams)
+            register("doc_test_backbone", lambda params: params, params=WidthParams)
 
     host = PluginHost()
     host.register_plugin(Extra(), name="extra")

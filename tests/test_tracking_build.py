@@ -48,8 +48,8 @@ class EveryoneOneTrackParams(BaseModel):
 class EveryoneOneTrack:
     """A third-party tracker: every detection belongs to one track."""
 
-    def __init__(self, *, track_id: int) -> None:
-        self.track_id = track_id
+    def __init__(self, params: EveryoneOneTrackParams) -> None:
+        self.track_id = params.track_id
 
     def reset(self) -> None:
         pass

@@ -25,7 +25,7 @@ from streampetr_plugin.training.checkpointing import (
     load_checkpoint,
 )
 from streampetr_plugin.training.distributed import DistributedSetupError, read_distributed_env
-from streampetr_plugin.training.lr_schedule import CosineWarmup
+from streampetr_plugin.training.lr_schedule import CosineWarmup, CosineWarmupParams
 from streampetr_plugin.training.metrics_log import ProgressBar, read_metrics
 from streampetr_plugin.training.batches import total_loss
 from streampetr_plugin.training.trainer import NonFiniteLossError, Trainer, train
@@ -82,7 +82,7 @@ def test_lr_is_set_per_iteration_from_the_schedule_with_multipliers(standin_reci
     trainer = Trainer(_recipe(standin_recipe, work_dir, "optimization.lr_multipliers={img_backbone: 0.1}"),
                       host=HOST)
     trainer.train()
-    schedule = CosineWarmup(max_iters=6, warmup_iters=2)
+    schedule = CosineWarmup(max_iters=6, **dict(CosineWarmupParams(warmup_iters=2)))
     records = [r for r in read_metrics(work_dir / "metrics.jsonl") if r["kind"] == "train"]
     assert [r["iteration"] for r in records] == [1, 2, 3, 4, 5, 6]
     for record in records:  # the record after step i shows the lr that step used: schedule(i - 1)

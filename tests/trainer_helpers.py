@@ -212,14 +212,22 @@ def streampetr_register_heads(register):
     register("regression", RegressionHead)
 
 
+def _standin_detector(params: StandInDetectorParams, *, input_shape: ShapeSpec, **modules) -> StandInDetector:
+    return StandInDetector(nan_calls=params.nan_calls, **modules)
+
+
 @hookimpl
 def streampetr_register_detectors(register):
-    register("standin", StandInDetector, params=StandInDetectorParams)
+    register("standin", _standin_detector, params=StandInDetectorParams)
+
+
+def _frames(params: FramesParams, **context) -> FramesDataset:
+    return FramesDataset(**dict(params), **context)
 
 
 @hookimpl
 def streampetr_register_datasets(register):
-    register("frames", FramesDataset, params=FramesParams)
+    register("frames", _frames, params=FramesParams)
 
 
 _SEEN_TOKENS: List[str] = []

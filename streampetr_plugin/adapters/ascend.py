@@ -6,7 +6,7 @@
 * ``npu_runtime``: ``import torch_npu``, ``allow_internal_format`` and ``set_compile_mode(jit_compile=False)``
   as the port's ``tools/train.py``;
 * ``npu_fusion_attention``: selects the fused attention kernel (the ``npu_fusion_attention`` entry of the
-  ``attention_backends`` registry, :func:`npu_fusion_attention_backend`) on the model's attention modules
+  ``attention_backends`` registry, made by :func:`make_npu_fusion_attention`) on the model's attention modules
   (the port calls ``torch_npu.npu_fusion_attention`` for the cross-attention; our self-attention keeps its
   projections, only the dot-product core changes);
 * ``npu_fused_adamw``: the optimiser class handed to the AdamW factory, first that works of
@@ -153,12 +153,6 @@ def make_npu_fusion_attention(torch_npu: Any) -> Callable[..., torch.Tensor]:
         return out.transpose(1, 2)  # (B, heads, L, D)
 
     return npu_fusion_attention
-
-
-def npu_fusion_attention_backend() -> Callable[..., torch.Tensor]:
-    """Ascend's fused attention kernel (``torch_npu.npu_fusion_attention``, BSND layout); imports
-    ``torch_npu`` when it is first selected."""
-    return make_npu_fusion_attention(import_torch_npu())
 
 
 def _attention_modules(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Module]]:

@@ -194,7 +194,7 @@ class AdapterRunner:
         adapters = []
         for entry in registry.entries():
             switch = switches.get(entry.name)
-            adapters.append(registry.build(entry.name, switch.options() if switch is not None else {}))
+            adapters.append(registry.build(entry.name, switch.arguments if switch is not None else {}))
         return cls(adapters, device=device, enabled={name: s.enabled for name, s in switches.items()})
 
     @property

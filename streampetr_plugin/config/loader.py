@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence,
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from streampetr_plugin.config.schema import DEFAULT_TRACKER, ComponentSpec, Recipe
+from streampetr_plugin.config.schema import DEFAULT_TRACKER, ComponentOptions, Recipe
 from streampetr_plugin.errors import InputError
 
 if TYPE_CHECKING:
@@ -310,8 +310,9 @@ def _component_sections(data: Dict[str, Any]) -> List[Tuple[KeyPath, str, str, D
 
 def _validate_components(
     located: _Located, fallback: str, registries: "Registries"
-) -> Tuple[List[str], List[Tuple[KeyPath, str, str, Dict[str, Any]]]]:
-    """Check every component section against its registered params; returns errors and validated options."""
+) -> Tuple[List[str], List[Tuple[KeyPath, str, BaseModel]]]:
+    """Check every component section against its registered params; returns errors and the params
+    instances (``(path, kind, params)``; none for components registered without a params model)."""
     errors: List[str] = []
     validated = []
     for path, kind, name, options in _component_sections(located.data):
@@ -322,28 +323,25 @@ def _validate_components(
                           f"{registry.unknown_message(name)}")
             continue
         try:
-            validated.append((path, kind, name, registry.validate_options(name, options)))
+            params = registry.validate(name, options)
         except ValidationError as error:
             sub_components = sorted(_NOT_OPTIONS.get(path, {"type"}))
             errors.extend(_format_errors(error, path, located, fallback, registry.get(name).params,
                                          sub_components))
+            continue
+        if params is not None:
+            validated.append((path, kind, params))
     return errors, validated
 
 
-def _store_validated(recipe: Recipe, path: KeyPath, kind: str, name: str, options: Dict[str, Any]) -> None:
-    """Replace a component's options by their validated, defaulted values."""
-    if path in (("model",), ("tracking",)):
-        getattr(recipe, path[0]).__pydantic_extra__.update(options)
-        return
+def _section(recipe: Recipe, path: KeyPath, kind: str) -> ComponentOptions:
+    """The section of ``recipe`` at ``path`` (an adapter's switch for ``accelerator.adapters.<name>``)."""
     if kind == "adapters":
-        switch = recipe.accelerator.adapters[name]
-        switch.__pydantic_extra__.clear()
-        switch.__pydantic_extra__.update(options)
-        return
-    parent = recipe
-    for key in path[:-1]:
-        parent = getattr(parent, key)
-    setattr(parent, path[-1], ComponentSpec(type=name, **options))
+        return recipe.accelerator.adapters[path[-1]]
+    section: Any = recipe
+    for key in path:
+        section = getattr(section, key)
+    return section
 
 
 def load_recipe(
@@ -364,8 +362,8 @@ def load_recipe(
         raise RecipeError(_format_errors(error, (), located, fallback, Recipe) + errors) from None
     if errors:
         raise RecipeError(errors)
-    for path_, kind, name, options in validated:
-        _store_validated(recipe, path_, kind, name, options)
+    for path_, kind, params in validated:
+        _section(recipe, path_, kind).use_params(params)
     recipe._source = str(path)
     host.hooks.configure(recipe=recipe)
     return recipe

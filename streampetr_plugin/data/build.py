@@ -14,5 +14,5 @@ def build_dataset(recipe: Recipe, registries: Registries, *, training: bool) -> 
     """
     spec = recipe.data.train if training else recipe.data.val
     return registries.datasets.build(
-        spec.type, spec.options(), training=training, classes=list(recipe.data.class_names)
+        spec.type, spec.arguments, training=training, classes=list(recipe.data.class_names)
     )

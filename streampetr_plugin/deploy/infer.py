@@ -66,8 +66,9 @@ def split_dataset(recipe: Recipe, registries: Registries, split: str) -> Any:
         raise InputError(describe("--split", f"unknown split {split!r}", f"use one of {', '.join(SPLITS)}"))
     if split == "train":
         recipe = recipe.model_copy(deep=True)
-        train_info = recipe.data.train.options().get("train_info", "streampetr_infos_train.json")
-        setattr(recipe.data.val, "val_info", train_info)  # the test-time pipeline over the training samples
+        val = recipe.data.val
+        # the test-time pipeline over the training samples
+        val.use_params(val.params.model_copy(update={"val_info": recipe.data.train.params.train_info}))
     return build_dataset(recipe, registries, training=False)
 
 

@@ -9,4 +9,4 @@ from streampetr_plugin.tracking.frame import Tracker
 
 def build_tracker(recipe: Any, registries: Registries) -> Tracker:
     """The tracker the recipe's ``tracking`` section names (``type``), with its options."""
-    return registries.trackers.build(recipe.tracking.type, recipe.tracking.options())
+    return registries.trackers.build(recipe.tracking.type, recipe.tracking.arguments)

@@ -366,7 +366,7 @@ class Trainer:
         self.checkpoint_interval = runtime.checkpoint_interval or self.iters_per_epoch
         schedule_spec = recipe.optimization.lr_scheduler
         self.lr_schedule = registries.lr_schedulers.build(
-            schedule_spec.type, schedule_spec.options(), max_iters=self.max_iters
+            schedule_spec.type, schedule_spec.arguments, max_iters=self.max_iters
         )
         self.train_loader = self._make_loader(self.train_dataset, batch, training=True)
         self.train_sampler = _sampler_of(self.train_loader)

@@ -125,7 +125,7 @@ def trainer_class() -> type:
 
             spec = self.recipe.optimization.lr_scheduler
             factor = self.plugins.registries.lr_schedulers.build(
-                spec.type, spec.options(), max_iters=self.args.training.train_iters
+                spec.type, spec.arguments, max_iters=self.args.training.train_iters
             )
             return LambdaLR(self.optimizer, factor)
 

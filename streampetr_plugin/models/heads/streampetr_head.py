@@ -46,7 +46,10 @@ from streampetr_plugin.models.layers.positional_encoding import (
 )
 from streampetr_plugin.models.layers.query_identities import QueryIdentities
 from streampetr_plugin.models.layers.transformer import PETRTemporalTransformer
-from streampetr_plugin.models.losses.streampetr_criterion import StreamPETRCriterion
+from streampetr_plugin.models.losses.streampetr_criterion import (
+    StreamPETRCriterion,
+    StreamPETRCriterionParams,
+)
 
 PC_RANGE = [-51.2, -51.2, -5.0, 51.2, 51.2, 3.0]
 POSITION_RANGE = [-61.2, -61.2, -10.0, 61.2, 61.2, 10.0]
@@ -216,13 +219,12 @@ class StreamPETRHead(nn.Module):
             score_threshold=score_threshold,
             num_classes=num_classes,
         )
-        self.criterion = criterion if criterion is not None else StreamPETRCriterion(
-            num_classes=num_classes,
-            match_with_velo=match_with_velo,
-            dn_weight=dn_weight,
-            split=split,
-            with_dn=with_dn,
-        )
+        self.criterion = criterion if criterion is not None else StreamPETRCriterion(**dict(
+            StreamPETRCriterionParams(
+                num_classes=num_classes, match_with_velo=match_with_velo, dn_weight=dn_weight, split=split,
+                with_dn=with_dn,
+            )
+        ))
 
     def _init_weights(self) -> None:
         nn.init.uniform_(self.reference_points.weight, 0, 1)
