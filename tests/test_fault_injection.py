@@ -28,13 +28,14 @@ from streampetr_plugin.training import checkpointing
 from streampetr_plugin.training.checkpointing import (
     CheckpointError,
     CheckpointWriteError,
+    WorkDirNotEmptyError,
     checkpoint_path,
     list_checkpoints,
     load_checkpoint,
     nonfinite_entries,
     write_checkpoint,
 )
-from streampetr_plugin.training.trainer import Trainer, WorkDirNotEmptyError, train
+from streampetr_plugin.training.trainer import Trainer, train
 from tests import trainer_helpers
 from tests.test_checkpointing import flip_middle_of
 from tests.test_safe_loading import CreatesMarker

@@ -114,7 +114,7 @@ def test_trainer_runs_the_warm_start_before_the_first_iteration(synthetic_nuscen
         f"runtime.work_dir={tmp_path / 'run'}", "runtime.max_iters=1", "runtime.evaluate_at_end=false",
         "optimization.geometric_warm_start.steps=3",
     ]
-    with caplog.at_level(logging.INFO, logger="streampetr_plugin.training.trainer"):
+    with caplog.at_level(logging.INFO, logger="streampetr_plugin.training"):
         result = train(load_recipe(trainer_helpers.DEMO_RECIPE, overrides), host=create_plugin_host())
     assert result.iteration == 1
     messages = [record.getMessage() for record in caplog.records]

@@ -20,6 +20,7 @@ from streampetr_plugin.config.loader import load_recipe, recipe_to_dict
 from streampetr_plugin.interop.checkpoint import load_reference_checkpoint
 from streampetr_plugin import build_model
 from streampetr_plugin.training.checkpointing import (
+    NonFiniteLossError,
     find_latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -27,8 +28,8 @@ from streampetr_plugin.training.checkpointing import (
 from streampetr_plugin.training.distributed import DistributedSetupError, read_distributed_env
 from streampetr_plugin.training.lr_schedule import CosineWarmup, CosineWarmupParams
 from streampetr_plugin.training.metrics_log import ProgressBar, read_metrics
-from streampetr_plugin.training.batches import total_loss
-from streampetr_plugin.training.trainer import NonFiniteLossError, Trainer, train
+from streampetr_plugin.training.step import total_loss
+from streampetr_plugin.training.trainer import Trainer, train
 from tests import trainer_helpers
 
 

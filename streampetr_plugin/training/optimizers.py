@@ -84,7 +84,8 @@ def build_adamw(
     param_groups: Iterable[Dict[str, object]],
     optimizer_class: type = torch.optim.AdamW,
 ) -> torch.optim.Optimizer:
-    """AdamW with ``params``; ``optimizer_class`` lets an adapter substitute a fused kernel with the same API."""
+    """AdamW with ``params``; ``optimizer_class`` lets an adapter substitute a fused kernel with the same
+    API."""
     kwargs: Dict[str, object] = {
         "lr": params.lr, "weight_decay": params.weight_decay, "betas": tuple(params.betas), "eps": params.eps,
     }

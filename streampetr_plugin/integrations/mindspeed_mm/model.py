@@ -30,6 +30,7 @@ from streampetr_plugin.integrations.mindspeed_mm.aliases import store_aliases_on
 from streampetr_plugin.integrations.mindspeed_mm.codec import decode_batch
 from streampetr_plugin.integrations.mindspeed_mm.config import HostModelParams, read_block
 from streampetr_plugin.integrations.mindspeed_mm.continuity import StreamContinuity
+from streampetr_plugin.training.step import total_loss
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +50,6 @@ class StreamPETROutput:
     loss: Optional[torch.Tensor]
     loss_terms: Dict[str, torch.Tensor] = field(default_factory=dict)
     detections: Optional[List[Dict[str, torch.Tensor]]] = None
-
-
-def total_loss(losses: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """The reference's total: the plain sum of every entry whose name contains "loss", in fp32."""
-    terms = [value.float() for name, value in losses.items() if "loss" in name]
-    if not terms:
-        raise ValueError(f"the detector returned no loss terms (keys: {sorted(losses)})")
-    return torch.stack(terms).sum()
 
 
 @functools.lru_cache(maxsize=None)
