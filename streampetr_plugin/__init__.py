@@ -12,8 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 from streampetr_plugin.hookspecs import hookimpl
-
-__version__ = "0.1.0"
+from streampetr_plugin.version import __version__
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -26,6 +26,7 @@ from streampetr_plugin import hookspecs
 from streampetr_plugin.errors import RunError, StreamPETRError, describe
 from streampetr_plugin.hooks import BUILTIN_PLUGIN_NAME, Hooks, disable_hint
 from streampetr_plugin.registry import Registry
+from streampetr_plugin.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +114,6 @@ class PluginHost:
     def load(self, builtin: object, *, entry_points: bool = True) -> None:
         """Register the built-in plugin ``builtin``, then (unless ``entry_points`` is false) the installed
         entry points."""
-        from streampetr_plugin import __version__
-
         self.distributions[BUILTIN_PLUGIN_NAME] = ("streampetr-plugin", __version__)
         self._register(builtin, BUILTIN_PLUGIN_NAME)
         if entry_points:

@@ -13,7 +13,8 @@ import torch
 from data_fixtures import synthetic_nuscenes  # noqa: F401  (session fixture)
 from streampetr_plugin.adapters.device import DeviceHandle
 from streampetr_plugin.bench import VARIANT_GROUPS
-from streampetr_plugin.bench.command import add_bench_arguments, bench_command
+from streampetr_plugin.bench.command import bench_command
+from streampetr_plugin.cli.bench import add_bench_arguments
 from streampetr_plugin.bench.measure import count_flops, counting_setup, reset_peak_memory, time_steps
 from streampetr_plugin.bench.report import StepTimes
 from streampetr_plugin.bench.synthetic_batch import StreamShape, SyntheticStreams, box_corners, stream_shape

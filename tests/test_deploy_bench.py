@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from streampetr_plugin.bench.command import bench_command
-from streampetr_plugin.deploy.bench import backend_lines, time_backends
+from streampetr_plugin.bench.report import backend_lines
+from streampetr_plugin.deploy.bench import time_backends
 from streampetr_plugin.deploy.export import load_detector
 from streampetr_plugin.host import create_plugin_host
 from tests import deploy_helpers

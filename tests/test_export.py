@@ -21,7 +21,7 @@ from streampetr_plugin.deploy.graph import (
     frame_inputs,
     kept_detections,
 )
-from streampetr_plugin.deploy.infer import stream_batches
+from streampetr_plugin.deploy.streams import stream_batches
 from streampetr_plugin.deploy.onnx_runner import OnnxStreamRunner
 from streampetr_plugin.models.layers.memory import MEMORY_FIELDS
 from streampetr_plugin.host import create_plugin_host

@@ -12,8 +12,9 @@ from nuscenes.eval.tracking.data_classes import TrackingBox
 
 from streampetr_plugin.cli.main import build_parser
 from streampetr_plugin.config.loader import dump_recipe
-from streampetr_plugin.deploy.commands import run_export, run_infer
-from streampetr_plugin.deploy.infer import infer_command, split_dataset
+from streampetr_plugin.cli.deploy import run_export, run_infer
+from streampetr_plugin.deploy.infer import infer_command
+from streampetr_plugin.deploy.streams import split_dataset
 from streampetr_plugin.deploy.onnx_runner import OnnxStreamRunner
 from streampetr_plugin.errors import InputError
 from streampetr_plugin.tracking.query_propagation import MissingQueryIdsError

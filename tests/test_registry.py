@@ -39,7 +39,8 @@ def test_a_validated_params_instance_is_built_from_as_it_is():
     registry = Registry("backbones")
     registry.register("vovnet", make_thing, params=WidthParams)
     params = registry.validate("vovnet", {"width": 7})
-    assert isinstance(params, WidthParams) and registry.build("vovnet", params, scale=2) == {"width": 7, "scale": 2}
+    assert isinstance(params, WidthParams)
+    assert registry.build("vovnet", params, scale=2) == {"width": 7, "scale": 2}
     registry.register("loose", make_unchecked)
     assert registry.validate("loose", {"a": 1}) is None
     assert registry.build("loose", {"a": 1}, b=2) == {"a": 1, "b": 2}

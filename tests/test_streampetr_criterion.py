@@ -4,7 +4,10 @@ import math
 import pytest
 import torch
 
-from streampetr_plugin.models.losses.streampetr_criterion import StreamPETRCriterion, StreamPETRCriterionParams
+from streampetr_plugin.models.losses.streampetr_criterion import (
+    StreamPETRCriterion,
+    StreamPETRCriterionParams,
+)
 
 EPS32 = torch.finfo(torch.float32).eps
 CODE_WEIGHTS = torch.tensor([2.0, 2.0, 1, 1, 1, 1, 1, 1, 1, 1], dtype=torch.float64)

@@ -204,13 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "recipe's tracker (AMOTA); default: detection")
     evaluate.set_defaults(handler=_cmd_eval)
 
-    from streampetr_plugin.bench.command import add_bench_arguments, run_bench
+    from streampetr_plugin.cli.bench import add_bench_arguments, run_bench
 
     bench = commands.add_parser("bench", help="time training / inference steps at a recipe's real shapes")
     add_bench_arguments(bench)
     bench.set_defaults(handler=run_bench)
 
-    from streampetr_plugin.deploy.commands import add_export_arguments, add_infer_arguments
+    from streampetr_plugin.cli.deploy import add_export_arguments, add_infer_arguments
 
     add_export_arguments(
         commands.add_parser("export", help="write a checkpoint as an ONNX graph of one streaming frame")

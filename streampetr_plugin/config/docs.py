@@ -2,17 +2,16 @@
 
 Every section and field of :class:`~streampetr_plugin.config.schema.Recipe` with its type, default
 and description, then every built-in component with the options its ``params`` model accepts.
-Only the built-in plugin is consulted, so the text does not depend on what else is installed.
-Regenerate with::
+The shipped file documents the built-in plugin only, so the text does not depend on what else is
+installed. Regenerate with::
 
-    python -m streampetr_plugin.config.docs > docs/recipes.md
+    python -m streampetr_plugin.cli.recipe_docs > docs/recipes.md
 """
 from __future__ import annotations
 
 import inspect
 import json
 import re
-import sys
 import types
 import typing
 from typing import Any, Callable, List, Type
@@ -26,7 +25,7 @@ from streampetr_plugin.plugins import REGISTRY_KINDS, Registries
 
 __all__ = ["REGENERATE_COMMAND", "recipe_reference_markdown"]
 
-REGENERATE_COMMAND = "python -m streampetr_plugin.config.docs > docs/recipes.md"
+REGENERATE_COMMAND = "python -m streampetr_plugin.cli.recipe_docs > docs/recipes.md"
 
 _INTRO = f"""\
 # Recipe reference
@@ -222,9 +221,3 @@ def recipe_reference_markdown(registries: Registries) -> str:
             lines += _section(name, nested)
     lines += _components(registries)
     return "\n".join(lines).rstrip("\n") + "\n"
-
-
-if __name__ == "__main__":
-    from streampetr_plugin.host import create_plugin_host
-
-    sys.stdout.write(recipe_reference_markdown(create_plugin_host(entry_points=False).registries))

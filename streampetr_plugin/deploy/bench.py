@@ -114,26 +114,3 @@ def time_backends(
             )
         )
     return BackendComparison(threads=threads, export_s=export_s, timings=timings)
-
-
-def backend_lines(comparison: Mapping[str, Any]) -> List[str]:
-    """The comparison (as :meth:`BackendComparison.to_dict` gives it) as table lines."""
-    baseline = comparison["timings"][0]["step_time_s"]["median"]
-    title = (
-        f"streaming inference, batch 1, {comparison['threads']} threads per backend, configurations "
-        "alternating frame by frame"
-    )
-    if comparison["export_s"] is not None:
-        title += f"; export took {comparison['export_s']:.1f} s"
-    lines = [
-        title,
-        f"{'configuration':<24}{'s/frame med':>12}{'p90':>8}{'cpu s':>8}{'frames/s':>10}{'vs eager':>10}",
-    ]
-    for timing in comparison["timings"]:
-        step = timing["step_time_s"]
-        lines.append(
-            f"{timing['name']:<24}{step['median']:>12.4f}{step['p90']:>8.4f}"
-            f"{timing['cpu_s_per_frame']:>8.3f}{timing['frames_per_s']:>10.2f}"
-            f"{baseline / step['median']:>9.2f}x"
-        )
-    return lines

@@ -28,7 +28,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 import torch
 
 from streampetr_plugin.config.schema import Recipe
-from streampetr_plugin.deploy.commands import DEFAULT_OPSET, DEFAULT_PARITY_FRAMES, MIN_OPSET
+from streampetr_plugin.deploy.options import DEFAULT_OPSET, DEFAULT_PARITY_FRAMES, MIN_OPSET
 from streampetr_plugin.deploy.graph import (
     GraphSignature,
     StreamingFrameGraph,
@@ -189,7 +189,7 @@ def _parity_batches(
 ) -> Tuple[str, Iterable[Mapping[str, Any]]]:
     """(where the frames come from, the first ``count`` one-stream batches of the val split in stream
     order); synthetic frames of the recipe's shapes when the split cannot be loaded."""
-    from streampetr_plugin.deploy.infer import stream_batches
+    from streampetr_plugin.deploy.streams import stream_batches
 
     try:
         return "val split", list(islice(stream_batches(recipe, registries, split="val"), count))

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from streampetr_plugin.config.schema import Recipe
-from streampetr_plugin.deploy.commands import BACKENDS, SPLITS
+from streampetr_plugin.deploy.options import BACKENDS
+from streampetr_plugin.deploy.streams import split_dataset, stream_batches
 from streampetr_plugin.errors import InputError, describe
 from streampetr_plugin.plugins import PluginHost, Registries
 
@@ -56,38 +57,6 @@ class InferResult:
     @property
     def total_fps(self) -> float:
         return self.frames / self.total_seconds
-
-
-def split_dataset(recipe: Recipe, registries: Registries, split: str) -> Any:
-    """The recipe's val dataset (test pipeline) over the ``val`` or the ``train`` split's samples."""
-    from streampetr_plugin.data.build import build_dataset
-
-    if split not in SPLITS:
-        raise InputError(describe("--split", f"unknown split {split!r}", f"use one of {', '.join(SPLITS)}"))
-    if split == "train":
-        recipe = recipe.model_copy(deep=True)
-        val = recipe.data.val
-        # the test-time pipeline over the training samples
-        val.use_params(val.params.model_copy(update={"val_info": recipe.data.train.params.train_info}))
-    return build_dataset(recipe, registries, training=False)
-
-
-def stream_batches(
-    recipe: Recipe, registries: Registries, *, split: str = "val", dataset: Any = None
-) -> Iterator[Dict[str, Any]]:
-    """One-stream batches (batch contract, B = 1) of every frame of ``split`` in stream order."""
-    from streampetr_plugin.data.loader import build_dataloader
-
-    dataset = split_dataset(recipe, registries, split) if dataset is None else dataset
-    yield from build_dataloader(
-        dataset,
-        batch_size=1,
-        num_workers=recipe.data.num_workers,
-        rank=0,
-        world_size=1,
-        seed=recipe.runtime.seed,
-        training=False,
-    )
 
 
 def recipe_threads(recipe: Recipe) -> Optional[int]:
@@ -251,7 +220,7 @@ def _write_tracks(
     from streampetr_plugin.evaluation.nuscenes_tracking import RESULTS_FILE as TRACKING_RESULTS_FILE
     from streampetr_plugin.evaluation.nuscenes_tracking import format_tracking_results
     from streampetr_plugin.tracking.build import build_tracker
-    from streampetr_plugin.tracking.scenes import track_scenes
+    from streampetr_plugin.evaluation.scenes import track_scenes
 
     track_ids = track_scenes(build_tracker(recipe, registries), predictions, infos, classes=classes)
     for token, ids in track_ids.items():
@@ -264,7 +233,7 @@ def _write_tracks(
 def _draw(
     dataset: Any, predictions: Mapping[str, Detections], out_dir: Path, *, count: int, class_names: Any
 ) -> List[Path]:
-    from streampetr_plugin.visualization.command import render_dataset_sample
+    from streampetr_plugin.visualization.dataset_pictures import render_dataset_sample
 
     drawn = []
     for index, sample in enumerate(dataset.samples[:count]):

@@ -110,7 +110,7 @@ def tracking_evaluator(
     from streampetr_plugin.data.infos import InfoSet
     from streampetr_plugin.evaluation.nuscenes_tracking import evaluate_tracking
     from streampetr_plugin.tracking.build import build_tracker
-    from streampetr_plugin.tracking.scenes import track_scenes
+    from streampetr_plugin.evaluation.scenes import track_scenes
 
     if not all(hasattr(dataset, name) for name in ("samples", "version", "root", "classes")):
         raise InputError(describe(
@@ -158,7 +158,7 @@ def save_evaluation_outputs(
     outputs = EvaluationOutputs(directory=output_dir, predictions=predictions_file, picture=None)
     samples = getattr(dataset, "samples", None)
     if samples and hasattr(dataset, "load_images") and samples[0].token in predictions:
-        from streampetr_plugin.visualization.command import render_dataset_sample
+        from streampetr_plugin.visualization.dataset_pictures import render_dataset_sample
 
         token = samples[0].token
         outputs.picture = render_dataset_sample(
@@ -199,33 +199,26 @@ def evaluate_checkpoint(
     training run's own ``eval/iter_*``): the metric's files, ``predictions.npz`` and a picture of the
     first val sample.
     """
-    from streampetr_plugin.adapters.base import AdapterContext, AdapterRunner, Phase, Status
-    from streampetr_plugin.bench.train_step import select_device
+    from streampetr_plugin.adapters.base import Status
     from streampetr_plugin.data.build import build_dataset
     from streampetr_plugin.data.loader import build_dataloader
     from streampetr_plugin.interop.checkpoint import load_reference_checkpoint
-    from streampetr_plugin.models.build import build_model
-    from streampetr_plugin.training.precision import MixedPrecision
+    from streampetr_plugin.training.startup import build_device_model, select_device
 
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise InputError(describe(str(checkpoint), "no such checkpoint file", "check the --checkpoint path"))
-    device, records = select_device(recipe, host)
-    model = build_model(recipe, host.registries)
-    host.hooks.post_model_build(model=model, recipe=recipe)
+    selection = select_device(recipe, host)
+    device = selection.device
+    model, precision = build_device_model(recipe, host, selection)
     report = load_reference_checkpoint(model, checkpoint)
     if report.missing or report.shape_mismatch:
         raise InputError(describe(
             str(checkpoint), f"does not fit the recipe's model: {report.summary()}",
             "evaluate it with the recipe it was trained with",
         ))
-    model.to(device.torch_device)
-    adapters = AdapterRunner.from_recipe(recipe, device.kind, host.registries)
-    adapters.run(Phase.MODEL, AdapterContext(device=device.kind, recipe=recipe, registries=host.registries,
-                                             model=model))
-    precision = MixedPrecision(recipe.optimization.amp, device)
-    precision.configure_model(model)
-    applied = [record.name for record in records + adapters.records if record.status is Status.APPLIED]
+    records = selection.adapters.records
+    applied = [record.name for record in records if record.status is Status.APPLIED]
     dataset = build_dataset(recipe, host.registries, training=False)
     if output_dir is None:
         output_dir = new_evaluation_dir(recipe.work_dir(), checkpoint)
