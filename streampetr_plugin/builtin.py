@@ -140,6 +140,7 @@ def streampetr_register_adapters(register: Register) -> None:
         (cuda.CudaFusedAdamW, NoOptions),
         (cpu.CpuThreads, cpu.CpuThreadsParams),
         (cpu.CpuForeachAdamW, NoOptions),
+        (cpu.CpuGlibcMalloc, cpu.CpuGlibcMallocParams),
         (common.DdpStaticGraph, NoOptions),
         (common.GradientCheckpointing, common.GradientCheckpointingParams),
     ):

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import json
 import logging
 import math
 import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from streampetr_plugin import hookimpl
+from streampetr_plugin.adapters import cpu as cpu_adapters
 from streampetr_plugin.adapters import device as device_module
 from streampetr_plugin.adapters.ascend import NPU_ENVIRONMENT, NpuFusedAdamW, NpuFusionAttention
 from streampetr_plugin.adapters.base import (
@@ -497,3 +500,61 @@ def test_cpu_adapters_pick_threads_and_foreach_adamw(standin):
         torch.set_num_threads(threads)
     runner.run(Phase.OPTIMIZER, shared)
     assert shared.optimizer_options == {"implementation": "foreach"}
+
+
+def test_cpu_glibc_malloc_keeps_a_large_block_on_the_heap():
+    """The adapter's mallopt calls change where glibc puts a block it would map on its own (64 MiB is
+    above every mmap threshold), observed through mallinfo2. In a child process: the setting is
+    process-wide and cannot be undone."""
+    libc = cpu_adapters.load_glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        pytest.skip("needs glibc >= 2.33 (mallinfo2)")
+    script = trainer_helpers.python_script("""
+        import ctypes, json
+        from streampetr_plugin.adapters.base import AdapterContext
+        from streampetr_plugin.adapters.cpu import CpuGlibcMalloc
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(name, ctypes.c_size_t) for name in (
+                "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                "keepcost")]
+
+        libc = ctypes.CDLL(None)
+        libc.mallinfo2.restype = MallInfo2
+        libc.malloc.restype = ctypes.c_void_p
+        libc.free.argtypes = [ctypes.c_void_p]
+
+        def mapped_while_holding_64_mib():
+            block = libc.malloc(64 << 20)
+            mapped = libc.mallinfo2().hblkhd  # bytes in separately mapped blocks
+            libc.free(block)
+            return mapped
+
+        before = mapped_while_holding_64_mib()
+        result = CpuGlibcMalloc().apply(AdapterContext(device="cpu", environ={}))
+        print(json.dumps([result.status.value, result.reason, before, mapped_while_holding_64_mib()]))
+    """)
+    completed = subprocess.run(
+        script, env=trainer_helpers.subprocess_env(), capture_output=True, text=True, check=False, timeout=300
+    )
+    assert completed.returncode == 0, completed.stderr
+    status, reason, mapped_before, mapped_after = json.loads(completed.stdout.splitlines()[-1])
+    assert status == "APPLIED" and "mallopt(M_MMAP_MAX, 0)" in reason
+    assert mapped_before >= 64 << 20 and mapped_after < 64 << 20
+
+
+def test_cpu_glibc_malloc_is_skipped_without_glibc_or_when_tuned_by_the_environment(monkeypatch):
+    exported = {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"}
+    runner = AdapterRunner([cpu_adapters.CpuGlibcMalloc()], device="cpu")
+    runner.run(Phase.ENVIRONMENT, _context("cpu", environ=exported))
+    record = runner.records[0]
+    assert record.status is Status.SKIPPED and "kept the exported GLIBC_TUNABLES" in record.reason
+
+    # SIMULATION of a C library that is not glibc (musl, say): no gnu_get_libc_version.
+    not_glibc = types.SimpleNamespace(malloc=None, free=None)
+    monkeypatch.setattr(cpu_adapters.ctypes, "CDLL", lambda name: not_glibc)
+    runner = AdapterRunner([cpu_adapters.CpuGlibcMalloc()], device="cpu")
+    runner.run(Phase.ENVIRONMENT, _context("cpu", environ={}))
+    assert (runner.records[0].status, runner.records[0].reason) == (
+        Status.SKIPPED, "not running on glibc (mallopt is glibc's)"
+    )

@@ -58,3 +58,20 @@ def test_defaults_are_the_recipe():
     coder = NMSFreeCoder()
     assert coder.max_num == 300 and coder.num_classes == 10 and coder.score_threshold is None
     assert coder.post_center_range == [-61.2, -61.2, -10.0, 61.2, 61.2, 10.0]
+
+
+def test_nms_radius_drops_lower_scoring_boxes_of_the_same_class_nearby():
+    # Scores descend with the query index; centres: query 1 is 1.2 m from query 0, query 2 lies 1.2 m
+    # beyond query 1 (2.4 m from query 0), query 3 is on query 0 but of the other class.
+    logits = torch.full((1, 4, 2), -10.0)
+    logits[0, :, 0] = torch.tensor([4.0, 3.0, 2.0, -10.0])
+    logits[0, 3, 1] = 1.0
+    codes = torch.tensor([[_code(10, 0, 0), _code(11.2, 0, 0), _code(12.4, 0, 0), _code(10, 0, 0)]])
+    unsuppressed = NMSFreeCoder(max_num=4, num_classes=2).decode(logits, codes)[0]
+    assert unsuppressed["query_index"].tolist() == [0, 1, 2, 3]
+    decoded = NMSFreeCoder(max_num=4, num_classes=2, nms_radius=1.5).decode(logits, codes)[0]
+    # Query 1 goes (near the kept query 0); query 2 stays: only kept boxes suppress (greedy).
+    assert decoded["query_index"].tolist() == [0, 2, 3]
+    assert decoded["labels"].tolist() == [0, 0, 1]
+    wide = NMSFreeCoder(max_num=4, num_classes=2, nms_radius=2.5).decode(logits, codes)[0]
+    assert wide["query_index"].tolist() == [0, 3]

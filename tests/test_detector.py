@@ -55,7 +55,7 @@ def test_reference_r50_state_dict_loads_with_nothing_missing_or_unexpected():
     head = model.pts_bbox_head
     # The six branch slots are one module, so all six copies hold the loaded values.
     assert torch.equal(head.cls_branches[5][0].weight, state["pts_bbox_head.cls_branches.0.0.weight"])
-    assert head.memory.is_empty  # the memory is not part of the state dict
+    assert model.stream_state.memory.is_empty  # the memory is not part of the state dict
 
 
 # ---------------------------------------------------------------------------------------------- tiny model
@@ -133,7 +133,7 @@ def tiny_batch(step: int = 0, batch_size: int = 2, scene_tokens=None):
 
 def test_training_step_returns_the_reference_loss_names():
     model = tiny_detector().train()
-    losses = model(tiny_batch())
+    losses = model(tiny_batch()).losses
     expected = {"loss_cls", "loss_bbox", "dn_loss_cls", "dn_loss_bbox"}
     expected |= {f"d0.{prefix}loss_{kind}" for prefix in ("", "dn_") for kind in ("cls", "bbox")}
     expected |= {"enc_loss_cls", "enc_loss_bbox", "enc_loss_iou", "centers2d_losses", "centerness_losses"}
@@ -149,7 +149,7 @@ def test_tiny_detector_overfits_two_frames():
     torch.manual_seed(0)
     for step in range(50):
         batch["prev_exists"] = torch.full((2,), float(step > 0))
-        losses = model(batch)
+        losses = model(batch).losses
         total = sum(value for name, value in losses.items() if "loss" in name)
         optimizer.zero_grad()
         total.backward()
@@ -165,7 +165,7 @@ def test_inference_outputs_and_scene_token_resets():
     model.pts_bbox_head.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append(kwargs["prev_exists"].tolist()), with_kwargs=True
     )
-    detections = model(tiny_batch(0, scene_tokens=["a", "b"]))
+    detections = model(tiny_batch(0, scene_tokens=["a", "b"])).detections
     assert len(detections) == 2
     for det in detections:
         assert det["boxes_3d"].shape == (10, 9)
@@ -174,18 +174,18 @@ def test_inference_outputs_and_scene_token_resets():
     model(tiny_batch(1, scene_tokens=["a", "c"]))  # row 1 enters a new scene
     model(tiny_batch(2, scene_tokens=["a", "c"]))
     assert seen == [[0.0, 0.0], [1.0, 0.0], [1.0, 1.0]]  # the batch's prev_exists is ignored at inference
-    model.reset_memory()
+    model.stream_state.reset()
     model(tiny_batch(3, scene_tokens=["a", "c"]))
     assert seen[-1] == [0.0, 0.0]
 
 
 def test_inference_streams_are_independent_of_the_batch_prev_exists():
     model = tiny_detector().eval()
-    first = model(tiny_batch(0))
-    model.reset_memory()
+    first = model(tiny_batch(0)).detections
+    model.stream_state.reset()
     batch = tiny_batch(0)
     batch["prev_exists"] = torch.ones(2)
-    second = model(batch)
+    second = model(batch).detections
     for a, b in zip(first, second):
         assert torch.equal(a["scores_3d"], b["scores_3d"])
 
@@ -196,7 +196,7 @@ def test_training_after_inference_starts_from_a_fresh_memory():
     model.train()
     seen = []
     model.pts_bbox_head.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(module.memory.is_empty), with_kwargs=True
+        lambda module, args, kwargs: seen.append(kwargs["stream"].memory.is_empty), with_kwargs=True
     )
     model(tiny_batch(1))  # two streams now; memory of the one inference stream is dropped
     assert seen == [True]
@@ -205,9 +205,9 @@ def test_training_after_inference_starts_from_a_fresh_memory():
 def test_backbone_under_autocast_keeps_head_in_float32():
     model = tiny_detector().train()
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-        losses = model(tiny_batch())
+        losses = model(tiny_batch()).losses
     assert all(value.dtype == torch.float32 and torch.isfinite(value) for value in losses.values())
-    memory = model.pts_bbox_head.memory
+    memory = model.stream_state.memory
     assert memory.timestamp.dtype == torch.float64 and memory.reference_point.dtype == torch.float32
 
 

@@ -175,7 +175,9 @@ def _assert_same_detections(eager: dict, graph: dict) -> int:
 @torch.no_grad()
 def test_onnxruntime_follows_the_pytorch_eval_path_over_a_stream_that_restarts(exported):
     detector = load_detector(exported.recipe, HOST, exported.checkpoint)
-    carried = OnnxStreamRunner(exported.out_dir, threads=1)
+    # the runner suppresses the duplicates the eval decoder suppresses (the recipe's nms_radius)
+    nms_radius = detector.pts_bbox_head.bbox_coder.nms_radius
+    carried = OnnxStreamRunner(exported.out_dir, threads=1, nms_radius=nms_radius)
     forced = OnnxStreamRunner(exported.out_dir, threads=1)
     # two scenes of four frames
     batches = list(stream_batches(exported.recipe, HOST.registries, split="train"))
@@ -184,7 +186,7 @@ def test_onnxruntime_follows_the_pytorch_eval_path_over_a_stream_that_restarts(e
     compared, previous_time = 0, 0.0
     clock = StreamClock()
     for index, batch in enumerate(batches):
-        eager_memory = detector.pts_bbox_head.memory.save()
+        eager_memory = detector.stream_state.memory.save()
         eager = detector.infer(batch)
         eager_detections = {name: value.numpy() for name, value in eager.detections[0].items()}
         result = carried.step(batch)
@@ -225,8 +227,32 @@ def test_graph_marks_the_pairs_the_eval_decoder_drops(exported):
     memory = [torch.zeros(1, MEMORY_ROWS, *MEMORY_SHAPES[field]) for field in MEMORY_FIELDS]
     values = StreamingFrameGraph(detector)(*[torch.from_numpy(frame[name]) for name in FRAME_INPUTS], *memory)
     names = ["boxes_3d", "scores_3d", "labels_3d", "cls_logits", "bbox_preds"] + list(MEMORY_OUTPUTS)
-    graph = kept_detections({name: value.numpy() for name, value in zip(names, values)})
+    nms_radius = detector.pts_bbox_head.bbox_coder.nms_radius  # the runner's suppression, as the decoder's
+    graph = kept_detections(
+        {name: value.numpy() for name, value in zip(names, values)}, nms_radius=nms_radius
+    )
     eager = detector.infer(batch).detections[0]
     assert 0 < len(graph["scores_3d"]) < TOP_K  # some pairs were dropped, some kept
+    for name in ("boxes_3d", "scores_3d", "labels_3d"):
+        np.testing.assert_allclose(graph[name], eager[name].numpy(), atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_runner_suppresses_duplicates_as_the_eval_decoder_does(exported):
+    detector = load_detector(exported.recipe, HOST, exported.checkpoint)
+    detector.pts_bbox_head.bbox_coder.nms_radius = 3.0
+    batch = next(islice(stream_batches(exported.recipe, HOST.registries, split="val"), 1))
+    frame = frame_inputs(batch, time_delta=0.0, prev_exists=False)
+    memory = [torch.zeros(1, MEMORY_ROWS, *MEMORY_SHAPES[field]) for field in MEMORY_FIELDS]
+    values = StreamingFrameGraph(detector)(*[torch.from_numpy(frame[name]) for name in FRAME_INPUTS], *memory)
+    names = ["boxes_3d", "scores_3d", "labels_3d", "cls_logits", "bbox_preds"] + list(MEMORY_OUTPUTS)
+    outputs = {name: value.numpy() for name, value in zip(names, values)}
+    graph = kept_detections(outputs, nms_radius=3.0)
+    assert len(graph["scores_3d"]) < len(kept_detections(outputs)["scores_3d"])  # some were duplicates
+    for label in np.unique(graph["labels_3d"]):  # no two kept boxes of a class within the radius
+        centres = graph["boxes_3d"][graph["labels_3d"] == label, :2]
+        distances = np.linalg.norm(centres[:, None] - centres[None], axis=-1)
+        assert (distances[~np.eye(len(centres), dtype=bool)] > 3.0).all()
+    eager = detector.infer(batch).detections[0]
     for name in ("boxes_3d", "scores_3d", "labels_3d"):
         np.testing.assert_allclose(graph[name], eager[name].numpy(), atol=1e-5, rtol=0)

@@ -17,7 +17,7 @@ from streampetr_plugin.interop.reference import PROBE_NAMES, run_reference_frame
 from streampetr_plugin.models.backbones.resnet import ResNet
 from streampetr_plugin.models.detector import StreamPETRDetector, token_locations
 from streampetr_plugin.models.heads.focal_head import FocalHead
-from streampetr_plugin.models.heads.streampetr_head import StreamPETRHead
+from streampetr_plugin.models.heads.streampetr_head import StreamPETRHead, StreamPETRHeadOutputs
 from streampetr_plugin.models.layers.memory import transform_points
 from streampetr_plugin.models.necks.cp_fpn import CPFPN
 
@@ -85,12 +85,12 @@ def runs(fx):
     model = _build_model(fx)
     results = {"model": model}
     results[("tf", 0)] = run_reference_frame(model, _frame_inputs(fx, 0), capture_probes=True)
-    own_memory_after_0 = model.pts_bbox_head.memory.save()
+    own_memory_after_0 = model.stream_state.memory.save()
     for k in (1, 2):
         results[("tf", k)] = run_reference_frame(
             model, _frame_inputs(fx, k), _reference_memory(fx, k - 1), capture_probes=True
         )
-    model.pts_bbox_head.memory.load(own_memory_after_0)
+    model.stream_state.memory.load(own_memory_after_0)
     for k in (1, 2):
         results[("free", k)] = run_reference_frame(model, _frame_inputs(fx, k))
     return results
@@ -246,11 +246,10 @@ def test_free_running_learnable_rows_and_sorted_scores(fx, runs, k):
 @pytest.mark.parametrize("k", [0, 1, 2])
 def test_post_processing_of_stored_outputs_reproduces_stored_detections(fx, runs, k):
     head, reference = runs["model"].pts_bbox_head, fx["frames"][k]
-    preds = {
-        "all_cls_scores": reference["all_cls_scores"][:, None],
-        "all_bbox_preds": reference["all_bbox_preds"][:, None],
-        "dn_mask_dict": None,
-    }
+    preds = StreamPETRHeadOutputs(
+        all_cls_scores=reference["all_cls_scores"][:, None],
+        all_bbox_preds=reference["all_bbox_preds"][:, None],
+    )
     detections = head.get_bboxes(preds)[0]
     torch.testing.assert_close(detections["scores_3d"], reference["det_scores_3d"], atol=1e-6, rtol=0)
     torch.testing.assert_close(detections["boxes_3d"], reference["det_boxes_3d"], atol=1e-6, rtol=0)
@@ -265,18 +264,17 @@ def test_losses_and_matches_from_stored_predictions(fx, runs):
     model, loss_fx = runs["model"], fx["loss"]
     frame = fx["frames"][loss_fx["frame"]]
     head = model.pts_bbox_head
-    preds = {
-        "all_cls_scores": frame["all_cls_scores"][:, None],
-        "all_bbox_preds": frame["all_bbox_preds"][:, None],
-        "dn_mask_dict": None,
-    }
+    preds = StreamPETRHeadOutputs(
+        all_cls_scores=frame["all_cls_scores"][:, None],
+        all_bbox_preds=frame["all_bbox_preds"][:, None],
+    )
     gt_boxes, gt_labels = [loss_fx["gt_bboxes_3d_gravity"]], [loss_fx["gt_labels_3d"]]
     losses = head.loss(gt_boxes, gt_labels, preds)
     assert set(losses) == set(loss_fx["loss_3d"])
     for name, value in loss_fx["loss_3d"].items():
         torch.testing.assert_close(losses[name], value, rtol=1e-5, atol=0, msg=name)
     assignments = head.criterion.match(
-        preds["all_cls_scores"], preds["all_bbox_preds"], gt_boxes, gt_labels, head.match_costs
+        preds.all_cls_scores, preds.all_bbox_preds, gt_boxes, gt_labels, head.match_costs
     )
     for layer, layer_assignment in enumerate(assignments):
         expected = loss_fx["matches_3d"][layer]

@@ -6,6 +6,7 @@ from torch import nn
 
 from streampetr_plugin.adapters.device import DeviceHandle
 from streampetr_plugin.config.schema import AmpConfig, GradClipConfig
+from streampetr_plugin.models.outputs import TrainingOutputs
 from streampetr_plugin.training.precision import MixedPrecision
 from streampetr_plugin.training.step import TrainStep, total_loss
 
@@ -29,7 +30,7 @@ class Quadratic(nn.Module):
         loss = ((self.weight - batch["target"]) ** 2).sum()
         if self.poison:
             loss = loss * float("nan")
-        return {"loss_main": loss, "accuracy": torch.tensor(0.5)}
+        return TrainingOutputs(losses={"loss_main": loss, "accuracy": torch.tensor(0.5)})
 
 
 def _step(model, clip=None):

@@ -112,20 +112,21 @@ def test_params_defaults_are_the_v2_99_recipe():
 
 def test_eval_forward_shapes_and_decoding():
     head = tiny_head().eval()
+    stream = head.new_stream_state()
     with torch.no_grad():
-        out = head(**frame(0))
+        out = head(**frame(0), stream=stream)
     queries = TINY["num_query"] + TINY["num_propagated"]
-    assert out["all_cls_scores"].shape == (TINY["num_layers"], 2, queries, TINY["num_classes"])
-    assert out["all_bbox_preds"].shape == (TINY["num_layers"], 2, queries, 10)
-    assert out["dn_mask_dict"] is None
+    assert out.all_cls_scores.shape == (TINY["num_layers"], 2, queries, TINY["num_classes"])
+    assert out.all_bbox_preds.shape == (TINY["num_layers"], 2, queries, 10)
+    assert out.dn_mask_dict is None
     pc = head.pc_range
-    centres = out["all_bbox_preds"][..., :3]
+    centres = out.all_bbox_preds[..., :3]
     assert ((centres >= pc[:3]) & (centres <= pc[3:])).all()
-    memory = head.memory
+    memory = stream.memory
     assert memory.embedding.shape == (2, TINY["memory_len"] + TINY["topk_proposals"], TINY["embed_dims"])
     assert memory.timestamp.dtype == torch.float64
     detections = head.get_bboxes(out)
-    decoded = head.bbox_coder.decode(out["all_cls_scores"][-1], out["all_bbox_preds"][-1])
+    decoded = head.bbox_coder.decode(out.all_cls_scores[-1], out.all_bbox_preds[-1])
     assert len(detections) == 2
     for det, raw in zip(detections, decoded):
         assert det["boxes_3d"].shape == (TINY["max_num"], 9)
@@ -137,29 +138,31 @@ def test_eval_forward_shapes_and_decoding():
 def test_propagated_queries_and_their_detections_carry_the_ids_of_the_queries_they_remember():
     head = tiny_head().eval()
     queries, propagated = TINY["num_query"], TINY["num_propagated"]
+    stream = head.new_stream_state()
     with torch.no_grad():
-        first = head(**frame(0))
-        second = head(**frame(1))
+        first = head(**frame(0), stream=stream)
+        second = head(**frame(1), stream=stream)
     # the memory's rows are the previous frame's best queries by max class probability, best first
-    ranking = first["all_cls_scores"][-1].sigmoid().max(dim=-1).values
+    ranking = first.all_cls_scores[-1].sigmoid().max(dim=-1).values
     remembered = torch.topk(ranking, TINY["topk_proposals"], dim=1).indices[:, :propagated]
-    assert torch.equal(second["query_ids"][:, queries:], torch.gather(first["query_ids"], 1, remembered))
-    fresh = set(second["query_ids"][:, :queries].flatten().tolist())
-    assert not fresh & set(first["query_ids"].flatten().tolist())
+    assert torch.equal(second.query_ids[:, queries:], torch.gather(first.query_ids, 1, remembered))
+    fresh = set(second.query_ids[:, :queries].flatten().tolist())
+    assert not fresh & set(first.query_ids.flatten().tolist())
     for row, detections in enumerate(head.get_bboxes(second)):
         for box, query_id in zip(detections["boxes_3d"], detections["query_ids_3d"]):
-            query = (second["query_ids"][row] == query_id).nonzero().item()
-            torch.testing.assert_close(box[:2], second["all_bbox_preds"][-1, row, query, :2])
+            query = (second.query_ids[row] == query_id).nonzero().item()
+            torch.testing.assert_close(box[:2], second.all_bbox_preds[-1, row, query, :2])
 
 
 def test_training_forward_splits_denoising_queries_and_losses_backpropagate():
     head = tiny_head(dropout=0.1).train()
     boxes, labels = gt_for([2, 3])
-    out = head(**frame(0), gt_bboxes_3d=boxes, gt_labels_3d=labels)
+    stream = head.new_stream_state()
+    out = head(**frame(0), stream=stream, gt_bboxes_3d=boxes, gt_labels_3d=labels)
     pad = TINY["scalar"] * 3
     queries = TINY["num_query"] + TINY["num_propagated"]
-    assert out["all_cls_scores"].shape == (TINY["num_layers"], 2, queries, TINY["num_classes"])
-    known_cls, known_boxes = out["dn_mask_dict"]["output_known_lbs_bboxes"]
+    assert out.all_cls_scores.shape == (TINY["num_layers"], 2, queries, TINY["num_classes"])
+    known_cls, known_boxes = out.dn_mask_dict["output_known_lbs_bboxes"]
     assert known_cls.shape == (TINY["num_layers"], 2, pad, TINY["num_classes"])
     assert known_boxes.shape == (TINY["num_layers"], 2, pad, 10)
     losses = head.loss(boxes, labels, out)
@@ -169,7 +172,7 @@ def test_training_forward_splits_denoising_queries_and_losses_backpropagate():
     assert head.reference_points.weight.grad.abs().sum() > 0
     assert head.transformer.decoder.layers[0].attentions[1].attn.in_proj_weight.grad.abs().sum() > 0
     # The memory is written detached: nothing in it carries a graph into the next iteration.
-    remembered = (head.memory.embedding, head.memory.reference_point, head.memory.velo)
+    remembered = (stream.memory.embedding, stream.memory.reference_point, stream.memory.velo)
     assert not any(value.requires_grad for value in remembered)
 
 
@@ -347,20 +350,23 @@ def test_memory_post_update_prepends_topk_and_moves_to_global():
     torch.testing.assert_close(memory.egopose[0, 0], pose)
 
 
-def _decoder_outputs(head, inputs):
+def _decoder_outputs(head, stream, inputs):
     with torch.no_grad():
-        out = head(**inputs)
-    return out["all_cls_scores"], out["all_bbox_preds"]
+        out = head(**inputs, stream=stream)
+    return out.all_cls_scores, out.all_bbox_preds
 
 
 def test_memory_reset_at_scene_start_and_carried_otherwise():
     head = tiny_head().eval()
-    _decoder_outputs(head, frame(0))
+    stream = head.new_stream_state()
+    _decoder_outputs(head, stream, frame(0))
     restart_row0 = frame(1, prev_exists=torch.tensor([0.0, 1.0]))
-    cls_streaming, box_streaming = _decoder_outputs(head, restart_row0)
+    cls_streaming, box_streaming = _decoder_outputs(head, stream, restart_row0)
 
     fresh = tiny_head().eval()  # same weights, no history
-    cls_fresh, box_fresh = _decoder_outputs(fresh, frame(1, prev_exists=torch.tensor([0.0, 0.0])))
+    cls_fresh, box_fresh = _decoder_outputs(
+        fresh, fresh.new_stream_state(), frame(1, prev_exists=torch.tensor([0.0, 0.0]))
+    )
     # Row 0 restarted: exactly as if the stream began here. Row 1 continued: it depends on its history.
     torch.testing.assert_close(cls_streaming[:, 0], cls_fresh[:, 0], atol=1e-5, rtol=0)
     torch.testing.assert_close(box_streaming[:, 0], box_fresh[:, 0], atol=1e-4, rtol=0)
@@ -388,7 +394,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for with_cp in (False, True):
         head = tiny_head(with_cp=with_cp, dropout=0.1).train()
         torch.manual_seed(123)  # same denoising noise and dropout masks in both runs
-        out = head(**frame(0), gt_bboxes_3d=boxes, gt_labels_3d=labels)
+        out = head(**frame(0), stream=head.new_stream_state(), gt_bboxes_3d=boxes, gt_labels_3d=labels)
         sum(head.loss(boxes, labels, out).values()).backward()
         grads.append({name: p.grad.clone() for name, p in head.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 50
@@ -398,16 +404,18 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def test_checkpoint_saved_and_reloaded_gives_identical_outputs():
     head = tiny_head(seed=1).eval()
-    _decoder_outputs(head, frame(0))
+    stream = head.new_stream_state()
+    _decoder_outputs(head, stream, frame(0))
     buffer = io.BytesIO()
-    torch.save({"model": head.state_dict(), "memory": head.memory.save()}, buffer)
+    torch.save({"model": head.state_dict(), "streams": stream.save()}, buffer)
     buffer.seek(0)
     restored = tiny_head(seed=2).eval()  # different initial weights
     saved = torch.load(buffer, weights_only=True)
     restored.load_state_dict(saved["model"], strict=True)
-    restored.memory.load(saved["memory"])
-    expected = _decoder_outputs(head, frame(1))
-    got = _decoder_outputs(restored, frame(1))
+    restored_stream = restored.new_stream_state()
+    restored_stream.load(saved["streams"])
+    expected = _decoder_outputs(head, stream, frame(1))
+    got = _decoder_outputs(restored, restored_stream, frame(1))
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 

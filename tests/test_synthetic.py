@@ -165,3 +165,25 @@ def test_more_than_ten_scenes_take_trainval_scene_names(tmp_path):
                              image_size=(32, 18), version=synthetic_version(11))
     assert len(dataset.train_scenes) == 9 and len(dataset.val_scenes) == 2
     assert set(dataset.train_scenes) <= set(splits.train) and set(dataset.val_scenes) <= set(splits.val)
+
+
+def test_extra_training_scenes_leave_the_other_scenes_as_they_were(tmp_path):
+    kwargs = {"num_scenes": 3, "samples_per_scene": 2, "objects_per_scene": 4, "image_size": (64, 36)}
+    base_dir, grown_dir = tmp_path / "base", tmp_path / "grown"
+    base = make_synthetic(base_dir, seed=2, **kwargs)
+    grown = make_synthetic(grown_dir, seed=2, extra_train_scenes=2, **kwargs)
+    assert grown.val_scenes == base.val_scenes
+    assert grown.train_scenes[:len(base.train_scenes)] == base.train_scenes and len(grown.train_scenes) == 4
+    for relative in sorted(p.relative_to(base_dir) for p in base_dir.rglob("*") if p.is_file()):
+        old, new = base_dir / relative, grown_dir / relative
+        if relative.name == "map.json":  # one row per map, listing the logs recorded on it
+            logs = {row["token"]: set(row["log_tokens"]) for row in json.loads(new.read_text())}
+            assert all(set(row["log_tokens"]) <= logs[row["token"]] for row in json.loads(old.read_text()))
+        elif relative.suffix == ".json":  # a table: the grown one holds every row of the other
+            rows = {json.dumps(row, sort_keys=True) for row in json.loads(new.read_text())}
+            old_rows = json.loads(old.read_text())
+            assert all(json.dumps(row, sort_keys=True) in rows for row in old_rows), relative
+        else:  # images, point clouds and maps of the first scenes: byte for byte
+            assert new.read_bytes() == old.read_bytes(), relative
+    scenes = json.loads((grown_dir / "v1.0-mini" / "scene.json").read_text())
+    assert len(scenes) == 5 and len({scene["first_sample_token"] for scene in scenes}) == 5

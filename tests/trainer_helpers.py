@@ -31,6 +31,7 @@ from streampetr_plugin import hookimpl
 from streampetr_plugin.host import create_plugin_host
 from streampetr_plugin.plugins import PluginHost
 from streampetr_plugin.models.backbones.contract import ShapeSpec
+from streampetr_plugin.models.outputs import InferenceOutputs, TrainingOutputs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PLUGIN_NAME = "standin"
@@ -74,7 +75,8 @@ class RegressionHead(nn.Module):
 
 
 class RunningMemory:
-    """One vector per stream, carried across iterations (like the detector's memory queue)."""
+    """One vector per stream, carried across iterations (like the detector's stream state); saved under
+    the module that reads it, the stand-in detector itself ("")."""
 
     def __init__(self) -> None:
         self.state: Optional[torch.Tensor] = None
@@ -82,11 +84,12 @@ class RunningMemory:
     def reset(self) -> None:
         self.state = None
 
-    def save(self) -> Dict[str, torch.Tensor]:
-        return {} if self.state is None else {"state": self.state.clone()}
+    def save(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        return {"": {} if self.state is None else {"state": self.state.clone()}}
 
-    def load(self, fields: Dict[str, torch.Tensor]) -> None:
-        self.state = fields["state"].clone()
+    def load(self, saved: Dict[str, Dict[str, torch.Tensor]]) -> None:
+        fields = saved.get("") or {}
+        self.state = fields["state"].clone() if fields else None
 
 
 class StandInDetector(nn.Module):
@@ -105,36 +108,36 @@ class StandInDetector(nn.Module):
         self.img_backbone = img_backbone
         self.img_neck = img_neck
         self.pts_bbox_head = pts_bbox_head
-        self.memory = RunningMemory()
+        self.stream_state = RunningMemory()
         self.nan_calls = set(nan_calls or [])
         self.train_calls = 0
-
-    def reset_memory(self) -> None:
-        self.memory.reset()
 
     def forward(self, batch: Dict[str, Any]) -> Any:
         img = batch["img"]  # (B, N, 3, H, W)
         batch_size = img.shape[0]
         features = self.img_neck(self.img_backbone(img.flatten(0, 1)))[0]
         features = features.view(batch_size, -1, features.shape[-1]).mean(dim=1)  # (B, C)
-        carried = torch.zeros_like(features) if self.memory.state is None else self.memory.state
+        memory = self.stream_state
+        carried = torch.zeros_like(features) if memory.state is None else memory.state
         carried = carried * batch["prev_exists"].view(-1, 1)
         prediction = self.pts_bbox_head(features + 0.5 * carried)  # (B,)
-        self.memory.state = (0.5 * carried + features).detach()
+        memory.state = (0.5 * carried + features).detach()
         target = img.mean(dim=(1, 2, 3, 4)) * 3.0 + 1.0  # (B,)
         if not self.training:
             boxes, labels = torch.zeros(1, 9), torch.zeros(1)
             scores = prediction.detach().reshape(-1, 1)
-            return [{"boxes_3d": boxes, "scores_3d": score, "labels_3d": labels} for score in scores]
+            return InferenceOutputs(
+                detections=[{"boxes_3d": boxes, "scores_3d": score, "labels_3d": labels} for score in scores]
+            )
         self.train_calls += 1
         loss_main = ((prediction - target) ** 2).mean()
         if self.train_calls in self.nan_calls:
             loss_main = loss_main * float("nan")
-        return {
+        return TrainingOutputs(losses={
             "loss_main": loss_main,
             "d0.loss_aux": 0.1 * (prediction - target).abs().mean(),
             "num_rows": torch.tensor(float(batch_size)),
-        }
+        })
 
 
 class StandInDetectorParams(BaseModel):

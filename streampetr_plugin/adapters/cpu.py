@@ -2,12 +2,15 @@
 
 * ``cpu_threads``: intra-op threads = the CPUs this process may use divided by the processes on the
   node, unless ``OMP_NUM_THREADS`` was exported (torchrun exports 1 when it starts several processes);
-* ``cpu_foreach_adamw``: ``torch.optim.AdamW(foreach=True)`` through the AdamW factory.
+* ``cpu_foreach_adamw``: ``torch.optim.AdamW(foreach=True)`` through the AdamW factory;
+* ``cpu_glibc_malloc``: glibc's ``mallopt`` at start-up, so freed tensor memory stays in the process
+  instead of going back to the OS and faulting in again, page by page, at the next step.
 
 gloo is the CPU process-group backend (:data:`streampetr_plugin.adapters.device.DISTRIBUTED_BACKENDS`).
 """
 from __future__ import annotations
 
+import ctypes
 import os
 from typing import ClassVar, Optional, Tuple
 
@@ -67,3 +70,62 @@ class CpuForeachAdamW(Adapter):
     def apply(self, context: AdapterContext) -> AdapterResult:
         context.optimizer_options["implementation"] = "foreach"
         return AdapterResult.applied("torch.optim.AdamW(foreach=True)")
+
+
+# glibc's malloc.h parameter numbers for mallopt().
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+GLIBC_MALLOC_TUNABLES = "glibc.malloc."
+
+
+def load_glibc() -> Optional[ctypes.CDLL]:
+    """The C library this process runs on, if it is glibc (only glibc has ``gnu_get_libc_version``)."""
+    try:
+        libc = ctypes.CDLL(None)
+    except (OSError, TypeError):  # Windows has no handle for the running program
+        return None
+    return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
+
+
+class CpuGlibcMallocParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    trim_threshold_mib: int = Field(
+        1024, ge=0, le=2047,
+        description="Free memory at the top of the heap that glibc keeps instead of returning it to the OS.",
+    )
+    mmap_max: int = Field(
+        0, ge=0,
+        description="Most blocks glibc maps on their own (unmapped when freed, so faulted in anew on reuse).",
+    )
+
+
+class CpuGlibcMalloc(Adapter):
+    """Keep freed memory in the process: a training step frees and reallocates the same large tensors,
+    and by default glibc unmaps (or trims) them after each use, so every step faults them in again."""
+
+    name: ClassVar[str] = "cpu_glibc_malloc"
+    devices: ClassVar[Tuple[str, ...]] = ("cpu",)
+    phase: ClassVar[Phase] = Phase.ENVIRONMENT
+
+    def __init__(self, *, trim_threshold_mib: int = 1024, mmap_max: int = 0) -> None:
+        self.trim_threshold_mib = trim_threshold_mib
+        self.mmap_max = mmap_max
+
+    def precheck(self, context: AdapterContext) -> Tuple[bool, str]:
+        exported = context.environ.get("GLIBC_TUNABLES", "")
+        if GLIBC_MALLOC_TUNABLES in exported:
+            return False, f"kept the exported GLIBC_TUNABLES={exported}"
+        return True, ""
+
+    def apply(self, context: AdapterContext) -> AdapterResult:
+        libc = load_glibc()
+        if libc is None:
+            return AdapterResult.skipped("not running on glibc (mallopt is glibc's)")
+        settings = (("M_TRIM_THRESHOLD", M_TRIM_THRESHOLD, self.trim_threshold_mib << 20),
+                    ("M_MMAP_MAX", M_MMAP_MAX, self.mmap_max))
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        rejected = [name for name, number, value in settings if libc.mallopt(number, value) != 1]
+        if rejected:
+            return AdapterResult.failed(f"mallopt rejected {', '.join(rejected)}")
+        return AdapterResult.applied(", ".join(f"mallopt({name}, {value})" for name, _, value in settings))

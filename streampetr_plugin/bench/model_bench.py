@@ -89,7 +89,7 @@ def count_model_flops(run: BenchRun, recipe: Recipe, plan: Plan) -> FlopCounts:
             model.eval()
             inference = count_flops(lambda: run.infer_step(infer_batch))
             model.train()
-    model.reset_memory()
+    model.stream_state.reset()
     return FlopCounts(train=train, inference=inference)
 
 
@@ -108,7 +108,7 @@ def _measure_phase(
         shape, boxes_per_frame=plan.boxes_per_frame, with_targets=training, seed=plan.seed
     )
     run.model.train(training)
-    run.model.reset_memory()
+    run.model.stream_state.reset()
     step = run.train_step if training else run.infer_step
 
     def frame(index: int) -> dict:
@@ -119,7 +119,7 @@ def _measure_phase(
         # Before the timed steps: the counter's first step sees the optimiser state being made.
         logger.info("%s: counting host syncs and ops", label)
         counts = count_dispatch(step, frame, first=0, steps=COUNTED_STEPS, device_kind=device.kind)
-        run.model.reset_memory()
+        run.model.stream_state.reset()
     _release(device)
     reset_worked = reset_peak_memory(device)
     times, cpu_times = time_steps(

@@ -158,14 +158,14 @@ class BenchRun:
     def forward_backward(self, batch: Mapping[str, Any]) -> None:
         """Forward and backward without an optimiser step (what FLOP counting runs); grads are dropped."""
         with self.precision.autocast():
-            losses = self.model(batch)
+            losses = self.model(batch).losses
         total_loss(losses).backward()
         self.model.zero_grad(set_to_none=True)
 
     def infer_step(self, batch: Mapping[str, Any]) -> List[Dict[str, torch.Tensor]]:
         """One streaming inference frame per row, detections copied to the host (as evaluation does)."""
         with torch.no_grad(), self.precision.autocast():
-            detections = self.model(batch)
+            detections = self.model(batch).detections
         return [{key: value.cpu() for key, value in row.items()} for row in detections]
 
     def release_training_state(self) -> None:

@@ -155,7 +155,7 @@ class GeometricWarmStartConfig(Section):
     steps: int = Field(
         0, ge=0,
         description="Adam steps of the label-free geometric warm start of the StreamPETR head before the "
-        "first iteration (models/heads/geometric_warm_start.py, docs/demo.md); 0: off, as the reference. "
+        "first iteration (training/geometric_warm_start.py, docs/demo.md); 0: off, as the reference. "
         "For training from scratch in few iterations; pair it with small lr_multipliers on the modules "
         "it trains.",
     )

@@ -38,6 +38,10 @@ class SyntheticDataOptions(BaseModel):
     uniform_classes: bool = Field(
         default=False, description="draw the ten classes equally often (default: nuScenes-like frequencies)"
     )
+    extra_train_scenes: int = Field(
+        default=0, ge=0,
+        description="training scenes generated after the others: the first `scenes` stay as they are",
+    )
     seed: int = Field(default=0, ge=0, description="generator seed (the dataset is deterministic for a seed)")
 
 
@@ -77,7 +81,8 @@ def ensure_synthetic_dataset(root: Path, options: SyntheticDataOptions, *, info_
         image_size=tuple(options.image_size),
         annotation_range=options.annotation_range,
         uniform_classes=options.uniform_classes,
-        version=synthetic_version(options.scenes),
+        extra_train_scenes=options.extra_train_scenes,
+        version=synthetic_version(options.scenes + options.extra_train_scenes),
         seed=options.seed,
     )
     create_infos(staging, dataset.version)

@@ -224,7 +224,7 @@ def synthetic_version(num_scenes: int) -> str:
     return "v1.0-mini" if num_scenes <= len(MINI_TRAIN_SCENES) + len(MINI_VAL_SCENES) else "v1.0-trainval"
 
 
-def _scene_names(version: str, num_scenes: int) -> Tuple[List[str], List[str]]:
+def _scene_names(version: str, num_scenes: int, extra_train_scenes: int = 0) -> Tuple[List[str], List[str]]:
     if version == "v1.0-mini":
         train_pool, val_pool = MINI_TRAIN_SCENES, MINI_VAL_SCENES
     elif version == "v1.0-trainval":
@@ -236,11 +236,11 @@ def _scene_names(version: str, num_scenes: int) -> Tuple[List[str], List[str]]:
     if num_scenes < 2:
         raise ValueError("num_scenes must be >= 2 (at least one training and one validation scene)")
     num_val = min(len(val_pool), max(1, round(num_scenes * 0.2)))
-    num_train = num_scenes - num_val
+    num_train = num_scenes - num_val + extra_train_scenes
     if num_train > len(train_pool):
         raise ValueError(
-            f"{version} has {len(train_pool) + len(val_pool)} official scene names; asked for {num_scenes} "
-            "(use version='v1.0-trainval' for more scenes)"
+            f"{version} has {len(train_pool) + len(val_pool)} official scene names; asked for "
+            f"{num_scenes + extra_train_scenes} (use version='v1.0-trainval' for more scenes)"
         )
     return list(train_pool[:num_train]), list(val_pool[:num_val])
 
@@ -802,6 +802,7 @@ def make_synthetic(
     version: str = "v1.0-mini",
     annotation_range: float = 55.0,
     uniform_classes: bool = False,
+    extra_train_scenes: int = 0,
     jpeg_quality: int = 85,
     seed: int = 0,
 ) -> SyntheticDataset:
@@ -811,14 +812,19 @@ def make_synthetic(
     ``width / 1600`` and ``height / 900``. Objects are annotated at the key frames where their BEV
     distance to the ego is below ``annotation_range`` (one contiguous span per object). Classes follow
     nuScenes-like frequencies (cars most, trailers fewest), or are equally frequent with ``uniform_classes``.
+    ``num_scenes`` are split 80 / 20 into training and validation scenes; ``extra_train_scenes`` more
+    training scenes are generated after them, so the ``num_scenes`` scenes (validation ones included)
+    are the same with or without them.
     Default size: 10 scenes x 10 samples, about 10 MB.
     """
     if samples_per_scene < 2:
         raise ValueError("samples_per_scene must be >= 2")
-    train_names, val_names = _scene_names(version, num_scenes)
+    train_names, val_names = _scene_names(version, num_scenes, extra_train_scenes)
     writer = _DatasetWriter(Path(out_dir), seed, image_size, jpeg_quality)
-    scene_names = train_names + val_names
-    time_order = writer.rng.permutation(len(scene_names))  # recording order, independent of the split
+    first_train = len(train_names) - extra_train_scenes
+    scene_names = train_names[:first_train] + val_names + train_names[first_train:]
+    # Recording order, independent of the split; the extra scenes were recorded last.
+    time_order = np.concatenate([writer.rng.permutation(num_scenes), np.arange(num_scenes, len(scene_names))])
     for scene_index, name in enumerate(scene_names):
         writer.write_scene(
             name, _LOCATIONS[scene_index % len(_LOCATIONS)],

@@ -88,9 +88,10 @@ def time_backends(
     )
     frames = [streams.frame(index, torch.device("cpu")) for index in range(warmup + steps)]
     configurations: Dict[str, Callable[[Mapping[str, Any]], Any]] = {"torch eager": detector.infer}
+    nms_radius = detector.pts_bbox_head.bbox_coder.nms_radius
     for level in levels:
         configurations[f"onnxruntime {level}"] = OnnxStreamRunner(
-            onnx_path, threads=threads, optimization=level
+            onnx_path, threads=threads, optimization=level, nms_radius=nms_radius
         ).step
     wall: Dict[str, List[float]] = {name: [] for name in configurations}
     cpu: Dict[str, List[float]] = {name: [] for name in configurations}

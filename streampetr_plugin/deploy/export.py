@@ -221,9 +221,9 @@ def export_command(
     parity, parity_source = None, None
     if parity_frames > 0:
         parity_source, batches = _parity_batches(recipe, host.registries, parity_frames)
-        parity = measure_parity(
-            detector, OnnxStreamRunner(onnx_path, threads=torch.get_num_threads()), batches
-        )
+        nms_radius = detector.pts_bbox_head.bbox_coder.nms_radius
+        runner = OnnxStreamRunner(onnx_path, threads=torch.get_num_threads(), nms_radius=nms_radius)
+        parity = measure_parity(detector, runner, batches)
     summary = export_summary(
         recipe=recipe,
         checkpoint=checkpoint,
@@ -235,6 +235,12 @@ def export_command(
     json_path = Path(out_dir) / EXPORT_JSON
     json_path.write_text(json.dumps(summary, indent=2) + "\n")
     return ExportResult(onnx_path=onnx_path, json_path=json_path, signature=signature, parity=parity)
+
+
+def recipe_nms_radius(recipe: Recipe) -> Optional[float]:
+    """The decoder's class-wise duplicate suppression radius (``model.head.nms_radius``, a field of the head's
+    params), None if unset or the head has no such option."""
+    return getattr(recipe.model.head.params, "nms_radius", None)
 
 
 def export_summary(
@@ -261,6 +267,8 @@ def export_summary(
         "opset": max(entry.version for entry in opsets if entry.domain in ("", "ai.onnx")),
         "inputs": [spec.to_dict() for spec in signature.inputs],
         "outputs": [spec.to_dict() for spec in signature.outputs],
+        # The decoder's duplicate suppression is not in the graph; a runner applies it to the kept pairs.
+        "nms_radius": recipe_nms_radius(recipe),
         "parity": None if parity is None else {"frames_from": parity_source, **parity.to_dict()},
         "versions": versions,
     }

@@ -1,9 +1,10 @@
 """One frame of one stream as a graph: the detector's eval path with the memory as explicit state.
 
 :class:`StreamingFrameGraph` wraps a :class:`~streampetr_plugin.models.detector.StreamPETRDetector`
-(its own modules, nothing re-implemented): every call loads the memory inputs into a relative-time
-:class:`~streampetr_plugin.models.layers.memory.StreamingMemory`, runs the detector's inference path on it
-and returns the fixed-size decoding and the memory to feed into the next frame. Its signature is the
+(its own modules, nothing re-implemented): every call loads the memory inputs into the memory of a
+relative-time :class:`~streampetr_plugin.models.stream_state.StreamState` of its own, runs the detector's
+inference path on that state (the detector's ``stream_state`` is left alone) and returns the fixed-size
+decoding and the memory to feed into the next frame. Its signature is the
 exported graph's (:func:`graph_signature`; B = 1, N cameras, padded H x W, M = ``memory_len``, C =
 ``embed_dims``, Q' = queries + propagated rows, K = the decoder's ``max_num``):
 
@@ -36,17 +37,16 @@ drops the oldest top-k first and every operation on it is row-wise, so M rows gi
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
+from streampetr_plugin.models.box_ops import circle_suppression
 from streampetr_plugin.models.detector import StreamPETRDetector
-from streampetr_plugin.models.heads.streampetr_head import StreamPETRHead
-from streampetr_plugin.models.layers.memory import MEMORY_FIELDS, StreamingMemory
+from streampetr_plugin.models.layers.memory import MEMORY_FIELDS
 
 FRAME_INPUTS: Tuple[str, ...] = (
     "img",
@@ -123,17 +123,6 @@ def graph_signature(
     return GraphSignature(inputs=tuple(inputs), outputs=tuple(outputs))
 
 
-@contextlib.contextmanager
-def swapped_memory(head: StreamPETRHead, memory: StreamingMemory) -> Iterator[StreamingMemory]:
-    """Let ``head`` read and write ``memory`` instead of its own queue for the duration."""
-    own = head.memory
-    head.memory = memory
-    try:
-        yield memory
-    finally:
-        head.memory = own
-
-
 class StreamingFrameGraph(nn.Module):
     """The exported frame (see the module docstring); ``forward`` takes the inputs in graph order."""
 
@@ -154,8 +143,8 @@ class StreamingFrameGraph(nn.Module):
         *memory_state: torch.Tensor,
     ) -> Tuple[torch.Tensor, ...]:
         head = self.detector.pts_bbox_head
-        memory = StreamingMemory(capacity=head.memory_len, embed_dims=head.embed_dims, relative_time=True)
-        memory.load(dict(zip(MEMORY_FIELDS, memory_state)))
+        stream = head.new_stream_state(relative_time=True)
+        stream.memory.load(dict(zip(MEMORY_FIELDS, memory_state)))
         batch = {
             "img": img,
             "lidar2img": lidar2img,
@@ -165,26 +154,33 @@ class StreamingFrameGraph(nn.Module):
             "ego_pose_inv": ego_pose_inv,
             "timestamp": time_delta,
         }
-        with swapped_memory(head, memory):
-            outs = self.detector.head_outputs(batch, prev_exists)
+        outs = self.detector.head_outputs(batch, prev_exists, stream=stream)
         decoded = head.decode_fixed(outs)
         scores = torch.where(decoded["keep"], decoded["scores_3d"], DROPPED_SCORE)
         # The memory holds M + top-k rows now; the next frame keeps the newest M (see the module docstring).
-        memory_next = [getattr(memory, field)[:, : head.memory_len] for field in MEMORY_FIELDS]
+        memory_next = [getattr(stream.memory, field)[:, : head.memory_len] for field in MEMORY_FIELDS]
         return (
             decoded["boxes_3d"],
             scores,
             decoded["labels_3d"],
-            outs["all_cls_scores"][-1],
-            outs["all_bbox_preds"][-1],
+            outs.all_cls_scores[-1],
+            outs.all_bbox_preds[-1],
             *memory_next,
         )
 
 
-def kept_detections(outputs: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+def kept_detections(
+    outputs: Mapping[str, np.ndarray], *, nms_radius: Optional[float] = None
+) -> Dict[str, np.ndarray]:
     """The eval output of one frame's graph outputs: ``boxes_3d`` (K, 9), ``scores_3d`` (K,), ``labels_3d``
-    (K,) of the pairs the decoder keeps (score >= 0)."""
-    keep = outputs["scores_3d"][0] >= 0
+    (K,) of the pairs the decoder keeps (score >= 0), less the duplicates within ``nms_radius`` metres
+    (the decoder's class-wise suppression, which the graph leaves out: it is greedy and data-dependent)."""
+    keep = outputs["scores_3d"][0] >= 0  # (K,), scores in descending order
+    if nms_radius is not None:
+        kept = np.flatnonzero(keep)
+        centres = torch.from_numpy(outputs["boxes_3d"][0][kept, :2])
+        labels = torch.from_numpy(outputs["labels_3d"][0][kept])
+        keep[kept] = circle_suppression(centres, labels, nms_radius).numpy()
     return {name: outputs[name][0][keep] for name in DETECTION_OUTPUTS}
 
 

@@ -90,10 +90,10 @@ def _torch_step(
             describe("--checkpoint", "required with --backend torch", "pass the trained checkpoint")
         )
     detector = load_detector(recipe, host, checkpoint)
-    detector.reset_memory()
+    detector.stream_state.reset()
 
     def step(batch: Mapping[str, Any]) -> Detections:
-        return {name: value.numpy() for name, value in detector(batch)[0].items()}
+        return {name: value.numpy() for name, value in detector(batch).detections[0].items()}
 
     return step
 
@@ -101,7 +101,7 @@ def _torch_step(
 def _onnxruntime_step(
     recipe: Recipe, onnx_dir: Optional[Path], threads: int
 ) -> Callable[[Mapping[str, Any]], Detections]:
-    from streampetr_plugin.deploy.export import recipe_test_shape
+    from streampetr_plugin.deploy.export import recipe_nms_radius, recipe_test_shape
     from streampetr_plugin.deploy.onnx_runner import OnnxStreamRunner
 
     if onnx_dir is None:
@@ -112,7 +112,7 @@ def _onnxruntime_step(
                 "pass the directory `streampetr export` wrote",
             )
         )
-    runner = OnnxStreamRunner(onnx_dir, threads=threads)
+    runner = OnnxStreamRunner(onnx_dir, threads=threads, nms_radius=recipe_nms_radius(recipe))
     num_cameras, (height, width) = recipe_test_shape(recipe)
     graph_shape = tuple(next(node.shape for node in runner.ort_session.get_inputs() if node.name == "img"))
     if graph_shape != (1, num_cameras, 3, height, width):
@@ -193,7 +193,8 @@ def _infer(
     results_path = tracking_results_path = None
     if "detection" in tasks:
         results_path = out_dir / RESULTS_FILE
-        results_path.write_text(json.dumps(format_nuscenes_results(predictions, infos, classes=dataset.classes)))
+        results = format_nuscenes_results(predictions, infos, classes=dataset.classes)
+        results_path.write_text(json.dumps(results))
     if "tracking" in tasks:
         tracking_results_path = _write_tracks(recipe, registries, predictions, infos, out_dir,
                                               classes=dataset.classes)

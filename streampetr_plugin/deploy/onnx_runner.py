@@ -69,10 +69,17 @@ class OnnxStreamRunner:
         onnx_path: the ``.onnx`` file or the export directory holding ``streampetr.onnx``.
         threads: onnxruntime intra-op threads (None: onnxruntime's default, one per core).
         optimization: onnxruntime graph optimisation level, one of ``OPTIMIZATION_LEVELS``.
+        nms_radius: the recipe's ``model.head.nms_radius`` (the decoder's duplicate suppression, which
+            runs here because the graph leaves it out); None: none.
     """
 
     def __init__(
-        self, onnx_path: Union[str, Path], *, threads: Optional[int] = None, optimization: str = "all"
+        self,
+        onnx_path: Union[str, Path],
+        *,
+        threads: Optional[int] = None,
+        optimization: str = "all",
+        nms_radius: Optional[float] = None,
     ) -> None:
         ort = import_deploy_module("onnxruntime")
         if optimization not in OPTIMIZATION_LEVELS:
@@ -87,6 +94,7 @@ class OnnxStreamRunner:
         if threads is not None:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        self.nms_radius = nms_radius
         self.path = resolve_onnx_path(onnx_path)
         self.ort_session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         shapes = {node.name: tuple(node.shape) for node in self.ort_session.get_inputs()}
@@ -121,7 +129,7 @@ class OnnxStreamRunner:
             self.memory = self.zero_memory()
         outputs = self.evaluate(frame, self.memory)
         self.memory = {name: outputs[next_name] for name, next_name in zip(MEMORY_INPUTS, MEMORY_OUTPUTS)}
-        return FrameResult(detections=kept_detections(outputs), outputs=outputs)
+        return FrameResult(detections=kept_detections(outputs, nms_radius=self.nms_radius), outputs=outputs)
 
     def evaluate(
         self, frame: Mapping[str, np.ndarray], memory: Mapping[str, np.ndarray]

@@ -17,7 +17,7 @@ nearest centre.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterable, Mapping
+from typing import Any, Dict, Iterable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -147,7 +147,7 @@ def measure_parity(
     both start afresh and ``detector``'s memory is reset at the end."""
     head = detector.pts_bbox_head
     frame_module = StreamingFrameGraph(detector)
-    detector.reset_memory()
+    detector.stream_state.reset()
     runner.reset()
     clock = StreamClock()
     report = ParityReport(
@@ -162,7 +162,7 @@ def measure_parity(
     previous_time = 0.0
     try:
         for batch in batches:
-            eager_state = head.memory.save()
+            eager_state = detector.stream_state.memory.save()
             outputs = detector.infer(batch)
             eager = _numpy(
                 {
@@ -180,7 +180,9 @@ def measure_parity(
 
             carried = runner.run(frame)
             report.onnxruntime.add_frame(
-                reference=eager, candidate=_graph_view(carried.outputs), score_threshold=score_threshold
+                reference=eager,
+                candidate=_graph_view(carried.outputs, runner.nms_radius),
+                score_threshold=score_threshold,
             )
             if prev_exists:
                 forced_memory = _relative_memory(
@@ -190,7 +192,9 @@ def measure_parity(
                 forced_memory = runner.zero_memory()
             forced = runner.evaluate(frame, forced_memory)
             report.onnxruntime_teacher_forced.add_frame(
-                reference=eager, candidate=_graph_view(forced), score_threshold=score_threshold
+                reference=eager,
+                candidate=_graph_view(forced, runner.nms_radius),
+                score_threshold=score_threshold,
             )
 
             if not prev_exists:  # always so at the first frame
@@ -204,19 +208,21 @@ def measure_parity(
                 name: torch_outputs[next_name] for name, next_name in zip(MEMORY_INPUTS, MEMORY_OUTPUTS)
             }
             report.relative_time_torch.add_frame(
-                reference=eager, candidate=_graph_view(_numpy(torch_outputs)), score_threshold=score_threshold
+                reference=eager,
+                candidate=_graph_view(_numpy(torch_outputs), runner.nms_radius),
+                score_threshold=score_threshold,
             )
             previous_time = float(batch["timestamp"][0])
     finally:
-        detector.reset_memory()
+        detector.stream_state.reset()
         runner.reset()
     return report
 
 
-def _graph_view(outputs: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+def _graph_view(outputs: Mapping[str, np.ndarray], nms_radius: Optional[float]) -> Dict[str, np.ndarray]:
     """A frame's graph outputs as :meth:`Agreement.add_frame` takes them (one stream, kept pairs)."""
     return {
         "cls_logits": outputs["cls_logits"][0],
         "bbox_preds": outputs["bbox_preds"][0],
-        **kept_detections(outputs),
+        **kept_detections(outputs, nms_radius=nms_radius),
     }

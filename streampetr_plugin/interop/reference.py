@@ -97,9 +97,10 @@ def run_reference_frame(
         inputs: ``img`` (N, 3, H, W) normalised, padded network input; ``intrinsics``, ``extrinsics``,
             ``lidar2img`` (N, 4, 4); ``timestamp`` float64 seconds; ``ego_pose``, ``ego_pose_inv`` (4, 4);
             ``prev_exists`` (0: the stream starts here, the memory is reset; 1: it continues).
-        memory: if given, loaded into the head first, in the fixture's layout: ``embedding`` (R, C),
-            ``reference_point`` (R, 3) global metres, ``timestamp`` (R, 1) float64 (minus the writing frame's
-            time), ``egopose`` (R, 4, 4), ``velo`` (R, 2). Otherwise the model's current memory is used.
+        memory: if given, loaded into the memory of the detector's stream state first, in the fixture's
+            layout: ``embedding`` (R, C), ``reference_point`` (R, 3) global metres, ``timestamp`` (R, 1)
+            float64 (minus the writing frame's time), ``egopose`` (R, 4, 4), ``velo`` (R, 2). Otherwise the
+            model's current memory is used.
         capture_probes: also return the intermediates of :data:`PROBE_NAMES` under ``probes``.
 
     Returns:
@@ -113,8 +114,9 @@ def run_reference_frame(
     model.eval()
     device = next(model.parameters()).device
     head = model.pts_bbox_head
+    stream_memory = model.stream_state.memory
     if memory is not None:
-        head.memory.load({name: torch.as_tensor(value).to(device) for name, value in memory.items()})
+        stream_memory.load({name: torch.as_tensor(value).to(device) for name, value in memory.items()})
     batch = _frame_batch(inputs, device)
     prev_exists = torch.as_tensor(inputs["prev_exists"], dtype=torch.float32).reshape(1).to(device)
 
@@ -136,7 +138,7 @@ def run_reference_frame(
         "det_scores_3d": detections["scores_3d"],
         "det_labels_3d": detections["labels_3d"],
         "det_query_index": decoded["query_index"],
-        "memory_after": {name: value[0] for name, value in head.memory.save().items()},
+        "memory_after": {name: value[0] for name, value in stream_memory.save().items()},
     }
     if capture_probes:
         result["probes"] = probes

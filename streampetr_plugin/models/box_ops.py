@@ -34,6 +34,25 @@ def denormalize_bbox(codes: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
+def circle_suppression(centres: torch.Tensor, labels: torch.Tensor, radius: float) -> torch.Tensor:
+    """Greedy class-wise suppression by centre distance (CenterPoint's circle NMS).
+
+    Args:
+        centres: (K, 2) bird's-eye-view centres, metres, in descending order of score.
+        labels: (K,) class indices.
+        radius: a box within this distance of a kept box of its class is dropped.
+
+    Returns:
+        (K,) bool, True for the boxes kept.
+    """
+    close = (torch.cdist(centres, centres) <= radius) & (labels[:, None] == labels[None, :])  # (K, K)
+    keep = torch.ones(len(centres), dtype=torch.bool, device=centres.device)
+    for index in range(len(centres)):
+        if keep[index]:
+            keep[index + 1:] &= ~close[index, index + 1:]
+    return keep
+
+
 def bbox_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
     """(..., 4) (cx, cy, w, h) -> (x1, y1, x2, y2)."""
     cx, cy, w, h = boxes.unbind(-1)

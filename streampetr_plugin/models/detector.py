@@ -2,32 +2,40 @@
 
 Submodule names equal the reference ``Petr3D``'s (``img_backbone``, ``img_neck``, ``img_roi_head``,
 ``pts_bbox_head``), so ``state_dict()`` keys are the reference's. One call of :meth:`forward` processes
-one frame of each of B streams (the batch contract of :mod:`streampetr_plugin.data.batch`); the memory
-queue inside the head carries every stream from one call to the next:
+one frame of each of B streams (the batch contract of :mod:`streampetr_plugin.data.batch`); the
+detector's ``stream_state`` (:class:`~streampetr_plugin.models.stream_state.StreamState`: the memory
+queue, the query ids and the scene continuity) carries every stream from one call to the next:
 
 * training: ``prev_exists`` comes from the batch (0 at the first frame of a stream), the memory is
-  written detached, so no gradient crosses iterations; :meth:`forward` returns named losses;
+  written detached, so no gradient crosses iterations; :meth:`forward` returns the named losses
+  (:class:`~streampetr_plugin.models.outputs.TrainingOutputs`);
 * inference: ``prev_exists`` of row b is 0 when its ``scene_token`` differs from the previous call's
-  (a new scene resets that row); :meth:`forward` returns the decoded boxes of every row.
+  (a new scene resets that row); :meth:`forward` returns the decoded boxes of every row
+  (:class:`FrameOutputs`).
 
-:meth:`reset_memory` forgets every stream. The backbone and neck run under whatever autocast the caller
-enables (features are handed to the head in float32); the head runs in full precision unless
+``stream_state.reset()`` forgets every stream. The backbone and neck run under whatever autocast the
+caller enables (features are handed to the head in float32); the head runs in full precision unless
 ``head_autocast`` is set, and its geometry, poses and float64 timestamps never follow autocast.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, ContextManager, Dict, List, Optional, Sequence, Tuple
+from typing import Any, ContextManager, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
 
 from streampetr_plugin.models.assigners.solver import solve_matchings
-from streampetr_plugin.models.heads.streampetr_head import StreamPETRHead, full_precision
-from streampetr_plugin.models.layers.functional import upload
+from streampetr_plugin.models.heads.streampetr_head import (
+    StreamPETRHead,
+    StreamPETRHeadOutputs,
+    full_precision,
+)
 from streampetr_plugin.models.layers.grid_mask import GridMask, GridMaskParams
+from streampetr_plugin.models.outputs import InferenceOutputs, TrainingOutputs
+from streampetr_plugin.models.stream_state import StreamState
 
 
 def token_locations(
@@ -46,18 +54,18 @@ def token_locations(
 
 
 @dataclass
-class FrameOutputs:
+class FrameOutputs(InferenceOutputs):
     """Everything one inference call produces.
 
     Fields:
+        detections: per row ``{"boxes_3d": (K, 9) bottom-centre z, "scores_3d": (K,), "labels_3d": (K,),
+            "query_ids_3d": (K,)}``.
         all_cls_scores: (layers, B, Q, num_classes) logits of every decoder layer.
         all_bbox_preds: (layers, B, Q, 10) box codes of every decoder layer.
-        detections: per row ``{"boxes_3d": (K, 9) bottom-centre z, "scores_3d": (K,), "labels_3d": (K,)}``.
     """
 
     all_cls_scores: torch.Tensor
     all_bbox_preds: torch.Tensor
-    detections: List[Dict[str, torch.Tensor]]
 
 
 class StreamPETRDetector(nn.Module):
@@ -102,13 +110,8 @@ class StreamPETRDetector(nn.Module):
         self.position_level = position_level
         self.aux_2d_only = aux_2d_only
         self.head_autocast = head_autocast
-        self._prev_scene_tokens: Optional[List[str]] = None
-        self._inference_ran = False
-
-    def reset_memory(self) -> None:
-        """Forget every stream (memory and remembered scene tokens)."""
-        self.pts_bbox_head.reset_memory()
-        self._prev_scene_tokens = None
+        # Not a module: what carries the streams from one call to the next stays out of the state dict.
+        self.stream_state = pts_bbox_head.new_stream_state()
 
     def extract_img_feats(self, img: torch.Tensor) -> torch.Tensor:
         """``img`` (B, N, 3, H, W) -> the neck level the heads use, (B, N, C, h, w) float32."""
@@ -124,16 +127,13 @@ class StreamPETRDetector(nn.Module):
         return contextlib.nullcontext() if self.head_autocast else full_precision(device)
 
     def _run_heads(
-        self, batch: Dict[str, Any], prev_exists: torch.Tensor, with_targets: bool
-    ) -> Tuple[Dict[str, Any], Optional[Dict[str, torch.Tensor]], Tuple[int, int]]:
+        self, batch: Dict[str, Any], prev_exists: torch.Tensor, stream: StreamState, with_targets: bool
+    ) -> Tuple[StreamPETRHeadOutputs, Optional[Dict[str, torch.Tensor]], Tuple[int, int]]:
         img = batch["img"]
         pad_hw = (int(img.shape[-2]), int(img.shape[-1]))
         img_feats = self.extract_img_feats(img)
         batch_size, num_cams, _, height, width = img_feats.shape
-        if self.pts_bbox_head.memory.batch_size not in (None, batch_size):
-            # A different number of streams (e.g. a smaller last batch): start them all afresh.
-            self.pts_bbox_head.reset_memory()
-            prev_exists = torch.zeros_like(prev_exists)
+        prev_exists = stream.fit_streams(prev_exists)
         location = token_locations(height, width, stride=self.stride, pad_hw=pad_hw, device=img.device)
         location = location.unsqueeze(0).expand(batch_size * num_cams, -1, -1, -1)  # (B N, h, w, 2)
         with self._head_precision(img.device):
@@ -150,29 +150,29 @@ class StreamPETRDetector(nn.Module):
                 ego_pose=batch["ego_pose"],
                 ego_pose_inv=batch["ego_pose_inv"],
                 prev_exists=prev_exists,
+                stream=stream,
                 gt_bboxes_3d=batch.get("gt_bboxes_3d") if with_targets else None,
                 gt_labels_3d=batch.get("gt_labels_3d") if with_targets else None,
                 topk_indexes=None if outs_roi is None else outs_roi.get("topk_indexes"),
             )
         return outs, outs_roi, pad_hw
 
-    def forward(self, batch: Dict[str, Any]) -> Any:
-        """Training: ``Dict[str, Tensor]`` of named losses. Inference: per row ``{"boxes_3d" (K, 9)
-        (x, y, z_bottom, dx, dy, dz, yaw, vx, vy), "scores_3d" (K,), "labels_3d" (K,)}``."""
+    def forward(self, batch: Dict[str, Any]) -> Union[TrainingOutputs, FrameOutputs]:
+        """Training: :meth:`forward_train`. Inference: :meth:`infer`, each row's detections ``{"boxes_3d"
+        (K, 9) (x, y, z_bottom, dx, dy, dz, yaw, vx, vy), "scores_3d" (K,), "labels_3d" (K,),
+        "query_ids_3d" (K,)}``."""
         if self.training:
             return self.forward_train(batch)
-        return self.infer(batch).detections
+        return self.infer(batch)
 
-    def forward_train(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    def forward_train(self, batch: Dict[str, Any]) -> TrainingOutputs:
         """Losses of one training frame per stream: ``loss_cls``, ``loss_bbox``, ``d0..d4.loss_*``,
         ``dn_loss_*`` / ``d*.dn_loss_*`` and, with the 2D head, ``enc_loss_cls``, ``enc_loss_bbox``,
         ``enc_loss_iou``, ``centers2d_losses``, ``centerness_losses``."""
-        if self._inference_ran:
-            # Inference left the memory in its own streams (the reference resets after an evaluation).
-            self.reset_memory()
-            self._inference_ran = False
+        stream = self.stream_state
+        stream.begin_training()
         prev_exists = batch["prev_exists"].to(batch["img"].device)
-        outs, outs_roi, pad_hw = self._run_heads(batch, prev_exists, with_targets=True)
+        outs, outs_roi, pad_hw = self._run_heads(batch, prev_exists, stream, with_targets=True)
         targets_3d = (batch["gt_bboxes_3d"], batch["gt_labels_3d"])
         targets_2d = (batch["gt_bboxes_2d"], batch["gt_labels_2d"], batch["centers_2d"], pad_hw)
         # Both heads' matchings go to the host together: one device -> host copy per step.
@@ -183,37 +183,31 @@ class StreamPETRDetector(nn.Module):
         losses = self.pts_bbox_head.loss(*targets_3d, outs, assignments=assignments[0])
         if outs_roi is not None:
             losses.update(self.img_roi_head.loss(outs_roi, *targets_2d, assignments=assignments[1]))
-        return losses
+        return TrainingOutputs(losses=losses)
 
     @torch.no_grad()
     def infer(self, batch: Dict[str, Any], prev_exists: Optional[torch.Tensor] = None) -> FrameOutputs:
         """One inference frame per stream. ``prev_exists`` (B,) overrides the scene-token rule."""
+        device = batch["img"].device
         if prev_exists is None:
-            prev_exists = self._prev_exists_from_scenes(batch["scene_token"], batch["img"])
-        outs = self.head_outputs(batch, prev_exists.to(batch["img"].device))
+            prev_exists = self.stream_state.scenes.update(batch["scene_token"], device)
+        outs = self.head_outputs(batch, prev_exists.to(device))
         return FrameOutputs(
-            all_cls_scores=outs["all_cls_scores"],
-            all_bbox_preds=outs["all_bbox_preds"],
             detections=self.pts_bbox_head.get_bboxes(outs),
+            all_cls_scores=outs.all_cls_scores,
+            all_bbox_preds=outs.all_bbox_preds,
         )
 
-    def head_outputs(self, batch: Dict[str, Any], prev_exists: torch.Tensor) -> Dict[str, Any]:
-        """The 3D head's outputs of one inference frame per stream (``all_cls_scores``,
-        ``all_bbox_preds``, see :meth:`StreamPETRHead.forward`) with an explicit ``prev_exists`` (B,): what
-        :meth:`infer` decodes, and what an exported graph decodes at a fixed size."""
-        self._inference_ran = True
-        outs, _, _ = self._run_heads(batch, prev_exists, with_targets=False)
+    def head_outputs(
+        self, batch: Dict[str, Any], prev_exists: torch.Tensor, stream: Optional[StreamState] = None
+    ) -> StreamPETRHeadOutputs:
+        """The 3D head's outputs of one inference frame per stream with an explicit ``prev_exists`` (B,),
+        on ``stream`` (default: the detector's own ``stream_state``): what :meth:`infer` decodes, and what
+        an exported graph decodes at a fixed size on a state of its own."""
+        stream = self.stream_state if stream is None else stream
+        stream.begin_inference()
+        outs, _, _ = self._run_heads(batch, prev_exists, stream, with_targets=False)
         return outs
-
-    def _prev_exists_from_scenes(self, scene_tokens: Sequence[str], img: torch.Tensor) -> torch.Tensor:
-        tokens = list(scene_tokens)
-        previous = self._prev_scene_tokens
-        if previous is None or len(previous) != len(tokens):
-            continues = [False] * len(tokens)
-        else:
-            continues = [now == before for now, before in zip(tokens, previous)]
-        self._prev_scene_tokens = tokens
-        return upload(torch.tensor(continues, dtype=torch.float32), img.device)
 
 
 class StreamPETRDetectorParams(BaseModel):

@@ -8,7 +8,7 @@ A checkpoint is ``<work_dir>/checkpoints/iter_<iteration>.pth``, one ``torch.sav
     scaler           loss-scaler state or None
     iteration        completed training iterations
     sampler          per rank: the training sampler's state_dict() (position, for resume)
-    streams          per rank: the detector's streaming memory (so a resumed run continues its streams)
+    streams          per rank: the detector's ``stream_state.save()`` (so a resumed run continues its streams)
     rng              per rank: python, numpy, torch and device RNG states
     recipe           the resolved recipe (plain data);  plugin_versions  plugin name -> version
     world_size, format
@@ -49,6 +49,7 @@ from streampetr_plugin.checksum import (
     verify_checksum,
 )
 from streampetr_plugin.errors import InputError, RunError, describe
+from streampetr_plugin.models.stream_state import stream_state_of
 from streampetr_plugin.safe_loading import load_torch_file
 from streampetr_plugin.training.distributed import (
     DistributedEnv,
@@ -435,29 +436,19 @@ def restore_rng_state(state: Dict[str, Any], device: DeviceHandle) -> None:
     device.set_rng_state(state["device"])
 
 
-def _stream_memories(model: nn.Module) -> Dict[str, Any]:
-    """The model's streaming memories (``module.memory`` with ``save()`` / ``load()`` / ``reset()``) by
-    module name, e.g. ``pts_bbox_head`` for the StreamPETR head's memory queue."""
-    found = {}
-    for name, module in model.named_modules():
-        memory = getattr(module, "memory", None)
-        if all(callable(getattr(memory, method, None)) for method in ("save", "load", "reset")):
-            found[name] = memory
-    return found
-
-
 def stream_states(model: nn.Module) -> Dict[str, Dict[str, torch.Tensor]]:
-    """Every streaming memory of ``model`` as CPU tensors (empty dict for an empty memory)."""
-    return {name: to_cpu(memory.save()) for name, memory in _stream_memories(model).items()}
+    """The detector's stream state (``stream_state.save()``) as CPU tensors; empty for a detector that
+    carries none."""
+    state = stream_state_of(model)
+    return {} if state is None else to_cpu(state.save())
 
 
 def load_stream_states(
     model: nn.Module, states: Dict[str, Dict[str, torch.Tensor]], device: torch.device
 ) -> None:
-    """Inverse of :func:`stream_states`; memories absent or empty in ``states`` are reset."""
-    for name, memory in _stream_memories(model).items():
-        fields = states.get(name) or {}
-        if fields:
-            memory.load({key: value.to(device) for key, value in fields.items()})
-        else:
-            memory.reset()
+    """Inverse of :func:`stream_states`: ``states`` loaded into the detector's stream state on ``device``."""
+    state = stream_state_of(model)
+    if state is not None:
+        state.load({
+            name: {key: value.to(device) for key, value in fields.items()} for name, fields in states.items()
+        })

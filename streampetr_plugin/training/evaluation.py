@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from streampetr_plugin.errors import InputError, describe
+from streampetr_plugin.models.outputs import InferenceOutputs
+from streampetr_plugin.models.stream_state import stream_state_of
 from streampetr_plugin.training.batches import move_to_device
 
 if TYPE_CHECKING:
@@ -30,10 +32,10 @@ Evaluator = Callable[[Predictions, Any, Path], Dict[str, Any]]
 
 
 def reset_streams(model: nn.Module) -> None:
-    """Forget every stream, when the model keeps any (``reset_memory()``)."""
-    reset = getattr(model, "reset_memory", None)
-    if callable(reset):
-        reset()
+    """Forget every stream, when the model keeps any (its ``stream_state``)."""
+    state = stream_state_of(model)
+    if state is not None:
+        state.reset()
 
 
 @torch.no_grad()
@@ -51,8 +53,8 @@ def collect_predictions(
     try:
         with autocast:
             for batch in loader:
-                outputs = model(move_to_device(batch, device))
-                for token, output in zip(batch["sample_token"], outputs):
+                outputs: InferenceOutputs = model(move_to_device(batch, device))
+                for token, output in zip(batch["sample_token"], outputs.detections):
                     predictions.setdefault(token, {key: value.cpu() for key, value in output.items()})
     finally:
         reset_streams(model)
@@ -109,8 +111,8 @@ def tracking_evaluator(
     """
     from streampetr_plugin.data.infos import InfoSet
     from streampetr_plugin.evaluation.nuscenes_tracking import evaluate_tracking
-    from streampetr_plugin.tracking.build import build_tracker
     from streampetr_plugin.evaluation.scenes import track_scenes
+    from streampetr_plugin.tracking.build import build_tracker
 
     if not all(hasattr(dataset, name) for name in ("samples", "version", "root", "classes")):
         raise InputError(describe(

@@ -47,7 +47,8 @@ class TrainStep:
     """One iteration on a batch already on the device (see the module docstring).
 
     Args:
-        model: what the batch goes through (the DDP wrapper when there is one).
+        model: what the batch goes through (the DDP wrapper when there is one); returns
+            :class:`~streampetr_plugin.models.outputs.TrainingOutputs`.
         optimizer: the optimiser of the unwrapped model's parameters.
         precision: autocast and loss scaling.
         grad_clip: the recipe's ``optimization.grad_clip`` (None: the norm is measured, not clipped).
@@ -87,7 +88,7 @@ class TrainStep:
         optimizer, precision = self.optimizer, self.precision
         optimizer.zero_grad(set_to_none=True)
         with precision.autocast():
-            losses = self.model(batch)
+            losses = self.model(batch).losses
         loss = total_loss(losses)
         names = [name for name, value in losses.items() if torch.is_tensor(value) and value.numel() == 1]
         scaler = precision.scaler

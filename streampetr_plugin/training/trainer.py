@@ -64,6 +64,7 @@ from streampetr_plugin.training.evaluation import (
     stream_starts,
     tracking_evaluator,
 )
+from streampetr_plugin.training.geometric_warm_start import run_geometric_warm_start
 from streampetr_plugin.training.metrics_log import ProgressBar
 from streampetr_plugin.training.run_log import Interval, RunLog
 from streampetr_plugin.training.startup import (
@@ -73,7 +74,6 @@ from streampetr_plugin.training.startup import (
     select_device,
 )
 from streampetr_plugin.training.step import StepResult, TrainStep
-from streampetr_plugin.training.warm_start import run_geometric_warm_start
 
 logger = logging.getLogger(__name__)
 

@@ -94,7 +94,7 @@ def test_things_the_host_would_drop_are_refused_at_collate_time(simulated_host):
 
 def test_continuity_resets_rows_whose_next_frame_is_not_the_direct_successor(simulated_host):
     # 12 (cyclic iterator, epoch wrap) and shard boundaries / resume: only (same scene, next frame) continues.
-    from streampetr_plugin.integrations.mindspeed_mm.continuity import StreamContinuity
+    from streampetr_plugin.models.layers.stream_continuity import StreamContinuity
 
     continuity = StreamContinuity()
     steps = [([1, 2], [0, 5]), ([1, 2], [1, 6]), ([1, 3], [2, 7]), ([1, 3], [0, 8]), ([1, 3], [1, 9])]

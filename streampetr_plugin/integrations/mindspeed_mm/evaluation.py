@@ -2,7 +2,7 @@
 
 The host can only average ``output.loss`` over a validation loader (and not in sampler mode), so
 the nuScenes metric runs here, exactly as ``streampetr-run`` evaluates: every rank streams its
-contiguous, timestamp-ordered slice of the recipe's val set through the detector (memory reset by
+contiguous, timestamp-ordered slice of the recipe's val set through the detector (streams reset by
 scene change), the predictions are gathered and rank 0 scores them.
 """
 
@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Union
 
 import torch.distributed as dist
 from torch import nn
+
+if TYPE_CHECKING:  # the host imports this module on its light walk: no model code at import time
+    from streampetr_plugin.models.stream_state import StreamState
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +31,9 @@ class ContractView(nn.Module):
     def forward(self, batch: Dict[str, Any]) -> Any:
         return self.model.detector_forward(batch)
 
-    def reset_memory(self) -> None:
-        self.model.reset_memory()
-        self.model.stream_continuity.reset()
+    @property
+    def stream_state(self) -> StreamState:
+        return self.model.stream_state
 
 
 def evaluate_detector(

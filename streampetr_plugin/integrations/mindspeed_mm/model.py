@@ -29,7 +29,6 @@ from torch import nn
 from streampetr_plugin.integrations.mindspeed_mm.aliases import store_aliases_once
 from streampetr_plugin.integrations.mindspeed_mm.codec import decode_batch
 from streampetr_plugin.integrations.mindspeed_mm.config import HostModelParams, read_block
-from streampetr_plugin.integrations.mindspeed_mm.continuity import StreamContinuity
 from streampetr_plugin.training.step import total_loss
 
 logger = logging.getLogger(__name__)
@@ -107,7 +106,6 @@ class StreamPETRForMindSpeedMM(nn.Module, BaseModel):
         """Turn a built detector into the host-facing model in place (same object, same parameters)."""
         detector.__class__ = _host_class(cls, type(detector))
         store_aliases_once(detector)
-        detector.stream_continuity = StreamContinuity()
         detector.autocast_dtype = autocast_dtype
         return detector
 
@@ -127,12 +125,12 @@ class StreamPETRForMindSpeedMM(nn.Module, BaseModel):
         ``use_cache`` is the host's language-model flag; StreamPETR has no such cache.
         """
         batch = decode_batch(inputs)
-        continues = self.stream_continuity.update(batch.pop("scene_idx"), batch.pop("frame_idx"))
+        continues = self.stream_state.frames.update(batch.pop("scene_idx"), batch.pop("frame_idx"))
         img = batch["img"]
         if self.training:
             batch["prev_exists"] = batch["prev_exists"].float() * continues.to(img.device)
             with self.autocast(img.device):
-                losses = super().forward(batch)
+                losses = super().forward(batch).losses
             return StreamPETROutput(
                 loss=total_loss(losses), loss_terms={name: value.detach() for name, value in losses.items()}
             )

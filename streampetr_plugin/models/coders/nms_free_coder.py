@@ -1,4 +1,5 @@
-"""NMS-free decoding of the 3D head's last-layer outputs into scored boxes (reference ``NMSFreeCoder``)."""
+"""NMS-free decoding of the 3D head's last-layer outputs into scored boxes (reference ``NMSFreeCoder``),
+with an optional class-wise suppression of duplicates by centre distance (off in the reference)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,7 +7,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from streampetr_plugin.models.box_ops import denormalize_bbox
+from streampetr_plugin.models.box_ops import circle_suppression, denormalize_bbox
 from streampetr_plugin.models.layers.functional import device_constant
 
 
@@ -27,7 +28,7 @@ class DenseDecoding:
 
 
 class NMSFreeCoder:
-    """Top-k over sigmoid scores of all (query, class) pairs, no NMS.
+    """Top-k over sigmoid scores of all (query, class) pairs; no NMS unless ``nms_radius`` is set.
 
     ``pc_range`` is accepted for parity with the reference configuration; decoding does not need it because
     the head already outputs metric centres.
@@ -40,12 +41,14 @@ class NMSFreeCoder:
         max_num: int = 300,
         score_threshold: Optional[float] = None,
         num_classes: int = 10,
+        nms_radius: Optional[float] = None,
     ) -> None:
         self.pc_range = list(pc_range)
         self.post_center_range = None if post_center_range is None else list(post_center_range)
         self.max_num = max_num
         self.score_threshold = score_threshold
         self.num_classes = num_classes
+        self.nms_radius = nms_radius
 
     @torch.no_grad()
     def decode(self, cls_scores: torch.Tensor, bbox_preds: torch.Tensor) -> List[Dict[str, torch.Tensor]]:
@@ -58,9 +61,10 @@ class NMSFreeCoder:
         Returns:
             Per sample a dict with ``bboxes`` (K, 9) (x, y, z_gravity, x_size, y_size, z_size, yaw, vx, vy),
             ``scores`` (K,) descending, ``labels`` (K,) and ``query_index`` (K,); K <= ``max_num``. The
-            same query can appear once per class.
+            same query can appear once per class (suppression compares boxes of one class only).
         """
         dense = self.decode_dense(cls_scores, bbox_preds)
+        dense.keep = self.suppress_duplicates(dense.bboxes, dense.labels, dense.keep)
         fields = {"bboxes": dense.bboxes, "scores": dense.scores, "labels": dense.labels,
                   "query_index": dense.query_index}
         # One read per sample (how many pairs it keeps), then plain indexing of every field.
@@ -86,3 +90,19 @@ class NMSFreeCoder:
             bounds = device_constant(self.post_center_range, boxes)
             keep &= (boxes[..., :3] >= bounds[:3]).all(-1) & (boxes[..., :3] <= bounds[3:]).all(-1)
         return DenseDecoding(bboxes=boxes, scores=scores, labels=labels, query_index=query_index, keep=keep)
+
+    @torch.no_grad()
+    def suppress_duplicates(self, boxes: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """``keep`` (B, K) without the boxes ``nms_radius`` suppresses (unchanged when it is None).
+
+        ``boxes`` (B, K, >= 2) and ``labels`` (B, K) in descending order of score, as :meth:`decode_dense`
+        returns them. Greedy and data-dependent, so it runs after the fixed-size decoding (an exported
+        graph leaves it to its runner).
+        """
+        if self.nms_radius is None:
+            return keep
+        keep = keep.clone()
+        for row in range(keep.size(0)):
+            kept = keep[row].nonzero().squeeze(1)  # (K',) in descending score order
+            keep[row, kept] = circle_suppression(boxes[row, kept, :2], labels[row, kept], self.nms_radius)
+        return keep

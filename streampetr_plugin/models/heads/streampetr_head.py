@@ -3,7 +3,8 @@
 Per frame (batch-first shapes, B streams, N cameras, feature map h x w, L = N h w image tokens,
 Q learnable queries, P propagated, M memory rows kept, D depth bins, C channels):
 
-1. the memory is brought into the current frame (:class:`StreamingMemory.pre_update`);
+1. the memory of the stream state it is handed is brought into the current frame
+   (:class:`StreamingMemory.pre_update`);
 2. image tokens (B, L, C) get a 3D position embedding from frustum points through the inverse of
    ``lidar2img`` at D LID depths (normalised by ``position_range``), are embedded and modulated by the
    camera "cone" (MLN), and gate the position embedding (``featurized_pe``);
@@ -16,13 +17,16 @@ Q learnable queries, P propagated, M memory rows kept, D depth bins, C channels)
    layer refining the same initial reference points;
 5. the top-k queries of the last layer are written to the memory (:meth:`StreamingMemory.post_update`).
 
-State-dict keys equal the reference's ``pts_bbox_head.*``; the memory is not part of the state dict.
+State-dict keys equal the reference's ``pts_bbox_head.*``. The memory is not part of the head: the
+caller owns the :class:`~streampetr_plugin.models.stream_state.StreamState` (the detector's
+``stream_state``) and hands it to every :meth:`StreamPETRHead.forward`, which reads and writes it.
 Geometry (inverses, frustum points, memory transforms) always runs in float32 and timestamps in
 float64, whatever autocast the caller enables.
 """
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -32,7 +36,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from streampetr_plugin.models.assigners.assign_result import AssignResult
 from streampetr_plugin.models.assigners.solver import MatchingProblem
 from streampetr_plugin.models.coders.nms_free_coder import NMSFreeCoder
-from streampetr_plugin.models.heads.geometric_warm_start import alignment_loss
 from streampetr_plugin.models.layers.denoising import build_denoising_queries
 from streampetr_plugin.models.layers.functional import bias_init_with_prob, device_constant, inverse_sigmoid
 from streampetr_plugin.models.layers.matrix_inverse import inverse_4x4
@@ -44,12 +47,13 @@ from streampetr_plugin.models.layers.positional_encoding import (
     pos2posemb1d,
     pos2posemb3d,
 )
-from streampetr_plugin.models.layers.query_identities import QueryIdentities
 from streampetr_plugin.models.layers.transformer import PETRTemporalTransformer
+from streampetr_plugin.models.losses.geometric_alignment import alignment_loss
 from streampetr_plugin.models.losses.streampetr_criterion import (
     StreamPETRCriterion,
     StreamPETRCriterionParams,
 )
+from streampetr_plugin.models.stream_state import StreamState
 
 PC_RANGE = [-51.2, -51.2, -5.0, 51.2, 51.2, 3.0]
 POSITION_RANGE = [-61.2, -61.2, -10.0, 61.2, 61.2, 10.0]
@@ -77,6 +81,28 @@ def lid_depth_bins(*, depth_num: int, depth_start: float, depth_max: float, lid:
         return depth_start + bin_size * index * (index + 1)
     bin_size = (depth_max_t - depth_start) / depth_num
     return depth_start + bin_size * index
+
+
+@dataclass
+class StreamPETRHeadOutputs:
+    """What :meth:`StreamPETRHead.forward` returns for one frame (Q learnable queries, P propagated).
+
+    Fields:
+        all_cls_scores: (layers, B, Q + P, num_classes) logits of every decoder layer.
+        all_bbox_preds: (layers, B, Q + P, 10) box codes of every decoder layer, centres in metres.
+        query_ids: (B, Q + P) int64 (:class:`QueryIdentities`: a propagated query keeps the id of the query
+            that wrote its memory row), or None for predictions made elsewhere.
+        dn_mask_dict: in training with denoising, the denoising mask dict with ``output_known_lbs_bboxes`` =
+            (cls (layers, B, pad, C), boxes (layers, B, pad, 10)); else None.
+        geometric_guidance: in training with ``geometric_guidance_weight`` > 0, the alignment loss and the
+            attention share on the target tokens; else None.
+    """
+
+    all_cls_scores: torch.Tensor
+    all_bbox_preds: torch.Tensor
+    query_ids: Optional[torch.Tensor] = None
+    dn_mask_dict: Optional[Dict[str, Any]] = None
+    geometric_guidance: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
 
 class StreamPETRHead(nn.Module):
@@ -119,6 +145,7 @@ class StreamPETRHead(nn.Module):
         post_center_range: Sequence[float] = tuple(POSITION_RANGE),
         max_num: int = 300,
         score_threshold: Optional[float] = None,
+        nms_radius: Optional[float] = None,
         per_camera_focal: bool = False,
         query_pos_temperature: float = 10000.0,
         geometric_guidance_weight: float = 0.0,
@@ -210,14 +237,13 @@ class StreamPETRHead(nn.Module):
         self._init_weights()
 
         # Not modules: no parameters or buffers, so nothing outside the reference's keys.
-        self.memory = StreamingMemory(capacity=memory_len, embed_dims=embed_dims)
-        self.query_identities = QueryIdentities(capacity=memory_len)
         self.bbox_coder = NMSFreeCoder(
             pc_range=list(pc_range),
             post_center_range=list(post_center_range),
             max_num=max_num,
             score_threshold=score_threshold,
             num_classes=num_classes,
+            nms_radius=nms_radius,
         )
         self.criterion = criterion if criterion is not None else StreamPETRCriterion(**dict(
             StreamPETRCriterionParams(
@@ -233,10 +259,12 @@ class StreamPETRHead(nn.Module):
             self.pseudo_reference_points.weight.requires_grad_(False)
         nn.init.constant_(self.cls_branches[0][-1].bias, bias_init_with_prob(0.01))
 
-    def reset_memory(self) -> None:
-        """Forget the memory of every stream."""
-        self.memory.reset()
-        self.query_identities.reset()
+    def new_stream_state(self, *, relative_time: bool = False) -> StreamState:
+        """An empty stream state of this head's memory size (``relative_time``: see
+        :class:`StreamingMemory`)."""
+        return StreamState(
+            memory_len=self.memory_len, embed_dims=self.embed_dims, relative_time=relative_time
+        )
 
     # ------------------------------------------------------------------ geometry
 
@@ -330,14 +358,18 @@ class StreamPETRHead(nn.Module):
         return pos2posemb3d(points, self.embed_dims // 2, temperature=self.query_pos_temperature)
 
     def _temporal_alignment(
-        self, query_pos: torch.Tensor, tgt: torch.Tensor, reference_points: torch.Tensor
+        self,
+        query_pos: torch.Tensor,
+        tgt: torch.Tensor,
+        reference_points: torch.Tensor,
+        memory: StreamingMemory,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Ego-motion MLN and time embedding of queries and memory; append the propagated rows.
+        """Ego-motion MLN and time embedding of queries and ``memory`` (brought into this frame); append the
+        propagated rows.
 
         Returns ``tgt`` and ``query_pos`` (B, Q', C), ``reference_points`` (B, Q', 3) with
         Q' = Q (+ pad) + P, and the remaining memory ``temp_memory``, ``temp_pos`` (B, M - P, C).
         """
-        memory = self.memory
         low, high = self.pc_range[0:3], self.pc_range[3:6]
         with full_precision(query_pos.device):
             temp_reference_point = (memory.reference_point - low) / (high - low)  # (B, M, 3)
@@ -381,11 +413,12 @@ class StreamPETRHead(nn.Module):
         ego_pose: torch.Tensor,
         ego_pose_inv: torch.Tensor,
         prev_exists: torch.Tensor,
+        stream: StreamState,
         gt_bboxes_3d: Optional[Sequence[torch.Tensor]] = None,
         gt_labels_3d: Optional[Sequence[torch.Tensor]] = None,
         topk_indexes: Optional[torch.Tensor] = None,
-    ) -> Dict[str, Any]:
-        """Run one frame and update the memory.
+    ) -> StreamPETRHeadOutputs:
+        """Run one frame and update ``stream``'s memory and query ids.
 
         Args:
             img_feats: (B, N, C_in, h, w) neck features.
@@ -397,20 +430,18 @@ class StreamPETRHead(nn.Module):
                 stream's previous frame.
             ego_pose, ego_pose_inv: (B, 4, 4) LiDAR -> global and its inverse.
             prev_exists: (B,) 0 at the first frame of a stream.
+            stream: the streams' state (B rows, or empty), read and written.
             gt_bboxes_3d, gt_labels_3d: per-sample GT (gravity-centre boxes (n, 9)); used for denoising
                 queries in training only.
             topk_indexes: (B, K, 1) image-token order from the 2D head, or None (all tokens).
 
         Returns:
-            dict with ``all_cls_scores`` (layers, B, Q + P, num_classes) logits, ``all_bbox_preds``
-            (layers, B, Q + P, 10), ``dn_mask_dict`` (the denoising mask dict with
-            ``output_known_lbs_bboxes`` = (cls (layers, B, pad, C), boxes (layers, B, pad, 10))) or None,
-            ``query_ids`` (B, Q + P) int64 (:class:`QueryIdentities`: a propagated query keeps the id of
-            the query that wrote its memory row).
+            :class:`StreamPETRHeadOutputs` (the denoising queries split off).
         """
-        if timestamp.dtype != self.memory.time_dtype:
-            meaning = "seconds since the previous frame" if self.memory.relative_time else "absolute seconds"
-            raise TypeError(f"timestamp must be {self.memory.time_dtype} ({meaning}), got {timestamp.dtype}")
+        queue = stream.memory
+        if timestamp.dtype != queue.time_dtype:
+            meaning = "seconds since the previous frame" if queue.relative_time else "absolute seconds"
+            raise TypeError(f"timestamp must be {queue.time_dtype} ({meaning}), got {timestamp.dtype}")
         batch = img_feats.shape[0]
         device = img_feats.device
         pc_low, pc_high = self.pc_range[0:3], self.pc_range[3:6]
@@ -418,13 +449,13 @@ class StreamPETRHead(nn.Module):
             pseudo_points = None
             if self.num_propagated > 0:
                 pseudo_points = self.pseudo_reference_points.weight * (pc_high - pc_low) + pc_low
-            self.memory.pre_update(
+            queue.pre_update(
                 prev_exists=prev_exists.float(),
                 timestamp=timestamp,
                 ego_pose_inv=ego_pose_inv.float(),
                 pseudo_reference_points=pseudo_points,
             )
-        query_ids = self.query_identities.query_ids(
+        query_ids = stream.query_identities.query_ids(
             prev_exists=prev_exists, num_fresh=self.num_query, num_propagated=self.num_propagated
         )
 
@@ -463,7 +494,7 @@ class StreamPETRHead(nn.Module):
         query_pos = self.query_embedding(self._sine_embedding(reference_points))  # (B, P+Q, C)
         tgt = torch.zeros_like(query_pos)
         tgt, query_pos, reference_points, temp_memory, temp_pos = self._temporal_alignment(
-            query_pos, tgt, reference_points
+            query_pos, tgt, reference_points, queue
         )
         outs_dec = self.transformer(memory, tgt, query_pos, pos_embed, attn_mask, temp_memory, temp_pos)
         outs_dec = torch.nan_to_num(outs_dec)  # (layers, B, pad + Q + P, C)
@@ -484,7 +515,7 @@ class StreamPETRHead(nn.Module):
         matching_cls = all_cls_scores[:, :, pad_size:]
         matching_boxes = all_bbox_preds[:, :, pad_size:]
         with full_precision(device):
-            written = self.memory.post_update(
+            written = queue.post_update(
                 embedding=outs_dec[-1, :, pad_size:].float(),
                 reference_point=matching_boxes[-1, ..., 0:3],
                 velo=matching_boxes[-1, ..., -2:],
@@ -493,22 +524,23 @@ class StreamPETRHead(nn.Module):
                 timestamp=timestamp,
                 ego_pose=ego_pose.float(),
             )
-        self.query_identities.remember(query_ids=query_ids, written=written)
+        stream.query_identities.remember(query_ids=query_ids, written=written)
 
         if mask_dict is not None and pad_size > 0:
             mask_dict["output_known_lbs_bboxes"] = (
                 all_cls_scores[:, :, :pad_size],
                 all_bbox_preds[:, :, :pad_size],
             )
-            return {
-                "all_cls_scores": matching_cls,
-                "all_bbox_preds": matching_boxes,
-                "dn_mask_dict": mask_dict,
-                "geometric_guidance": guidance,
-                "query_ids": query_ids,
-            }
-        return {"all_cls_scores": all_cls_scores, "all_bbox_preds": all_bbox_preds, "dn_mask_dict": None,
-                "geometric_guidance": guidance, "query_ids": query_ids}
+            all_cls_scores, all_bbox_preds = matching_cls, matching_boxes
+        else:
+            mask_dict = None
+        return StreamPETRHeadOutputs(
+            all_cls_scores=all_cls_scores,
+            all_bbox_preds=all_bbox_preds,
+            query_ids=query_ids,
+            dn_mask_dict=mask_dict,
+            geometric_guidance=guidance,
+        )
 
     def _geometric_guidance(
         self,
@@ -534,12 +566,12 @@ class StreamPETRHead(nn.Module):
         self,
         gt_bboxes_3d: Sequence[torch.Tensor],
         gt_labels_3d: Sequence[torch.Tensor],
-        preds: Dict[str, Any],
+        preds: StreamPETRHeadOutputs,
     ) -> MatchingProblem:
         """The Hungarian matching costs of every decoder layer (the arguments of :meth:`loss`), on the
         device; :meth:`loss` takes its solution."""
         return self.criterion.matching_problem(
-            preds["all_cls_scores"], preds["all_bbox_preds"], list(gt_bboxes_3d), list(gt_labels_3d),
+            preds.all_cls_scores, preds.all_bbox_preds, list(gt_bboxes_3d), list(gt_labels_3d),
             self.match_costs,
         )
 
@@ -547,7 +579,7 @@ class StreamPETRHead(nn.Module):
         self,
         gt_bboxes_3d: Sequence[torch.Tensor],
         gt_labels_3d: Sequence[torch.Tensor],
-        preds: Dict[str, Any],
+        preds: StreamPETRHeadOutputs,
         assignments: Optional[Sequence[AssignResult]] = None,
     ) -> Dict[str, torch.Tensor]:
         """3D losses of :meth:`forward`'s outputs against per-sample GT boxes (n, 9) (gravity-centre z) and
@@ -556,31 +588,31 @@ class StreamPETRHead(nn.Module):
         attention share on the target tokens, detached). ``assignments``: the solved
         :meth:`matching_problem` (None: solved here)."""
         losses = self.criterion(
-            preds["all_cls_scores"],
-            preds["all_bbox_preds"],
-            preds["dn_mask_dict"],
+            preds.all_cls_scores,
+            preds.all_bbox_preds,
+            preds.dn_mask_dict,
             list(gt_bboxes_3d),
             list(gt_labels_3d),
             self.code_weights,
             self.match_costs,
             assignments=assignments,
         )
-        if preds.get("geometric_guidance") is not None:
-            loss, share = preds["geometric_guidance"]
+        if preds.geometric_guidance is not None:
+            loss, share = preds.geometric_guidance
             losses["loss_geometric_guidance"] = self.geometric_guidance_weight * loss
             losses["geometric_guidance_share"] = share
         return losses
 
     @torch.no_grad()
-    def decode_fixed(self, preds: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    def decode_fixed(self, preds: StreamPETRHeadOutputs) -> Dict[str, torch.Tensor]:
         """Decode the last layer at a fixed size: the top K = ``max_num`` (query, class) pairs, no NMS.
 
         Returns ``{"boxes_3d": (B, K, 9) (x, y, z_bottom, dx, dy, dz, yaw, vx, vy), "scores_3d": (B, K)
         descending, "labels_3d": (B, K), "keep": (B, K) bool}`` in the current LiDAR frame; ``keep`` is
         False where the decoder's ``post_center_range`` or ``score_threshold`` drops the pair. With
-        ``query_ids`` in ``preds`` also ``"query_ids_3d"`` (B, K): the id of each pair's query.
+        ``preds.query_ids`` also ``"query_ids_3d"`` (B, K): the id of each pair's query.
         """
-        dense = self.bbox_coder.decode_dense(preds["all_cls_scores"][-1], preds["all_bbox_preds"][-1])
+        dense = self.bbox_coder.decode_dense(preds.all_cls_scores[-1], preds.all_bbox_preds[-1])
         boxes = dense.bboxes
         bottom_z = boxes[..., 2:3] - boxes[..., 5:6] * 0.5  # gravity centre -> bottom centre
         decoded = {
@@ -589,19 +621,21 @@ class StreamPETRHead(nn.Module):
             "labels_3d": dense.labels,
             "keep": dense.keep,
         }
-        if preds.get("query_ids") is not None:
-            decoded["query_ids_3d"] = torch.gather(preds["query_ids"], 1, dense.query_index)  # (B, K)
+        if preds.query_ids is not None:
+            decoded["query_ids_3d"] = torch.gather(preds.query_ids, 1, dense.query_index)  # (B, K)
         return decoded
 
     @torch.no_grad()
-    def get_bboxes(self, preds: Dict[str, Any]) -> List[Dict[str, torch.Tensor]]:
-        """Decode the last layer (:meth:`decode_fixed` without the dropped pairs).
+    def get_bboxes(self, preds: StreamPETRHeadOutputs) -> List[Dict[str, torch.Tensor]]:
+        """Decode the last layer (:meth:`decode_fixed` without the dropped pairs, and without the duplicates
+        the decoder's ``nms_radius`` suppresses when it is set).
 
         Returns per sample ``{"boxes_3d": (K, 9) (x, y, z_bottom, dx, dy, dz, yaw, vx, vy),
         "scores_3d": (K,), "labels_3d": (K,)}`` in the current LiDAR frame, K <= ``max_num``, and
-        ``"query_ids_3d"`` (K,) (the id of the query each box came from) when ``preds`` has ``query_ids``.
+        ``"query_ids_3d"`` (K,) (the id of the query each box came from) with ``preds.query_ids``.
         """
         fixed = self.decode_fixed(preds)
+        fixed["keep"] = self.bbox_coder.suppress_duplicates(fixed["boxes_3d"], fixed["labels_3d"], fixed["keep"])
         names = [name for name in ("boxes_3d", "scores_3d", "labels_3d", "query_ids_3d") if name in fixed]
         kept = [keep.nonzero().squeeze(1) for keep in fixed["keep"]]  # one read per row
         return [{name: fixed[name][row][kept[row]] for name in names} for row in range(len(kept))]
@@ -676,6 +710,12 @@ class StreamPETRHeadParams(BaseModel):
     )
     max_num: int = Field(default=300, gt=0, description="Boxes kept per frame by the decoder.")
     score_threshold: Optional[float] = Field(default=None, description="Minimum score of decoded boxes.")
+    nms_radius: Optional[float] = Field(
+        default=None, gt=0,
+        description="Class-wise suppression of decoded boxes whose centres lie within this distance (m) of "
+        "a higher-scoring box of their class; None: none (the reference; its six decoder layers' "
+        "self-attention removes duplicates, a one-layer decoder cannot).",
+    )
     per_camera_focal: bool = Field(
         default=False,
         description="Give every image token its own camera's focal length in the cone (the reference tiles "
@@ -693,7 +733,7 @@ class StreamPETRHeadParams(BaseModel):
         ge=0,
         description="Weight of an auxiliary, label-free loss in training: the geometric warm start's "
         "alignment of the cross-attention of fresh queries with the tokens their points project into "
-        "(models/heads/geometric_warm_start.py), on each frame's keys. 0: off, as the reference. Keeps "
+        "(models/losses/geometric_alignment.py), on each frame's keys. 0: off, as the reference. Keeps "
         "the attention geometric when training from scratch (the CPU demo; docs/demo.md).",
     )
     geometric_guidance_points: int = Field(

@@ -8,11 +8,12 @@ identity the query-propagation tracker (``streampetr_plugin.tracking``) turns in
 unique between two resets of the memory.
 
 The ids mirror :class:`~streampetr_plugin.models.layers.memory.StreamingMemory` row for row and are not
-part of it: the memory's fields, its saved layout and its algebra stay the reference's.
+part of it: the memory's fields, its saved layout and its algebra stay the reference's. Both belong to
+the detector's :class:`~streampetr_plugin.models.stream_state.StreamState`, which saves them together.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Mapping, Optional
 
 import torch
 
@@ -36,6 +37,20 @@ class QueryIdentities:
         same frames after a reset get the same ids in any process."""
         self.row_ids = None
         self._next_id = 0
+
+    def save(self) -> Dict[str, torch.Tensor]:
+        """``query_ids`` (B, R) int64 (clone) and ``next_query_id`` () int64; empty when no row is held."""
+        if self.row_ids is None:
+            return {}
+        return {"query_ids": self.row_ids.clone(), "next_query_id": torch.tensor(self._next_id)}
+
+    def load(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`save`; a state without ids (a memory saved on its own) resets them."""
+        if "query_ids" not in state:
+            self.reset()
+            return
+        self.row_ids = state["query_ids"].clone()
+        self._next_id = int(state["next_query_id"])
 
     def query_ids(self, *, prev_exists: torch.Tensor, num_fresh: int, num_propagated: int) -> torch.Tensor:
         """Ids (B, num_fresh + num_propagated) of this frame's queries, in the decoder's order: the
