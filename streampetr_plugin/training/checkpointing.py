@@ -250,6 +250,15 @@ def qualified_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def data_position_of(loader: Any) -> Any:
+    """What reports and restores the training data position: the loader itself when it can (it knows
+    what was consumed, its workers prefetch ahead of the sampler), else its (batch) sampler, else None."""
+    for candidate in (loader, getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
+        if all(callable(getattr(candidate, method, None)) for method in ("state_dict", "load_state_dict")):
+            return candidate
+    return None
+
+
 def find_resume_checkpoint(
     resume: Optional[str], directory: Path, dist_env: DistributedEnv
 ) -> Optional[Tuple[Dict[str, Any], Path]]:

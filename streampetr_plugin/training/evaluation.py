@@ -20,10 +20,12 @@ from torch import nn
 from streampetr_plugin.errors import InputError, describe
 from streampetr_plugin.models.outputs import InferenceOutputs
 from streampetr_plugin.models.stream_state import stream_state_of
+from streampetr_plugin.training import distributed
 from streampetr_plugin.training.batches import move_to_device
 
 if TYPE_CHECKING:
     from streampetr_plugin.plugins import PluginHost, Registries
+    from streampetr_plugin.training.distributed import DistributedEnv
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +169,78 @@ def save_evaluation_outputs(
             dataset, 0, predictions[token], output_dir / f"sample_{token}.png", class_names=class_names
         )
     return outputs
+
+
+class RunEvaluation:
+    """The evaluations of a training run (collective: every rank calls it); the val set is built at the
+    first.
+
+    Args:
+        recipe: the run's recipe (val batch size, class names, ``tracking.evaluate``).
+        registries: the run's components (the val dataset, the tracker).
+        make_loader: ``(dataset, batch_size, *, training) -> loader`` over this rank's slice.
+        evaluator: scores the merged predictions on rank 0 (:data:`Evaluator`).
+        dist_env: the process layout.
+        work_dir: each evaluation writes to ``<work_dir>/eval/iter_<iteration>``.
+    """
+
+    def __init__(
+        self,
+        recipe: Any,
+        registries: "Registries",
+        *,
+        make_loader: Callable[..., Any],
+        evaluator: Evaluator,
+        dist_env: "DistributedEnv",
+        work_dir: Path,
+    ) -> None:
+        self.recipe = recipe
+        self.registries = registries
+        self.make_loader = make_loader
+        self.evaluator = evaluator
+        self.dist_env = dist_env
+        self.work_dir = work_dir
+        self.dataset: Any = None
+        self.loader: Any = None
+        self.last_outputs: Optional[EvaluationOutputs] = None  # the last evaluation's directory and picture
+
+    def __call__(
+        self, model: nn.Module, *, iteration: int, device: torch.device, autocast: ContextManager
+    ) -> Dict[str, Any]:
+        """Run the val set (each rank its slice), gather the predictions, score them on rank 0; returns
+        the metrics on rank 0, an empty dict elsewhere."""
+        from streampetr_plugin.data.build import build_dataset
+
+        recipe = self.recipe
+        distributed.broadcast_buffers(model)  # every rank scores with the statistics checkpoints hold
+        if self.loader is None:
+            self.dataset = build_dataset(recipe, self.registries, training=False)
+            batch_size = recipe.data.val_batch_size_per_device
+            self.loader = self.make_loader(self.dataset, batch_size, training=False)
+        started = time.perf_counter()
+        predictions = collect_predictions(model, self.loader, device=device, autocast=autocast)
+        gathered = distributed.all_gather_objects(predictions)
+        metrics: Dict[str, Any] = {}
+        if self.dist_env.is_main:
+            merged = merge_predictions(gathered)
+            output_dir = self.work_dir / "eval" / f"iter_{iteration:08d}"
+            output_dir.mkdir(parents=True, exist_ok=True)
+            metrics = dict(self.evaluator(merged, self.dataset, output_dir))
+            if recipe.tracking.evaluate:
+                restarts = stream_starts(gathered)
+                metrics.update(tracking_evaluator(
+                    recipe, self.registries, merged, self.dataset, output_dir, restarts=restarts
+                ))
+            self.last_outputs = save_evaluation_outputs(
+                merged, self.dataset, output_dir, class_names=recipe.data.class_names
+            )
+            logger.info(
+                "evaluation at iteration %d: %d samples in %.1f s: %s",
+                iteration, len(merged), time.perf_counter() - started,
+                ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)),
+            )
+        distributed.barrier()
+        return metrics
 
 
 def new_evaluation_dir(work_dir: Path, checkpoint: Path) -> Path:

@@ -1,19 +1,23 @@
-"""Rank 0's account of a training run: ``recipe.yaml``, the start-up lines, and every ``log_interval``
+"""Rank 0's account of a training run: ``recipe.yaml``, the start-up lines, every ``log_interval``
 iterations a log line and a ``metrics.jsonl`` record (loss terms, lr, gradient norm, loss scale, skipped
-steps, step and data time, throughput, peak memory, time left)."""
+steps, step and data time, throughput, peak memory, time left), the evaluations' metrics, and the
+progress bar."""
 from __future__ import annotations
 
 import logging
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
+
+import torch
 
 from streampetr_plugin.adapters.device import DeviceHandle
 from streampetr_plugin.config.loader import dump_recipe
 from streampetr_plugin.config.schema import Recipe
 from streampetr_plugin.training.checkpointing import write_failure
-from streampetr_plugin.training.metrics_log import IterationPace, MetricsLog, format_duration
+from streampetr_plugin.training.metrics_log import IterationPace, MetricsLog, ProgressBar, format_duration
 from streampetr_plugin.training.step import StepResult
 
 logger = logging.getLogger(__name__)
@@ -41,6 +45,13 @@ class Interval:
             self.finite_norms += 1
         self.step_time += step_time
         self.data_time += data_time
+
+
+def base_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The lr of the parameters without a multiplier (the heads; the backbone's is x0.1)."""
+    groups: List[Dict[str, Any]] = optimizer.param_groups
+    plain = [group for group in groups if group.get("lr_mult", 1.0) == 1.0]
+    return (plain or groups)[0]["lr"]
 
 
 class RunLog:
@@ -76,9 +87,26 @@ class RunLog:
         except OSError as error:
             raise write_failure(Path(error.filename or self.work_dir), error) from error
 
-    def info(self, message: str, *args: Any) -> None:
-        if self.is_main:
-            logger.info(message, *args)
+    def announce(self, *, adapters_table: str, iteration: int, max_iters: int, iters_per_epoch: int,
+                 checkpoint_interval: int, precision: str) -> None:
+        """The start-up lines: the device and adapter table, then the run's length and settings."""
+        if not self.is_main:
+            return
+        recipe = self.recipe
+        logger.info("%s", adapters_table)
+        logger.info(
+            "training %s from iteration %d to %d (%d per epoch; batch %d per process, %d process(es)), "
+            "checkpoint every %d, precision %s, work dir %s",
+            recipe.name, iteration, max_iters, iters_per_epoch, recipe.data.batch_size_per_device,
+            self.world_size, checkpoint_interval, precision, self.work_dir,
+        )
+
+    def progress_bar(self, *, total: int, initial: int) -> Optional[ProgressBar]:
+        """The bar ``runtime.progress_bar`` asks for (``auto``: on a terminal), on rank 0; else None."""
+        setting = self.recipe.runtime.progress_bar
+        if not self.is_main or setting == "off" or (setting == "auto" and not sys.stderr.isatty()):
+            return None
+        return ProgressBar(total=total, initial=initial)
 
     def interval(
         self, interval: Interval, *, iteration: int, max_iters: int, iters_per_epoch: int, lr: float,

@@ -6,8 +6,10 @@ Each step needs the one before:
    ``streampetr_select_accelerator`` first), the ENVIRONMENT adapters (variables that must exist before
    the device runtime loads), the device confirmed, the RUNTIME adapters, and the process's device made
    current (a clear error when ``LOCAL_RANK`` exceeds the visible devices);
-2. :func:`build_device_model`: the model built on the CPU (``streampetr_post_model_build``), given the
-   ``load_from`` weights when asked, moved to the device, the MODEL adapters, the precision scope;
+2. :func:`seed_everything`, then :func:`build_device_model`: the model built on the CPU
+   (``streampetr_post_model_build``), given the ``load_from`` weights when asked, moved to the device, the
+   MODEL adapters, the precision scope; :func:`wrap_for_ranks` puts the DDP wrapper around it when there
+   are several processes;
 3. :func:`build_run_optimizer`: the OPTIMIZER adapters, then the optimiser over the model's
    learning-rate groups (each group remembers its ``initial_lr`` for the schedule);
 4. :func:`iteration_plan`: iterations per epoch, run length and checkpoint interval (the reference's
@@ -15,14 +17,18 @@ Each step needs the one before:
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, MutableMapping, Optional
+from typing import TYPE_CHECKING, Dict, MutableMapping, Optional
 
+import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from streampetr_plugin.adapters.base import AdapterContext, AdapterRunner, Phase
 from streampetr_plugin.adapters.device import (
@@ -144,6 +150,40 @@ def build_run_optimizer(
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
     return optimizer
+
+
+def seed_everything(seed: int, device: DeviceHandle) -> None:
+    """Python, numpy, torch and the device's generators seeded alike; the same seed on every rank, as the
+    reference (mmdet3d's train.py without --diff-seed)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if device.module is not None:
+        device.module.manual_seed_all(seed)
+
+
+def _no_buffer_broadcast() -> Dict[str, bool]:
+    """DDP's switch for "do not broadcast buffers before each forward" (the reference's
+    ``broadcast_buffers=False``), under the name this torch version uses."""
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
+def wrap_for_ranks(model: nn.Module, selection: DeviceSelection, dist_env: DistributedEnv) -> nn.Module:
+    """What the batches go through: ``model`` itself in one process, else its DDP wrapper
+    (``find_unused_parameters=False``, no buffer broadcast before each forward, plus the adapters' options;
+    the trainer broadcasts rank 0's buffers before every evaluation and checkpoint instead)."""
+    if not dist_env.is_distributed:
+        return model
+    device = selection.device
+    return DistributedDataParallel(
+        model,
+        device_ids=None if device.kind == "cpu" else [device.index],
+        find_unused_parameters=False,
+        **_no_buffer_broadcast(),
+        **selection.context.ddp_options,
+    )
 
 
 @dataclass(frozen=True)

@@ -112,3 +112,4 @@ class TrainStep:
         elif step_taken:
             optimizer.step()
         return StepResult(terms=terms, grad_norm=norm, skipped=not step_taken)
+
