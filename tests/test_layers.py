@@ -9,6 +9,7 @@ PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 
 def test_the_import_contracts_hold(capsys):
+    # Reads the package the tests import; a broken contract prints the offending import chains.
     configuration.configure()
     kept = lint_imports(config_filename=str(PYPROJECT), cache_dir=None, no_logo=True)
     assert kept, capsys.readouterr().out[-4000:]
