@@ -18,7 +18,8 @@ from typing import List
 
 import torch
 
-from streampetr_plugin.config.loader import load_recipe
+from streampetr_plugin import load_recipe
+from streampetr_plugin.host import create_plugin_host
 from streampetr_plugin.data.prepare_synthetic import (
     OPTIONS_FILE,
     SyntheticDataOptions,
@@ -50,7 +51,7 @@ def test_demo_recipe_loss_falls_in_a_short_schedule(synthetic_nuscenes, tmp_path
     recipe = load_recipe(trainer_helpers.DEMO_RECIPE, overrides)
     threads = torch.get_num_threads()
     try:
-        train(recipe)
+        train(recipe, host=create_plugin_host())
     finally:
         torch.set_num_threads(threads)  # the cpu_threads adapter sets the process-wide count
 
@@ -96,7 +97,8 @@ def test_data_not_generated_here_is_never_replaced(tmp_path):
 
 
 def test_demo_decoding_keeps_one_of_two_boxes_a_metre_apart():
-    head = build_model(load_recipe(trainer_helpers.DEMO_RECIPE)).pts_bbox_head
+    registries = create_plugin_host().registries
+    head = build_model(load_recipe(trainer_helpers.DEMO_RECIPE), registries).pts_bbox_head
     logits = torch.full((1, 4, head.num_classes), -10.0)  # (B, Q, C): four confident queries of class 0
     logits[0, :, 0] = torch.tensor([4.0, 3.0, 2.0, 1.0])
 

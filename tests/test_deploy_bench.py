@@ -5,14 +5,19 @@ from __future__ import annotations
 import pytest
 
 from streampetr_plugin.bench.command import bench_command
-from streampetr_plugin.deploy.bench import backend_lines, time_backends
+from streampetr_plugin.bench.report import backend_lines
+from streampetr_plugin.deploy.bench import time_backends
 from streampetr_plugin.deploy.export import load_detector
+from streampetr_plugin.host import create_plugin_host
 from tests import deploy_helpers
+
+
+HOST = create_plugin_host()
 
 
 def test_every_configuration_times_every_frame_and_the_table_lists_them(synthetic_nuscenes, tmp_path_factory):
     exported = deploy_helpers.exported_demo(synthetic_nuscenes, tmp_path_factory)
-    detector = load_detector(exported.recipe, exported.checkpoint)
+    detector = load_detector(exported.recipe, HOST, exported.checkpoint)
     comparison = time_backends(
         exported.recipe, detector, exported.out_dir, steps=3, warmup=1, levels=("basic", "all")
     )

@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from streampetr_plugin.adapters.cpu import usable_cpus
 from streampetr_plugin.adapters.device import DeviceHandle
+from streampetr_plugin.models.layers.attention import math_attention
 from streampetr_plugin.models.layers.multihead_attention import MultiheadAttentionCore
 
 logger = logging.getLogger(__name__)
@@ -117,19 +118,20 @@ def counting_setup(model: nn.Module) -> Iterator[None]:
     """Attention through the ``math`` backend and activation checkpointing off, restored afterwards:
     the counted FLOPs are the model's (no recomputation), whatever kernels and memory settings run."""
     modules = list(model.modules())
-    attention = [(module, module.backend) for module in modules if isinstance(module, MultiheadAttentionCore)]
+    attention = [(module, module.backend, module.attend) for module in modules
+                 if isinstance(module, MultiheadAttentionCore)]
     checkpointed = [
         (module, module.with_cp) for module in modules if isinstance(getattr(module, "with_cp", None), bool)
     ]
     try:
-        for module, _ in attention:
-            module.backend = "math"
+        for module, _, _ in attention:
+            module.use_backend("math", math_attention)
         for module, _ in checkpointed:
             module.with_cp = False
         yield
     finally:
-        for module, backend in attention:
-            module.backend = backend
+        for module, backend, attend in attention:
+            module.use_backend(backend, attend)
         for module, with_cp in checkpointed:
             module.with_cp = with_cp
 

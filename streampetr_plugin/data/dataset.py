@@ -40,7 +40,6 @@ __all__ = [
     "NuScenesDatasetParams",
     "NuScenesStreamDataset",
     "ImageReadError",
-    "build_nuscenes_dataset",
     "sequence_group_flags",
 ]
 
@@ -357,12 +356,3 @@ class NuScenesStreamDataset(Dataset):
                 depths=[torch.from_numpy(np.asarray(d, dtype=np.float32)) for d in frame.depths],
             )
         return item
-
-
-def build_nuscenes_dataset(
-    params: NuScenesDatasetParams, *, split: str, seed: int = 0
-) -> NuScenesStreamDataset:
-    """The dataset of ``split``: "train" (training pipeline with labels) or "val" (test pipeline)."""
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', not {split!r}")
-    return NuScenesStreamDataset(training=split == "train", seed=seed, **params.model_dump())

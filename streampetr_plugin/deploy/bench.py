@@ -24,6 +24,7 @@ from streampetr_plugin.config.schema import Recipe
 from streampetr_plugin.deploy.export import export_graph, load_detector, recipe_test_shape
 from streampetr_plugin.deploy.onnx_runner import ONNX_FILE, OnnxStreamRunner
 from streampetr_plugin.models.detector import StreamPETRDetector
+from streampetr_plugin.plugins import PluginHost
 
 DEFAULT_LEVELS = ("disable", "basic", "all")
 
@@ -53,10 +54,10 @@ class BackendComparison:
 
 
 def bench_backends(
-    recipe: Recipe, *, steps: int, warmup: int, levels: Sequence[str] = DEFAULT_LEVELS
+    recipe: Recipe, host: PluginHost, *, steps: int, warmup: int, levels: Sequence[str] = DEFAULT_LEVELS
 ) -> BackendComparison:
     """Export the recipe's detector (initial weights) to a temporary graph and :func:`time_backends`."""
-    detector = load_detector(recipe, None)
+    detector = load_detector(recipe, host, None)
     num_cameras, image_hw = recipe_test_shape(recipe)
     with tempfile.TemporaryDirectory() as directory:
         start = time.perf_counter()
@@ -114,26 +115,3 @@ def time_backends(
             )
         )
     return BackendComparison(threads=threads, export_s=export_s, timings=timings)
-
-
-def backend_lines(comparison: Mapping[str, Any]) -> List[str]:
-    """The comparison (as :meth:`BackendComparison.to_dict` gives it) as table lines."""
-    baseline = comparison["timings"][0]["step_time_s"]["median"]
-    title = (
-        f"streaming inference, batch 1, {comparison['threads']} threads per backend, configurations "
-        "alternating frame by frame"
-    )
-    if comparison["export_s"] is not None:
-        title += f"; export took {comparison['export_s']:.1f} s"
-    lines = [
-        title,
-        f"{'configuration':<24}{'s/frame med':>12}{'p90':>8}{'cpu s':>8}{'frames/s':>10}{'vs eager':>10}",
-    ]
-    for timing in comparison["timings"]:
-        step = timing["step_time_s"]
-        lines.append(
-            f"{timing['name']:<24}{step['median']:>12.4f}{step['p90']:>8.4f}"
-            f"{timing['cpu_s_per_frame']:>8.3f}{timing['frames_per_s']:>10.2f}"
-            f"{baseline / step['median']:>9.2f}x"
-        )
-    return lines
