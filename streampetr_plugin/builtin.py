@@ -107,7 +107,7 @@ def streampetr_register_lr_schedulers(register: Register) -> None:
 
 @hookimpl
 def streampetr_register_adapters(register: Register) -> None:
-    from streampetr_plugin.adapters import ascend, common, cpu, cuda
+    from streampetr_plugin.adapters import ascend, capture, common, cpu, cuda
     from streampetr_plugin.adapters.base import NoOptions
 
     register(ascend.NpuEnvironment.name, ascend.NpuEnvironment, params=ascend.NpuEnvironmentParams)
@@ -124,7 +124,10 @@ def streampetr_register_adapters(register: Register) -> None:
     register(cpu.CpuThreads.name, cpu.CpuThreads, params=cpu.CpuThreadsParams)
     register(cpu.CpuForeachAdamW.name, cpu.CpuForeachAdamW, params=NoOptions)
     register(cpu.CpuGlibcMalloc.name, cpu.CpuGlibcMalloc, params=cpu.CpuGlibcMallocParams)
+    register(capture.GraphCapture.name, capture.GraphCapture, params=capture.GraphCaptureParams)
+    register(capture.NpuGraphCapture.name, capture.NpuGraphCapture, params=capture.NpuGraphCaptureParams)
     register(common.DdpStaticGraph.name, common.DdpStaticGraph, params=NoOptions)
+    register(common.FoldBatchNorm.name, common.FoldBatchNorm, params=NoOptions)
     register(common.GradientCheckpointing.name, common.GradientCheckpointing,
              params=common.GradientCheckpointingParams)
 

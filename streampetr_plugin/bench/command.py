@@ -55,7 +55,8 @@ def bench_command(
         device: ``auto`` / ``npu`` / ``cuda`` / ``cpu``; None: the recipe's ``accelerator.device``.
         backend: ``onnxruntime`` (with ``inference``): time streaming inference of the exported graph in
             onnxruntime against PyTorch, alternating frame by frame, instead of the training steps
-            (:mod:`streampetr_plugin.deploy.bench`).
+            (:mod:`streampetr_plugin.deploy.bench`); ``torch-cpu-levers``: the same for PyTorch as built
+            against BatchNorm folding and a channels-last backbone.
 
     Returns:
         The report as a dict (:meth:`BenchReport.to_dict`): ``mode``, ``recipe``, ``overrides``,
@@ -77,12 +78,16 @@ def bench_command(
     if data and (groups or inference):
         raise ValueError("--data times the input pipeline only; run --inference / --variants without --data")
     if backend != "torch" and (data or groups or not inference):
-        raise ValueError("--backend onnxruntime compares inference backends: use it with --inference alone")
+        raise ValueError(
+            f"--backend {backend} compares inference configurations: use it with --inference alone"
+        )
     all_overrides = [*overrides, *([f"accelerator.device={device}"] if device else [])]
     base = load_recipe(recipe, all_overrides)
     handle, device_records = select_device(base)
     if backend != "torch" and handle.kind != "cpu":
-        raise ValueError("--backend onnxruntime compares the backends on the CPU: add --device cpu")
+        raise ValueError(
+            f"--backend {backend} compares inference configurations on the CPU: add --device cpu"
+        )
     shape = stream_shape(base, training=True)
     report = BenchReport(
         mode="data" if data else "model",
@@ -100,10 +105,11 @@ def bench_command(
 
         report.data = bench_data_pipeline(base, steps=steps, warmup=warmup)
     elif backend != "torch":
-        from streampetr_plugin.deploy.bench import bench_backends
+        from streampetr_plugin.deploy.bench import bench_backends, bench_cpu_levers
 
+        bench = bench_backends if backend == "onnxruntime" else bench_cpu_levers
         report.mode = "backends"
-        report.backends = bench_backends(base, steps=steps, warmup=warmup).to_dict()
+        report.backends = bench(base, steps=steps, warmup=warmup).to_dict()
         report.notes.append("inputs: synthetic frames at the recipe's test shapes; initial weights")
     else:
         plan = Plan(steps=steps, warmup=warmup, inference=inference, seed=base.runtime.seed)
@@ -152,8 +158,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="device kind; default: the recipe's accelerator.device",
     )
     parser.add_argument(
-        "--backend", choices=("torch", "onnxruntime"), default="torch",
-        help="with --inference: onnxruntime times the exported graph against PyTorch (CPU, inference only)",
+        "--backend", choices=("torch", "onnxruntime", "torch-cpu-levers"), default="torch",
+        help="with --inference: onnxruntime times the exported graph against PyTorch, torch-cpu-levers "
+        "PyTorch with BatchNorm folding and a channels-last backbone (CPU, inference only)",
     )
     parser.set_defaults(run=run_bench)
     return parser

@@ -181,8 +181,8 @@ def evaluate_checkpoint(
     the tracking metric, :func:`tracking_evaluator`).
 
     The device and its accelerator adapters are set up as the trainer sets them up (the recipe's
-    ``accelerator`` section: device kind, thread count, attention kernels, ...), and the model runs under
-    the recipe's precision. Results go to ``output_dir`` (default: :func:`new_evaluation_dir`, never a
+    ``accelerator`` section: device kind, thread count, attention kernels, ...), then those of the
+    inference phase (BatchNorm folding, ...), and the model runs under the recipe's precision. Results go to ``output_dir`` (default: :func:`new_evaluation_dir`, never a
     training run's own ``eval/iter_*``): the metric's files, ``predictions.npz`` and a picture of the
     first val sample.
     """
@@ -207,7 +207,9 @@ def evaluate_checkpoint(
         ))
     model.to(device.torch_device)
     adapters = AdapterRunner.from_recipe(recipe, device.kind)
-    adapters.run(Phase.MODEL, AdapterContext(device=device.kind, recipe=recipe, model=model))
+    context = AdapterContext(device=device.kind, recipe=recipe, model=model.eval())
+    adapters.run(Phase.MODEL, context)
+    adapters.run(Phase.INFERENCE, context)
     precision = MixedPrecision(recipe.optimization.amp, device)
     precision.configure_model(model)
     applied = [record.name for record in records + adapters.records if record.status is Status.APPLIED]
