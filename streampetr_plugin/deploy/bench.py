@@ -170,10 +170,8 @@ def backend_lines(comparison: Mapping[str, Any]) -> List[str]:
     if comparison["export_s"] is not None:
         title += f"; export took {comparison['export_s']:.1f} s"
     width = max(24, 2 + max(len(timing["name"]) for timing in comparison["timings"]))
-    lines = [
-        title,
-        f"{'configuration':<{width}}{'s/frame med':>12}{'p90':>8}{'cpu s':>8}{'frames/s':>10}{'vs first':>10}",
-    ]
+    header = f"{'s/frame med':>12}{'p90':>8}{'cpu s':>8}{'frames/s':>10}{'vs first':>10}"
+    lines = [title, f"{'configuration':<{width}}{header}"]
     for timing in comparison["timings"]:
         step = timing["step_time_s"]
         lines.append(

@@ -182,9 +182,9 @@ def evaluate_checkpoint(
 
     The device and its accelerator adapters are set up as the trainer sets them up (the recipe's
     ``accelerator`` section: device kind, thread count, attention kernels, ...), then those of the
-    inference phase (BatchNorm folding, ...), and the model runs under the recipe's precision. Results go to ``output_dir`` (default: :func:`new_evaluation_dir`, never a
-    training run's own ``eval/iter_*``): the metric's files, ``predictions.npz`` and a picture of the
-    first val sample.
+    inference phase (BatchNorm folding, ...), and the model runs under the recipe's precision. Results go
+    to ``output_dir`` (default: :func:`new_evaluation_dir`, never a training run's own ``eval/iter_*``):
+    the metric's files, ``predictions.npz`` and a picture of the first val sample.
     """
     from streampetr_plugin.adapters.base import AdapterContext, AdapterRunner, Phase, Status
     from streampetr_plugin.bench.train_step import select_device
