@@ -124,6 +124,7 @@ def streampetr_register_adapters(register: Register) -> None:
     register(cpu.CpuThreads.name, cpu.CpuThreads, params=cpu.CpuThreadsParams)
     register(cpu.CpuForeachAdamW.name, cpu.CpuForeachAdamW, params=NoOptions)
     register(cpu.CpuGlibcMalloc.name, cpu.CpuGlibcMalloc, params=cpu.CpuGlibcMallocParams)
+    register(cpu.CpuChannelsLast.name, cpu.CpuChannelsLast, params=NoOptions)
     register(capture.GraphCapture.name, capture.GraphCapture, params=capture.GraphCaptureParams)
     register(capture.NpuGraphCapture.name, capture.NpuGraphCapture, params=capture.NpuGraphCaptureParams)
     register(common.DdpStaticGraph.name, common.DdpStaticGraph, params=NoOptions)

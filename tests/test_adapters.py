@@ -604,3 +604,30 @@ def test_cpu_glibc_malloc_is_skipped_without_glibc_or_when_tuned_by_the_environm
     assert (runner.records[0].status, runner.records[0].reason) == (
         Status.SKIPPED, "not running on glibc (mallopt is glibc's)"
     )
+
+
+# --------------------------------------------------------------------------------- inference phase
+
+
+def test_inference_adapters_fold_batchnorm_by_default_and_never_touch_a_training_model(standin):
+    from tests.test_detector import tiny_batch, tiny_detector
+
+    recipe = load_recipe(standin, ["accelerator.adapters.cpu_channels_last.enabled=true"])
+    training = tiny_detector().train()
+    runner = AdapterRunner.from_recipe(recipe, "cpu")
+    runner.run(Phase.INFERENCE, _context("cpu", recipe, training))
+    statuses = {record.name: (record.status, record.reason) for record in runner.records}
+    assert statuses["fold_batchnorm"] == (Status.SKIPPED, "the model is in training mode")
+    assert any(isinstance(m, nn.BatchNorm2d) for m in training.modules())
+
+    eager = tiny_detector().eval()
+    served = tiny_detector().eval()
+    runner = AdapterRunner.from_recipe(recipe, "cpu")
+    runner.run(Phase.INFERENCE, _context("cpu", recipe, served))
+    assert [r.status for r in runner.records] == [Status.APPLIED, Status.APPLIED]  # channels-last, fold
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in served.modules())
+    assert served.img_backbone.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected, actual = eager(tiny_batch()), served(tiny_batch())
+    torch.testing.assert_close(actual.all_cls_scores, expected.all_cls_scores, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(actual.all_bbox_preds, expected.all_bbox_preds, rtol=1e-4, atol=1e-5)
