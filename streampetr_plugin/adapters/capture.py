@@ -8,8 +8,10 @@ until a measurement says otherwise).
 * ``npu_graph_capture`` (NPU): the same modules through torch_npu's graph mode, torchair (bundled with
   torch_npu as ``torch_npu.dynamo.torchair``; ``import torch_npu`` makes it importable as ``torchair``):
   ``torchair.get_npu_backend(compiler_config=config)`` with ``config.mode`` ``npugraph_ex`` (captured
-  and replayed as NPU graphs, the CUDA-graph analogue), ``reduce-overhead`` (the older torchair name of
-  the same capture) or ``max-autotune`` (the whole graph compiled by the graph engine).
+  and replayed as NPU graphs, the CUDA-graph analogue), ``reduce-overhead`` (the older name of the same
+  capture, deprecated in torch_npu 2.14) or ``max-autotune`` (the whole graph compiled by the graph
+  engine). The names and signatures used here are those of torch_npu 2.14's Python files
+  (tests/fixtures/torch_npu_2.14_graph_api.json records them).
 
 What is captured (``targets``), each module compiled in place (``nn.Module.compile``: parameters,
 state-dict keys and checkpoints stay as they are), one graph per input shape (``dynamic=False``:
@@ -135,8 +137,8 @@ class NpuGraphCaptureParams(BaseModel):
 
     mode: Literal["npugraph_ex", "reduce-overhead", "max-autotune"] = Field(
         "npugraph_ex",
-        description="torchair CompilerConfig.mode: npugraph_ex / reduce-overhead capture NPU graphs "
-        "(reduce-overhead: torch_npu before 2.14), max-autotune compiles with the graph engine.",
+        description="torchair CompilerConfig.mode: npugraph_ex captures NPU graphs (reduce-overhead: its "
+        "older, deprecated name), max-autotune compiles with the graph engine.",
     )
     targets: List[CaptureTarget] = Field(
         default_factory=lambda: list(DEFAULT_TARGETS),
