@@ -1,13 +1,30 @@
 """The built-in plugin: registers StreamPETR's own components through the public hooks.
 
-Imports happen inside the hooks so that ``import streampetr_plugin`` stays light.
+Every component with options is registered with its params model; its factory here receives the
+validated instance and hands it to the component's constructor field by field (the one place where
+settings become keyword arguments), together with the sizes taken from the modules built before it.
+Imports happen inside the hooks so that creating a plugin host stays light.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import TYPE_CHECKING, Any, Callable, Dict
 
 from streampetr_plugin.hookspecs import Register, hookimpl
 from streampetr_plugin.models.backbones.contract import ShapeSpec
+from streampetr_plugin.registry import NoOptions
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+
+def _keyword_factory(component: Callable[..., Any]) -> Callable[..., Any]:
+    """A factory building ``component(**fields of params, **context)``, documented as the component."""
+
+    def factory(params: "BaseModel", **context: Any) -> Any:
+        return component(**dict(params), **context)
+
+    factory.__doc__ = component.__doc__
+    return factory
 
 
 @hookimpl
@@ -15,14 +32,14 @@ def streampetr_register_backbones(register: Register) -> None:
     from streampetr_plugin.models.backbones.resnet import ResNet, ResNetParams
     from streampetr_plugin.models.backbones.vovnet import VoVNet, VoVNetParams
 
-    register("vovnet", VoVNet, params=VoVNetParams)
-    register("resnet", ResNet, params=ResNetParams)
+    register("vovnet", _keyword_factory(VoVNet), params=VoVNetParams)
+    register("resnet", _keyword_factory(ResNet), params=ResNetParams)
 
 
-def _build_cpfpn(*, input_shape: Dict[str, ShapeSpec], **options: Any):
+def _build_cpfpn(params: "BaseModel", *, input_shape: Dict[str, ShapeSpec]) -> Any:
     from streampetr_plugin.models.necks.cp_fpn import CPFPN
 
-    return CPFPN(in_channels=[spec.channels for spec in input_shape.values()], **options)
+    return CPFPN(in_channels=[spec.channels for spec in input_shape.values()], **dict(params))
 
 
 @hookimpl
@@ -32,16 +49,18 @@ def streampetr_register_necks(register: Register) -> None:
     register("cpfpn", _build_cpfpn, params=CPFPNParams)
 
 
-def _build_focal_head(*, input_shape: ShapeSpec, num_classes: int, **options: Any):
+def _build_focal_head(params: "BaseModel", *, input_shape: ShapeSpec, num_classes: int) -> Any:
     from streampetr_plugin.models.heads.focal_head import FocalHead
 
-    return FocalHead(in_channels=input_shape.channels, num_classes=num_classes, **options)
+    return FocalHead(
+        in_channels=input_shape.channels, stride=input_shape.stride, num_classes=num_classes, **dict(params)
+    )
 
 
-def _build_streampetr_head(*, input_shape: ShapeSpec, num_classes: int, **options: Any):
+def _build_streampetr_head(params: "BaseModel", *, input_shape: ShapeSpec, num_classes: int) -> Any:
     from streampetr_plugin.models.heads.streampetr_head import StreamPETRHead
 
-    return StreamPETRHead(in_channels=input_shape.channels, num_classes=num_classes, **options)
+    return StreamPETRHead(in_channels=input_shape.channels, num_classes=num_classes, **dict(params))
 
 
 @hookimpl
@@ -53,24 +72,24 @@ def streampetr_register_heads(register: Register) -> None:
     register("streampetr", _build_streampetr_head, params=StreamPETRHeadParams)
 
 
+def _build_streampetr_detector(params: "BaseModel", *, input_shape: ShapeSpec, **modules: Any) -> Any:
+    from streampetr_plugin.models.detector import StreamPETRDetector
+
+    return StreamPETRDetector(stride=input_shape.stride, **dict(params), **modules)
+
+
 @hookimpl
 def streampetr_register_detectors(register: Register) -> None:
-    from streampetr_plugin.models.detector import StreamPETRDetector, StreamPETRDetectorParams
+    from streampetr_plugin.models.detector import StreamPETRDetectorParams
 
-    register("streampetr", StreamPETRDetector, params=StreamPETRDetectorParams)
-
-
-def _build_nuscenes(*, training: bool, classes: List[str], **options: Any):
-    from streampetr_plugin.data.dataset import NuScenesStreamDataset
-
-    return NuScenesStreamDataset(training=training, classes=classes, **options)
+    register("streampetr", _build_streampetr_detector, params=StreamPETRDetectorParams)
 
 
 @hookimpl
 def streampetr_register_datasets(register: Register) -> None:
-    from streampetr_plugin.data.dataset import NuScenesDatasetParams
+    from streampetr_plugin.data.dataset import NuScenesDatasetParams, NuScenesStreamDataset
 
-    register("nuscenes", _build_nuscenes, params=NuScenesDatasetParams)
+    register("nuscenes", _keyword_factory(NuScenesStreamDataset), params=NuScenesDatasetParams)
 
 
 @hookimpl
@@ -100,52 +119,48 @@ def streampetr_register_optimizers(register: Register) -> None:
 
 @hookimpl
 def streampetr_register_lr_schedulers(register: Register) -> None:
-    from streampetr_plugin.training.lr_schedule import CosineWarmupParams, build_cosine_warmup
+    from streampetr_plugin.training.lr_schedule import CosineWarmup, CosineWarmupParams
 
-    register("cosine_warmup", build_cosine_warmup, params=CosineWarmupParams)
+    register("cosine_warmup", _keyword_factory(CosineWarmup), params=CosineWarmupParams)
 
 
 @hookimpl
 def streampetr_register_adapters(register: Register) -> None:
     from streampetr_plugin.adapters import ascend, capture, common, cpu, cuda
-    from streampetr_plugin.adapters.base import NoOptions
 
-    register(ascend.NpuEnvironment.name, ascend.NpuEnvironment, params=ascend.NpuEnvironmentParams)
-    register(ascend.NpuRuntime.name, ascend.NpuRuntime, params=ascend.NpuRuntimeParams)
-    register(
-        ascend.NpuFusionAttention.name, ascend.NpuFusionAttention, params=ascend.NpuFusionAttentionParams
-    )
-    register(ascend.NpuFusedAdamW.name, ascend.NpuFusedAdamW, params=NoOptions)
-    register(cuda.CudaAllocator.name, cuda.CudaAllocator, params=NoOptions)
-    register(cuda.CudaTf32.name, cuda.CudaTf32, params=cuda.CudaTf32Params)
-    register(cuda.CudaSdpaKernels.name, cuda.CudaSdpaKernels, params=NoOptions)
-    register(cuda.CudaChannelsLast.name, cuda.CudaChannelsLast, params=NoOptions)
-    register(cuda.CudaFusedAdamW.name, cuda.CudaFusedAdamW, params=NoOptions)
-    register(cpu.CpuThreads.name, cpu.CpuThreads, params=cpu.CpuThreadsParams)
-    register(cpu.CpuForeachAdamW.name, cpu.CpuForeachAdamW, params=NoOptions)
-    register(cpu.CpuGlibcMalloc.name, cpu.CpuGlibcMalloc, params=cpu.CpuGlibcMallocParams)
-    register(cpu.CpuChannelsLast.name, cpu.CpuChannelsLast, params=NoOptions)
-    register(capture.GraphCapture.name, capture.GraphCapture, params=capture.GraphCaptureParams)
-    register(capture.NpuGraphCapture.name, capture.NpuGraphCapture, params=capture.NpuGraphCaptureParams)
-    register(common.DdpStaticGraph.name, common.DdpStaticGraph, params=NoOptions)
-    register(common.FoldBatchNorm.name, common.FoldBatchNorm, params=NoOptions)
-    register(common.GradientCheckpointing.name, common.GradientCheckpointing,
-             params=common.GradientCheckpointingParams)
-
-
-def _build_centerpoint_tracker(**options: Any):
-    from streampetr_plugin.tracking.centerpoint import CenterPointTracker, CenterPointTrackerParams
-
-    return CenterPointTracker(CenterPointTrackerParams(**options))
+    for adapter, params in (
+        (ascend.NpuEnvironment, ascend.NpuEnvironmentParams),
+        (ascend.NpuRuntime, ascend.NpuRuntimeParams),
+        (ascend.NpuFusionAttention, ascend.NpuFusionAttentionParams),
+        (ascend.NpuFusedAdamW, NoOptions),
+        (cuda.CudaAllocator, NoOptions),
+        (cuda.CudaTf32, cuda.CudaTf32Params),
+        (cuda.CudaSdpaKernels, NoOptions),
+        (cuda.CudaChannelsLast, NoOptions),
+        (cuda.CudaFusedAdamW, NoOptions),
+        (cpu.CpuThreads, cpu.CpuThreadsParams),
+        (cpu.CpuForeachAdamW, NoOptions),
+        (cpu.CpuGlibcMalloc, cpu.CpuGlibcMallocParams),
+        (cpu.CpuChannelsLast, NoOptions),
+        (capture.GraphCapture, capture.GraphCaptureParams),
+        (capture.NpuGraphCapture, capture.NpuGraphCaptureParams),
+        (common.DdpStaticGraph, NoOptions),
+        (common.FoldBatchNorm, NoOptions),
+        (common.GradientCheckpointing, common.GradientCheckpointingParams),
+    ):
+        register(adapter.name, _keyword_factory(adapter), params=params)
 
 
-def _build_query_propagation_tracker(**options: Any):
-    from streampetr_plugin.tracking.query_propagation import (
-        QueryPropagationTracker,
-        QueryPropagationTrackerParams,
-    )
+def _build_centerpoint_tracker(params: "BaseModel") -> Any:
+    from streampetr_plugin.tracking.centerpoint import CenterPointTracker
 
-    return QueryPropagationTracker(QueryPropagationTrackerParams(**options))
+    return CenterPointTracker(params)
+
+
+def _build_query_propagation_tracker(params: "BaseModel") -> Any:
+    from streampetr_plugin.tracking.query_propagation import QueryPropagationTracker
+
+    return QueryPropagationTracker(params)
 
 
 @hookimpl
@@ -155,3 +170,35 @@ def streampetr_register_trackers(register: Register) -> None:
 
     register("centerpoint", _build_centerpoint_tracker, params=CenterPointTrackerParams)
     register("query_propagation", _build_query_propagation_tracker, params=QueryPropagationTrackerParams)
+
+
+def _sdpa() -> Callable[..., Any]:
+    """PyTorch's fused ``scaled_dot_product_attention`` (the default)."""
+    from streampetr_plugin.models.layers.attention import sdpa_attention
+
+    return sdpa_attention
+
+
+def _math() -> Callable[..., Any]:
+    """An explicit softmax (the numerical reference)."""
+    from streampetr_plugin.models.layers.attention import math_attention
+
+    return math_attention
+
+
+def _npu_fusion_attention() -> Callable[..., Any]:
+    """Ascend's fused attention kernel (``torch_npu.npu_fusion_attention``, BSND layout); imports
+    ``torch_npu`` when it is first selected."""
+    from streampetr_plugin.adapters.ascend import make_npu_fusion_attention
+    from streampetr_plugin.adapters.device import import_torch_npu
+
+    return make_npu_fusion_attention(import_torch_npu())
+
+
+@hookimpl
+def streampetr_register_attention_backends(register: Register) -> None:
+    from streampetr_plugin.adapters.ascend import NPU_ATTENTION_BACKEND
+
+    for name, kernel in (("sdpa", _sdpa), ("math", _math), (NPU_ATTENTION_BACKEND, _npu_fusion_attention)):
+        register(name, _keyword_factory(kernel), params=NoOptions)
+

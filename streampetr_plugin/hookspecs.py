@@ -2,23 +2,38 @@
 
 A plugin is any object or module with functions marked ``@hookimpl`` (``from streampetr_plugin
 import hookimpl``), published through the ``streampetr`` entry-point group. Registration hooks
-receive a ``register(name, factory, *, params=None)`` callback: ``factory(**options, **context)``
-builds the component, ``params`` is an optional pydantic model that validates ``options`` from a
-recipe. The built-in StreamPETR components are registered by the built-in plugin through these
+receive a ``register(name, factory, *, params=None)`` callback (:class:`Register`): ``params`` is an
+optional pydantic model that validates a component's options once, when the recipe is loaded, and
+``factory(params, **context)`` builds the component from that instance (without a params model:
+``factory(**options, **context)``, options unchecked). ``options`` in the hook descriptions below stands
+for either. The built-in StreamPETR components are registered by the built-in plugin through these
 same hooks.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Protocol, Type
 
 import pluggy
+from pydantic import BaseModel
 
 PROJECT_NAME = "streampetr"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
-Register = Callable[..., None]
+
+class Register(Protocol):
+    """The callback a registration hook receives: ``register(name, factory, params=Model)``.
+
+    ``params`` (a pydantic model) validates the component's options in a recipe; ``factory(params,
+    **context)`` then builds the component from the instance (without ``params``: ``factory(**options,
+    **context)``).
+    """
+
+    def __call__(
+        self, name: str, factory: Callable[..., Any], *, params: Optional[Type[BaseModel]] = None
+    ) -> None:
+        ...
 
 
 @hookspec
@@ -43,8 +58,9 @@ def streampetr_register_heads(register: Register) -> None:
 
 @hookspec
 def streampetr_register_detectors(register: Register) -> None:
-    """Register detectors. ``factory(**options, img_backbone=..., img_neck=..., img_roi_head=...,
-    pts_bbox_head=...)`` assembles the modules built from the recipe's ``model`` section."""
+    """Register detectors. ``factory(**options, input_shape=ShapeSpec, img_backbone=..., img_neck=...,
+    img_roi_head=..., pts_bbox_head=...)`` assembles the modules built from the recipe's ``model`` section
+    (``input_shape``: the neck level the heads read, its channels and stride)."""
 
 
 @hookspec
@@ -82,6 +98,13 @@ def streampetr_register_trackers(register: Register) -> None:
     """Register multi-object trackers. ``factory(**options)`` returns an object with ``reset()`` (a new scene
     starts) and ``update(frame) -> (N,) int64`` track ids of the frame's detections, -1 for those not
     output (see ``streampetr_plugin.tracking.frame``: ``TrackingFrame``, ``Tracker``)."""
+
+
+@hookspec
+def streampetr_register_attention_backends(register: Register) -> None:
+    """Register attention kernels. ``factory()`` returns a callable ``attend(q, k, v, *, attn_mask,
+    dropout_p, training) -> out`` on head-split tensors (see ``streampetr_plugin.models.layers.attention``);
+    a recipe's ``model.head.attention_backend`` and the accelerator adapters select one by name."""
 
 
 @hookspec

@@ -4,32 +4,33 @@ Entry points of the ``streampetr`` group are loaded one by one: a plugin that fa
 exception, ``SystemExit`` included) is reported once (distribution, entry-point name, error) and
 skipped, unless ``STREAMPETR_STRICT_PLUGINS=1``. ``STREAMPETR_LOAD_PLUGINS=a,b`` loads only those
 entry points (empty: none); ``STREAMPETR_DISABLE_PLUGINS=a,b`` blocks some. The built-in plugin is
-always loaded. Loading is idempotent within a process (every distributed rank loads plugins once).
+always loaded. A hook implementation whose name no specification has (a misspelt hook) is an error
+naming the plugin.
 
-Hooks are called through :meth:`PluginHost.call_hook`: an exception inside a plugin's implementation
-becomes a :class:`PluginHookError` naming the plugin and the hook.
+There is no process-wide host: the entry points of the program (the command line, the MindSpeed-MM
+entry, the benchmark) create one with :func:`streampetr_plugin.host.create_plugin_host` and hand it
+down. Hooks are called through :attr:`PluginHost.hooks` (:class:`~streampetr_plugin.hooks.Hooks`).
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import os
-import threading
 from dataclasses import dataclass, field
 from functools import partial
 from importlib import metadata
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import pluggy
 
 from streampetr_plugin import hookspecs
 from streampetr_plugin.errors import RunError, StreamPETRError, describe
+from streampetr_plugin.hooks import BUILTIN_PLUGIN_NAME, Hooks, disable_hint
 from streampetr_plugin.registry import Registry
+from streampetr_plugin.version import __version__
 
 logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "streampetr"
-BUILTIN_PLUGIN_NAME = "streampetr-builtin"
 
 REGISTRY_KINDS = (
     "backbones",
@@ -42,15 +43,12 @@ REGISTRY_KINDS = (
     "lr_schedulers",
     "adapters",
     "trackers",
+    "attention_backends",
 )
 
 
 class PluginLoadError(RunError):
     """A plugin failed to load while ``STREAMPETR_STRICT_PLUGINS=1``."""
-
-
-class PluginHookError(RunError):
-    """A plugin's hook implementation raised; the message names the plugin and the hook."""
 
 
 @dataclass
@@ -85,6 +83,7 @@ class Registries:
     lr_schedulers: Registry
     adapters: Registry
     trackers: Registry
+    attention_backends: Registry
 
     def kind(self, kind: str) -> Registry:
         return getattr(self, kind)
@@ -101,26 +100,6 @@ def _strict() -> bool:
     return os.environ.get("STREAMPETR_STRICT_PLUGINS", "").lower() in ("1", "true", "yes", "on")
 
 
-def _disable_hint(plugin: str) -> str:
-    return f"fix or update the plugin, or leave it out with STREAMPETR_DISABLE_PLUGINS={plugin}"
-
-
-def _raising_plugin(caller: pluggy.HookCaller, error: BaseException) -> Optional[str]:
-    """The plugin whose implementation of ``caller``'s hook ``error`` was raised in (None: not in one)."""
-    plugins = {}
-    for impl in caller.get_hookimpls():
-        function = inspect.unwrap(getattr(impl.function, "__func__", impl.function))
-        code = getattr(function, "__code__", None)
-        if code is not None:
-            plugins[code] = impl.plugin_name
-    frame = error.__traceback__
-    while frame is not None:
-        if frame.tb_frame.f_code in plugins:
-            return plugins[frame.tb_frame.f_code]
-        frame = frame.tb_next
-    return None
-
-
 class PluginHost:
     """The pluggy manager plus the registries filled from it."""
 
@@ -128,15 +107,31 @@ class PluginHost:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs)
         self.failures: List[PluginFailure] = []
-        self.distributions: Dict[str, tuple] = {}  # plugin name -> (distribution, version)
+        self.distributions: Dict[str, Tuple[str, str]] = {}  # plugin name -> (distribution, version)
+        self.hooks = Hooks(self.pm, self.distributions)
         self._registries: Optional[Registries] = None
 
-    def load(self) -> None:
-        from streampetr_plugin import __version__, builtin
-
-        self.pm.register(builtin, name=BUILTIN_PLUGIN_NAME)
+    def load(self, builtin: object, *, entry_points: bool = True) -> None:
+        """Register the built-in plugin ``builtin``, then (unless ``entry_points`` is false) the installed
+        entry points."""
         self.distributions[BUILTIN_PLUGIN_NAME] = ("streampetr-plugin", __version__)
-        self._load_entry_points()
+        self._register(builtin, BUILTIN_PLUGIN_NAME)
+        if entry_points:
+            self._load_entry_points()
+
+    def _register(self, plugin: object, name: str) -> None:
+        """``pm.register`` plus the check that every hook implementation of ``plugin`` has a
+        specification: a misspelt hook would otherwise never be called, silently."""
+        self.pm.register(plugin, name=name)
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as error:
+            self.pm.unregister(name=name)
+            distribution = self.distributions.get(name, ("<registered in process>",))[0]
+            raise PluginLoadError(describe(
+                f"plugin {name!r} from {distribution}", f"implements a hook that does not exist ({error})",
+                f"name the hook as in streampetr_plugin.hookspecs; {disable_hint(name)}",
+            )) from None
 
     def _load_entry_points(self) -> None:
         allow = _env_list("STREAMPETR_LOAD_PLUGINS")
@@ -151,13 +146,12 @@ class PluginHost:
             version = dist.version if dist is not None else "?"
             try:
                 plugin = entry_point.load()
-                self.pm.register(plugin, name=entry_point.name)
             except (Exception, SystemExit) as error:  # a broken plugin must not take the host down
                 failure = PluginFailure(dist_name, entry_point.name, f"{type(error).__name__}: {error}")
                 if _strict():
                     raise PluginLoadError(describe(
                         f"plugin {failure.entry_point!r} from {failure.distribution}",
-                        f"failed to load ({failure.error})", _disable_hint(failure.entry_point),
+                        f"failed to load ({failure.error})", disable_hint(failure.entry_point),
                     )) from error
                 self.failures.append(failure)
                 logger.warning(
@@ -168,10 +162,11 @@ class PluginHost:
                 )
                 continue
             self.distributions[entry_point.name] = (dist_name, version)
+            self._register(plugin, entry_point.name)
 
     def register_plugin(self, plugin: object, name: str) -> None:
         """Register a plugin object directly (tests, embedding hosts); registries are rebuilt."""
-        self.pm.register(plugin, name=name)
+        self._register(plugin, name)
         self.distributions.setdefault(name, ("<registered in process>", "?"))
         self._registries = None
 
@@ -189,11 +184,10 @@ class PluginHost:
     def _fill_registries(self) -> Registries:
         registries = Registries(**{kind: Registry(kind) for kind in REGISTRY_KINDS})
         for kind in REGISTRY_KINDS:
-            caller = getattr(self.pm.hook, f"streampetr_register_{kind}")
             registry = registries.kind(kind)
-            for impl in caller.get_hookimpls():  # in plugin registration order: the built-in plugin first
+            for impl in self.hooks.registrations(kind):
                 register = partial(registry.register, provider=impl.plugin_name)
-                self._call_registration(impl, caller.name, register)
+                self._call_registration(impl, f"streampetr_register_{kind}", register)
         return registries
 
     def _call_registration(self, impl: pluggy.HookImpl, hook: str, register) -> None:
@@ -203,7 +197,7 @@ class PluginHost:
             if impl.plugin_name == BUILTIN_PLUGIN_NAME or (_strict() and isinstance(error, StreamPETRError)):
                 raise
             if _strict():
-                raise self._hook_error(impl.plugin_name, hook, error) from error
+                raise self.hooks.hook_error(impl.plugin_name, hook, error) from error
             failure = PluginFailure(
                 self.distributions.get(impl.plugin_name, ("<unknown distribution>",))[0],
                 impl.plugin_name,
@@ -212,28 +206,6 @@ class PluginHost:
             self.failures.append(failure)
             logger.warning("plugin %r failed in %s, its components are skipped: %s",
                            impl.plugin_name, hook, failure.error)
-
-    def _hook_error(self, plugin: str, hook: str, error: BaseException) -> PluginHookError:
-        distribution = self.distributions.get(plugin, ("<unknown distribution>",))[0]
-        return PluginHookError(describe(
-            f"plugin {plugin!r} from {distribution}", f"hook {hook} raised {type(error).__name__}: {error}",
-            _disable_hint(plugin),
-        ))
-
-    def call_hook(self, hook: str, **kwargs: Any) -> Any:
-        """``pm.hook.<hook>(**kwargs)``. An exception raised inside a plugin's implementation (``SystemExit``
-        included) becomes :class:`PluginHookError` naming the plugin and the hook; errors written for the
-        user (:class:`StreamPETRError`) and the built-in plugin's own errors pass unchanged."""
-        caller = getattr(self.pm.hook, hook)
-        try:
-            return caller(**kwargs)
-        except StreamPETRError:
-            raise
-        except (Exception, SystemExit) as error:
-            plugin = _raising_plugin(caller, error)
-            if plugin is None or plugin == BUILTIN_PLUGIN_NAME:
-                raise
-            raise self._hook_error(plugin, hook, error) from error
 
     def infos(self) -> List[PluginInfo]:
         registries = self.registries
@@ -253,29 +225,3 @@ class PluginHost:
     def versions(self) -> Dict[str, str]:
         """plugin name -> version, recorded in checkpoints."""
         return {name: version for name, (_, version) in self.distributions.items()}
-
-
-_host: Optional[PluginHost] = None
-_lock = threading.Lock()
-
-
-def get_plugin_host() -> PluginHost:
-    """The process-wide plugin host, loaded on first use."""
-    global _host
-    with _lock:
-        if _host is None:
-            host = PluginHost()
-            host.load()
-            _host = host
-        return _host
-
-
-def reset_plugin_host() -> None:
-    """Forget loaded plugins (tests, or after changing the environment switches)."""
-    global _host
-    with _lock:
-        _host = None
-
-
-def get_registries() -> Registries:
-    return get_plugin_host().registries

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Generic, Iterator, List, Mapping, Optional, Type, TypeVar
+from typing import Any, Callable, Dict, Generic, Iterator, List, Mapping, Optional, Type, TypeVar, Union
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from streampetr_plugin.errors import InputError
 
@@ -14,6 +14,12 @@ T = TypeVar("T")
 
 class RegistryError(InputError, LookupError):
     """A duplicate or unknown component name."""
+
+
+class NoOptions(BaseModel):
+    """Params of a component that takes no options: any key is an error."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 @dataclass(frozen=True)
@@ -31,7 +37,8 @@ class Registry(Generic[T]):
 
     ``register(name, factory, params=...)`` is the callback handed to the registration hooks;
     ``provider`` (the plugin's name) is filled in by the plugin manager so errors can say who
-    registered what.
+    registered what. A component with a ``params`` model is built as ``factory(params, **context)`` from
+    a validated instance of it; one without takes its options unchecked, ``factory(**options, **context)``.
     """
 
     def __init__(self, kind: str) -> None:
@@ -67,17 +74,20 @@ class Registry(Generic[T]):
         hint = f"; did you mean {close[0]!r}?" if close else ""
         return f"unknown {self.kind[:-1] if self.kind.endswith('s') else self.kind} {name!r} (available: {available}){hint}"
 
-    def validate_options(self, name: str, options: Mapping[str, Any]) -> Dict[str, Any]:
-        """Options checked (and defaulted) by the component's params model; raises pydantic's error."""
+    def validate(self, name: str, options: Mapping[str, Any]) -> Optional[BaseModel]:
+        """``options`` checked (and defaulted) by the component's params model, as an instance of it; None
+        for a component without one. Raises pydantic's ``ValidationError``."""
+        entry = self.get(name)
+        return None if entry.params is None else entry.params.model_validate(dict(options))
+
+    def build(self, name: str, options: Union[BaseModel, Mapping[str, Any]], **context: Any) -> T:
+        """Instantiate ``name`` from its params instance (validated once, by the recipe loader) or from plain
+        options (validated here), plus context (shapes from other modules)."""
         entry = self.get(name)
         if entry.params is None:
-            return dict(options)
-        return entry.params.model_validate(dict(options)).model_dump()
-
-    def build(self, name: str, options: Mapping[str, Any], **context: Any) -> T:
-        """Instantiate ``name`` with validated options plus context (shapes from other modules)."""
-        entry = self.get(name)
-        return entry.factory(**self.validate_options(name, options), **context)
+            return entry.factory(**dict(options), **context)
+        params = options if isinstance(options, entry.params) else self.validate(name, options)
+        return entry.factory(params, **context)
 
     def names(self) -> List[str]:
         return sorted(self._entries)

@@ -12,7 +12,7 @@ from typing import Dict, Tuple
 
 import pytest
 
-from streampetr_plugin.data.dataset import NuScenesDatasetParams
+from streampetr_plugin.data.dataset import NuScenesDatasetParams, NuScenesStreamDataset
 from streampetr_plugin.data.infos import create_infos
 from streampetr_plugin.data.synthetic import SyntheticDataset, make_synthetic
 
@@ -60,3 +60,9 @@ def synthetic_nusc(synthetic_nuscenes: SyntheticNuScenes):
     from nuscenes.nuscenes import NuScenes
 
     return NuScenes(version=synthetic_nuscenes.version, dataroot=str(synthetic_nuscenes.root), verbose=False)
+
+
+def nuscenes_dataset(params: NuScenesDatasetParams, *, split: str) -> NuScenesStreamDataset:
+    """The dataset of ``split`` ("train": training pipeline with labels; "val": test pipeline), built from
+    its params as the registry builds it."""
+    return NuScenesStreamDataset(training=split == "train", **dict(params))

@@ -18,10 +18,10 @@ from typing import Dict
 import pytest
 import torch
 
-from streampetr_plugin.config.loader import load_recipe
+from streampetr_plugin import build_model, load_recipe
+from streampetr_plugin.host import create_plugin_host
 from streampetr_plugin.config.schema import Recipe
 from streampetr_plugin.deploy.export import ExportResult, export_command
-from streampetr_plugin.models.build import build_model
 from tests import trainer_helpers
 
 _CACHE: Dict[str, "ExportedDemo"] = {}
@@ -65,7 +65,8 @@ def exported_demo(synthetic_nuscenes, tmp_path_factory: pytest.TempPathFactory) 
         checkpoint = directory / "demo.pth"
         torch.save(model.state_dict(), checkpoint)
         result = export_command(
-            recipe, checkpoint=checkpoint, out_dir=directory / "export", parity_frames=PARITY_FRAMES
+            recipe, host=create_plugin_host(), checkpoint=checkpoint, out_dir=directory / "export",
+            parity_frames=PARITY_FRAMES,
         )
         _CACHE["demo"] = ExportedDemo(
             recipe=recipe, checkpoint=checkpoint, out_dir=directory / "export", result=result

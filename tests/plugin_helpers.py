@@ -46,9 +46,9 @@ class TinyConvParams(BaseModel):
 
 
 class TinyConv(nn.Module):
-    def __init__(self, *, width: int = 16) -> None:
+    def __init__(self, params: TinyConvParams) -> None:
         super().__init__()
-        self.width = width
+        width = self.width = params.width
         self.c4 = nn.Conv2d(3, width, kernel_size=16, stride=16)
         self.c5 = nn.Conv2d(width, width, kernel_size=2, stride=2)
 

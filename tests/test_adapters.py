@@ -39,11 +39,10 @@ from streampetr_plugin.adapters.base import (
 )
 from streampetr_plugin.adapters.device import DeviceError, candidate_device, confirm_device
 from streampetr_plugin.config.loader import RecipeError, load_recipe
-from streampetr_plugin.models.layers import attention as attention_module
 from streampetr_plugin.models.layers.multihead_attention import MultiheadAttentionCore
-from streampetr_plugin.plugins import get_plugin_host
+from streampetr_plugin.host import create_plugin_host
 from streampetr_plugin.training.distributed import read_distributed_env
-from streampetr_plugin.training.optimizers import build_adamw, build_param_groups
+from streampetr_plugin.training.optimizers import AdamWParams, build_adamw, build_param_groups
 from streampetr_plugin.training.trainer import Trainer
 from tests import trainer_helpers
 
@@ -198,7 +197,6 @@ def simulate_ascend(monkeypatch):
     for key in NPU_ENVIRONMENT:
         monkeypatch.setenv(key, "placeholder")  # recorded, so that teardown removes what adapters set
         monkeypatch.delenv(key)
-    monkeypatch.setattr(attention_module, "_BACKENDS", dict(attention_module._BACKENDS))
     yield install
     for simulation in installed:
         if simulation in sys.meta_path:
@@ -206,17 +204,18 @@ def simulate_ascend(monkeypatch):
     _forget_simulated_modules()
 
 
+HOST = trainer_helpers.standin_host()
+
+
 @pytest.fixture
 def standin(tmp_path):
-    host = get_plugin_host()
-    host.register_plugin(trainer_helpers, name=trainer_helpers.PLUGIN_NAME)
-    yield trainer_helpers.write_recipe(tmp_path)
-    host.unregister_plugin(trainer_helpers.PLUGIN_NAME)
+    return trainer_helpers.write_recipe(tmp_path)
 
 
 def _context(device: str, recipe=None, model=None, **kwargs) -> AdapterContext:
     environ = kwargs.pop("environ", {})
-    return AdapterContext(device=device, environ=environ, recipe=recipe, model=model, **kwargs)
+    return AdapterContext(device=device, environ=environ, recipe=recipe, registries=HOST.registries,
+                          model=model, **kwargs)
 
 
 # ------------------------------------------------------------------------------------ runner rules
@@ -289,9 +288,9 @@ def test_off_by_default_adapter_says_how_to_turn_it_on():
 
 def test_recipe_adapter_options_are_validated(standin):
     with pytest.raises(RecipeError, match="accelerator.adapters.npu_environment.extr.*unknown key"):
-        load_recipe(standin, ["accelerator.adapters.npu_environment.extr={A: b}"])
+        load_recipe(standin, ["accelerator.adapters.npu_environment.extr={A: b}"], host=HOST)
     with pytest.raises(RecipeError, match="unknown adapter 'npu_fusion_atention'"):
-        load_recipe(standin, ["accelerator.adapters.npu_fusion_atention.enabled=false"])
+        load_recipe(standin, ["accelerator.adapters.npu_fusion_atention.enabled=false"], host=HOST)
 
 
 # -------------------------------------------------------------------------------- device selection
@@ -300,7 +299,7 @@ def test_recipe_adapter_options_are_validated(standin):
 def test_auto_without_torch_npu_or_cuda_selects_the_cpu_and_says_why():
     if device_module.torch_npu_installed() or torch.cuda.is_available():
         pytest.skip("this machine has an accelerator runtime")
-    kind, how = candidate_device("auto", environ={})
+    kind, how = candidate_device("auto", hooks=HOST.hooks, environ={})
     assert kind == "cpu" and "no torch_npu" in how and "CUDA is not available" in how
     with pytest.raises(DeviceError, match="device 'npu'.*torch_npu is not installed"):
         confirm_device("npu", "accelerator.device")
@@ -310,14 +309,14 @@ def test_auto_without_torch_npu_or_cuda_selects_the_cpu_and_says_why():
 
 def test_auto_checks_the_npu_first_and_falls_back_when_it_has_no_device(simulate_ascend):
     first = simulate_ascend()
-    kind, how = candidate_device("auto", environ={})
+    kind, how = candidate_device("auto", hooks=HOST.hooks, environ={})
     assert (kind, "torch_npu is installed" in how) == ("npu", True)
     assert "torch_npu" not in sys.modules  # the candidate is chosen without importing it
     assert confirm_device(kind, how)[0] == "npu"
 
     sys.meta_path.remove(first)
     simulate_ascend(devices=0)
-    kind, how = confirm_device(*candidate_device("auto", environ={}))
+    kind, how = confirm_device(*candidate_device("auto", hooks=HOST.hooks, environ={}))
     assert kind in ("cpu", "cuda") and "torch_npu found no NPU" in how
 
 
@@ -327,22 +326,19 @@ def test_select_accelerator_hook_overrides_the_recipe():
         def streampetr_select_accelerator(self, env):
             return "cpu" if env["requested"] == "cuda" else None
 
-    host = get_plugin_host()
+    host = create_plugin_host()
     host.register_plugin(ForceCpu(), name="force_cpu")
-    try:
-        chosen = candidate_device("cuda", environ={})
-        assert chosen == ("cpu", "chosen by a plugin (streampetr_select_accelerator)")
-        assert candidate_device("cpu", environ={})[1] == "accelerator.device"
-    finally:
-        host.unregister_plugin("force_cpu")
+    chosen = candidate_device("cuda", hooks=host.hooks, environ={})
+    assert chosen == ("cpu", "chosen by a plugin (streampetr_select_accelerator)")
+    assert candidate_device("cpu", hooks=host.hooks, environ={})[1] == "accelerator.device"
 
 
 # ------------------------------------------------------------------------------------ Ascend (simulated)
 
 
 def _npu_trainer(recipe_path: Path, overrides=(), environ: Optional[Dict[str, str]] = None) -> Trainer:
-    recipe = load_recipe(recipe_path, ["accelerator.device=npu", *overrides])
-    trainer = Trainer(recipe)
+    recipe = load_recipe(recipe_path, ["accelerator.device=npu", *overrides], host=HOST)
+    trainer = Trainer(recipe, host=HOST)
     trainer.dist_env = read_distributed_env(environ or {})
     return trainer
 
@@ -387,7 +383,7 @@ def test_local_rank_beyond_the_visible_npus_is_a_clear_error(simulate_ascend, st
 
 
 def _recipe_and_model(recipe_path: Path, overrides=()):
-    recipe = load_recipe(recipe_path, list(overrides))
+    recipe = load_recipe(recipe_path, list(overrides), host=HOST)
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     return recipe, model
 
@@ -414,8 +410,7 @@ def test_npu_fused_adamw_falls_back_in_order(
         assert part in record.reason
     groups = build_param_groups(model, base_lr=1e-3, multipliers={})
     extra = {} if context.optimizer_class is None else {"optimizer_class": context.optimizer_class}
-    optimizer = build_adamw(param_groups=groups, lr=1e-3, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8,
-                            implementation="auto", **extra)
+    optimizer = build_adamw(AdamWParams(lr=1e-3), param_groups=groups, **extra)
     built = type(optimizer)
     if status is Status.SKIPPED:
         assert built is torch.optim.AdamW
@@ -455,7 +450,7 @@ def test_npu_fusion_attention_is_registered_selected_and_matches_the_math_backen
 
     record = _run_fusion_attention(model)
     assert record.status is Status.APPLIED and record.reason.startswith("2 attention modules")
-    assert "npu_fusion_attention" in attention_module.available_attention_backends()
+    assert "npu_fusion_attention" in HOST.registries.attention_backends
     assert model.self_attn.backend == model.cross_attn.backend == "npu_fusion_attention"
 
     fused = model.self_attn(query, key, key, attn_mask=mask)
@@ -482,10 +477,11 @@ def test_npu_fusion_attention_skips_head_sizes_the_kernel_rejects(simulate_ascen
 def test_npu_summary_table_lists_every_npu_adapter(simulate_ascend, standin):
     simulate_ascend(mindspeed=None)
     recipe = load_recipe(
-        standin, ["accelerator.device=npu", "accelerator.adapters.gradient_checkpointing.enabled=true"]
+        standin, ["accelerator.device=npu", "accelerator.adapters.gradient_checkpointing.enabled=true"],
+        host=HOST,
     )
     model = _TwoAttentions(embed_dims=32, num_heads=2)
-    runner = AdapterRunner.from_recipe(recipe, "npu")
+    runner = AdapterRunner.from_recipe(recipe, "npu", HOST.registries)
     context = _context("npu", recipe, model)
     for phase in Phase:
         runner.run(phase, context)
@@ -514,9 +510,10 @@ def test_cuda_adapters_report_skipped_without_cuda(standin, monkeypatch):
         pytest.skip("CUDA is available here")
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     recipe = load_recipe(
-        standin, ["accelerator.device=cuda", "accelerator.adapters.cuda_channels_last.enabled=true"]
+        standin, ["accelerator.device=cuda", "accelerator.adapters.cuda_channels_last.enabled=true"],
+        host=HOST,
     )
-    runner = AdapterRunner.from_recipe(recipe, "cuda")
+    runner = AdapterRunner.from_recipe(recipe, "cuda", HOST.registries)
     context = _context("cuda", recipe, _TwoAttentions(32, 2), environ={})
     for phase in Phase:
         runner.run(phase, context)
@@ -530,15 +527,15 @@ def test_cuda_adapters_report_skipped_without_cuda(standin, monkeypatch):
 
 
 def test_cpu_adapters_pick_threads_and_foreach_adamw(standin):
-    recipe = load_recipe(standin, ["~accelerator.adapters.cpu_threads"])
-    runner = AdapterRunner.from_recipe(recipe, "cpu")
+    recipe = load_recipe(standin, ["~accelerator.adapters.cpu_threads"], host=HOST)
+    runner = AdapterRunner.from_recipe(recipe, "cpu", HOST.registries)
     threads = torch.get_num_threads()
     try:
         exported = _context("cpu", recipe, environ={"OMP_NUM_THREADS": "1"})
         runner.run(Phase.RUNTIME, exported)
         assert runner.records[0].status is Status.SKIPPED and "OMP_NUM_THREADS=1" in runner.records[0].reason
 
-        runner = AdapterRunner.from_recipe(recipe, "cpu")
+        runner = AdapterRunner.from_recipe(recipe, "cpu", HOST.registries)
         shared = _context("cpu", recipe, environ={}, local_world_size=64)
         runner.run(Phase.RUNTIME, shared)
         assert runner.records[0].reason == "torch.set_num_threads(1)" and torch.get_num_threads() == 1
@@ -612,9 +609,9 @@ def test_cpu_glibc_malloc_is_skipped_without_glibc_or_when_tuned_by_the_environm
 def test_inference_adapters_fold_batchnorm_by_default_and_never_touch_a_training_model(standin):
     from tests.test_detector import tiny_batch, tiny_detector
 
-    recipe = load_recipe(standin, ["accelerator.adapters.cpu_channels_last.enabled=true"])
+    recipe = load_recipe(standin, ["accelerator.adapters.cpu_channels_last.enabled=true"], host=HOST)
     training = tiny_detector().train()
-    runner = AdapterRunner.from_recipe(recipe, "cpu")
+    runner = AdapterRunner.from_recipe(recipe, "cpu", HOST.registries)
     runner.run(Phase.INFERENCE, _context("cpu", recipe, training))
     statuses = {record.name: (record.status, record.reason) for record in runner.records}
     assert statuses["fold_batchnorm"] == (Status.SKIPPED, "the model is in training mode")
@@ -622,7 +619,7 @@ def test_inference_adapters_fold_batchnorm_by_default_and_never_touch_a_training
 
     eager = tiny_detector().eval()
     served = tiny_detector().eval()
-    runner = AdapterRunner.from_recipe(recipe, "cpu")
+    runner = AdapterRunner.from_recipe(recipe, "cpu", HOST.registries)
     runner.run(Phase.INFERENCE, _context("cpu", recipe, served))
     assert [r.status for r in runner.records] == [Status.APPLIED, Status.APPLIED]  # channels-last, fold
     assert not any(isinstance(m, nn.BatchNorm2d) for m in served.modules())

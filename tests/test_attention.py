@@ -5,15 +5,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from streampetr_plugin.models.layers import attention
-from streampetr_plugin.models.layers.attention import (
-    available_attention_backends,
-    get_attention_backend,
-    math_attention,
-    register_attention_backend,
-    sdpa_attention,
-)
+from streampetr_plugin import hookimpl
+from streampetr_plugin.host import create_plugin_host
+from streampetr_plugin.models.build import bind_attention_backends
+from streampetr_plugin.models.layers.attention import math_attention, sdpa_attention
 from streampetr_plugin.models.layers.multihead_attention import MultiheadAttention
+from streampetr_plugin.registry import RegistryError
 from streampetr_plugin.models.layers.transformer import PETRTemporalDecoderLayer
 
 
@@ -52,26 +49,51 @@ def test_dropout_is_inactive_outside_training():
         torch.testing.assert_close(a, b)
 
 
-def test_registry_rejects_duplicates_and_unknown_names():
-    assert {"sdpa", "math"} <= set(available_attention_backends())
-    with pytest.raises(ValueError):
-        register_attention_backend("sdpa", math_attention)
-    with pytest.raises(KeyError):
-        get_attention_backend("no-such-backend")
+def test_registry_holds_the_builtin_backends_and_rejects_duplicates_and_unknown_names():
+    backends = create_plugin_host(entry_points=False).registries.attention_backends
+    assert {"sdpa", "math", "npu_fusion_attention"} <= set(backends.names())
+    assert backends.build("sdpa", {}) is sdpa_attention and backends.build("math", {}) is math_attention
+    with pytest.raises(RegistryError, match="registered twice"):
+        backends.register("sdpa", lambda: math_attention)
+    with pytest.raises(RegistryError, match="unknown attention_backend 'no-such-backend'"):
+        backends.get("no-such-backend")
 
 
-def test_registered_backend_is_used_by_the_module(monkeypatch):
-    calls = []
+class RecordingBackend:
+    """A plugin's attention kernel: records its calls, computes with the math backend."""
 
-    def recording(q, k, v, *, attn_mask, dropout_p, training):
-        calls.append((q.shape, attn_mask is not None, dropout_p, training))
+    def __init__(self) -> None:
+        self.calls = []
+
+    def attend(self, q, k, v, *, attn_mask, dropout_p, training):
+        self.calls.append((q.shape, attn_mask is not None, dropout_p, training))
         return math_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, training=training)
 
-    monkeypatch.setitem(attention._BACKENDS, "recording", recording)
+    @hookimpl
+    def streampetr_register_attention_backends(self, register):
+        register("recording", lambda: self.attend)
+
+
+def test_a_plugin_backend_is_bound_to_the_modules_that_name_it():
+    plugin = RecordingBackend()
+    host = create_plugin_host(entry_points=False)
+    host.register_plugin(plugin, name="recording")
     module = MultiheadAttention(embed_dims=16, num_heads=4, attn_drop=0.1, out_drop=0.1, backend="recording")
     module.eval()
-    module(torch.randn(2, 5, 16), torch.randn(2, 9, 16), torch.randn(2, 9, 16))
-    assert calls == [((2, 4, 5, 4), False, 0.1, False)]
+    query, key = torch.randn(2, 5, 16), torch.randn(2, 9, 16)
+    with pytest.raises(RuntimeError, match="'recording' is not bound"):
+        module(query, key, key)
+    bind_attention_backends(module, host.registries.attention_backends)
+    module(query, key, key)
+    assert plugin.calls == [((2, 4, 5, 4), False, 0.1, False)]
+
+
+def test_the_backend_name_changes_only_with_its_kernel():
+    module = MultiheadAttention(embed_dims=16, num_heads=4)
+    with pytest.raises(AttributeError):
+        module.attn.backend = "math"
+    module.attn.use_backend("math", math_attention)
+    assert (module.attn.backend, module.attn.attend) == ("math", math_attention)
 
 
 def test_module_matches_torch_multihead_attention_with_mask():
@@ -86,8 +108,8 @@ def test_module_matches_torch_multihead_attention_with_mask():
     mask = torch.zeros(6, 10, dtype=torch.bool)
     mask[:3, 5:] = True
     expected = query + reference(query + query_pos, key + key_pos, value, attn_mask=mask)[0]
-    for backend in ("sdpa", "math"):
-        ours.attn.backend = backend
+    for name, backend in (("sdpa", sdpa_attention), ("math", math_attention)):
+        ours.attn.use_backend(name, backend)
         out = ours(query, key, value, query_pos=query_pos, key_pos=key_pos, attn_mask=mask)
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
@@ -110,13 +132,9 @@ def _dropout_in_use(module, training):
         seen["attn_drop"] = dropout_p if training else 0.0
         return math_attention(q, k, v, attn_mask=attn_mask)
 
-    attention._BACKENDS["dropout-probe"] = recording
-    try:
-        module.attn.backend = "dropout-probe"
-        module.train(training)
-        module(torch.randn(1, 3, 16), torch.randn(1, 4, 16), torch.randn(1, 4, 16))
-    finally:
-        del attention._BACKENDS["dropout-probe"]
+    module.attn.use_backend("dropout-probe", recording)
+    module.train(training)
+    module(torch.randn(1, 3, 16), torch.randn(1, 4, 16), torch.randn(1, 4, 16))
     return seen["attn_drop"], module.out_drop.p if module.out_drop.training else 0.0
 
 

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
 
-from streampetr_plugin.interop import synth
 from streampetr_plugin.models.backbones.contract import Backbone, ShapeSpec
 from streampetr_plugin.models.backbones.resnet import ResNet, ResNetParams
 from streampetr_plugin.models.backbones.vovnet import VOVNET_SPECS, VoVNet, VoVNetParams
 from streampetr_plugin.models.necks.cp_fpn import CPFPN, CPFPNParams
+from tests import reference_synth as synth
 
 FIXTURES = Path(__file__).parent / "fixtures"
 VOV_JSON = FIXTURES / "reference_state_dict_vov_800.json"

@@ -5,6 +5,7 @@ import io
 import json
 import logging
 import math
+import mmap
 
 import numpy as np
 import pytest
@@ -13,13 +14,15 @@ import torch
 from data_fixtures import synthetic_nuscenes  # noqa: F401  (session fixture)
 from streampetr_plugin.adapters.device import DeviceHandle
 from streampetr_plugin.bench import VARIANT_GROUPS
-from streampetr_plugin.bench.command import add_bench_arguments, bench_command
+from streampetr_plugin.bench.command import bench_command
+from streampetr_plugin.cli.bench import add_bench_arguments
 from streampetr_plugin.bench.measure import count_flops, counting_setup, reset_peak_memory, time_steps
 from streampetr_plugin.bench.report import StepTimes
 from streampetr_plugin.bench.synthetic_batch import StreamShape, SyntheticStreams, box_corners, stream_shape
 from streampetr_plugin.bench.train_step import BenchRun
 from streampetr_plugin.bench.variants import Variant, expand_groups
-from streampetr_plugin.config.loader import load_recipe
+from streampetr_plugin import load_recipe
+from streampetr_plugin.host import create_plugin_host
 from streampetr_plugin.data.batch import CAMERA_KEYS, IMAGE_KEYS, META_KEYS, POSE_KEYS, TARGET_KEYS
 from streampetr_plugin.models.layers.multihead_attention import MultiheadAttentionCore
 from tests.tiny_demo import TINY_MODEL
@@ -56,6 +59,9 @@ def report():
             variants=["attention", "amp", "fused_optimizer"],
         )
     return returned, printed.getvalue()
+
+
+BACKENDS = create_plugin_host().registries.attention_backends
 
 
 def test_bench_prints_the_json_it_returns(report):
@@ -250,9 +256,13 @@ def test_cpu_peak_memory_window_resets():
     cpu = DeviceHandle("cpu")
     if not reset_peak_memory(cpu):
         pytest.skip("/proc/self/clear_refs is not writable here")
-    block = np.ones(300 * 2**20 // 8)  # 300 MiB touched
+    # An anonymous mapping of its own, so the block leaves the process when closed whatever malloc's
+    # settings (the default-on cpu_glibc_malloc adapter, applied by earlier in-process runs, keeps freed
+    # heap memory in the process on purpose).
+    block = mmap.mmap(-1, 300 * 2**20)
+    block.write(b"\1" * len(block))  # 300 MiB touched
     high = cpu.peak_memory_mib()
-    del block
+    block.close()
     assert reset_peak_memory(cpu)
     assert cpu.peak_memory_mib() < high - 200
 
@@ -262,7 +272,7 @@ def test_cpu_peak_memory_window_resets():
 
 def test_bench_run_steps_like_the_trainer_and_reports_its_settings():
     recipe = load_recipe(RECIPE, TINY)
-    run = BenchRun(recipe, DeviceHandle("cpu"))
+    run = BenchRun(recipe, DeviceHandle("cpu"), create_plugin_host())
     settings = run.settings()
     assert settings["checkpointing"] == "on"  # the recipe's with_cp on backbone and decoder
     assert settings["amp"] == "fp32" and settings["fused_optimizer"] == "off"
@@ -282,12 +292,12 @@ def test_variant_rules():
     recipe = load_recipe("vov_8p")
     baseline = {"attention": "sdpa", "checkpointing": "on", "amp": "fp32", "channels_last": "off",
                 "fused_optimizer": "off"}
-    assert "fp32" in Variant("amp", "bf16").unavailable_reason(cpu, recipe, baseline)
+    assert "fp32" in Variant("amp", "bf16").unavailable_reason(cpu, recipe, baseline, BACKENDS)
     npu_attention = Variant("attention", "npu_fusion_attention")
-    assert "torch_npu" in npu_attention.unavailable_reason(cpu, recipe, baseline)
-    assert Variant("channels_last", "on").unavailable_reason(cpu, recipe, baseline) is None
+    assert "torch_npu" in npu_attention.unavailable_reason(cpu, recipe, baseline, BACKENDS)
+    assert Variant("channels_last", "on").unavailable_reason(cpu, recipe, baseline, BACKENDS) is None
     assert "img_backbone" in Variant("channels_last", "on").unavailable_reason(
-        cpu, recipe, {**baseline, "channels_last": "n/a"}
+        cpu, recipe, {**baseline, "channels_last": "n/a"}, BACKENDS
     )
     assert Variant("amp", "bf16").recipe_overrides("cuda") == [
         "optimization.amp.enabled=true", "optimization.amp.dtype=bf16"

@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from streampetr_plugin import build_model, hookimpl, load_recipe
-from streampetr_plugin.plugins import get_plugin_host, reset_plugin_host
+from streampetr_plugin.config.loader import RecipeError, recipe_to_dict
+from streampetr_plugin.host import create_plugin_host
+from streampetr_plugin.models.layers.grid_mask import GridMaskParams
+from streampetr_plugin.training.optimizers import AdamWParams
 
 SPEC = Path(__file__).resolve().parent / "fixtures"
 
@@ -38,21 +41,27 @@ def test_post_model_build_hook_sees_the_model():
         def streampetr_post_model_build(self, model, recipe):
             seen.append((type(model).__name__, recipe.name))
 
-    reset_plugin_host()
-    get_plugin_host().register_plugin(Spy(), name="spy")
-    try:
-        model = build_model(load_recipe("demo_cpu"))
-    finally:
-        reset_plugin_host()
+    host = create_plugin_host()
+    host.register_plugin(Spy(), name="spy")
+    model = build_model(load_recipe("demo_cpu", host=host), host)
     assert seen == [(type(model).__name__, "demo_cpu")]
     assert isinstance(model, torch.nn.Module)
 
 
-def test_a_stride_that_disagrees_with_the_neck_level_is_named():
-    # stage3 + stage4 put a stride-8 level first; the recipe still says 16 for both heads.
-    recipe = load_recipe("demo_cpu", ["model.backbone.out_features=[stage3,stage4]"])
-    with pytest.raises(ValueError, match=r"has stride 8, but model.stride is 16, model.roi_head.stride is 16"):
-        build_model(recipe)
-    fixed = load_recipe("demo_cpu", ["model.backbone.out_features=[stage3,stage4]", "model.stride=8",
-                                     "model.roi_head.stride=8"])
-    assert build_model(fixed).stride == 8
+def test_the_heads_take_their_stride_from_the_neck_level():
+    assert build_model(load_recipe("demo_cpu")).stride == 16
+    # stage3 + stage4 put a stride-8 level first: both heads place their tokens and 2D targets on it.
+    model = build_model(load_recipe("demo_cpu", ["model.backbone.out_features=[stage3,stage4]"]))
+    assert model.stride == model.img_roi_head.stride == 8
+    with pytest.raises(RecipeError, match="model.stride: unknown key"):
+        load_recipe("demo_cpu", ["model.stride=8"])
+
+
+def test_component_options_are_validated_once_and_kept_typed():
+    recipe = load_recipe("demo_cpu", ["optimization.optimizer.lr=0.001"])
+    params = recipe.optimization.optimizer.params
+    assert isinstance(params, AdamWParams) and params.lr == 0.001
+    assert isinstance(recipe.model.params.grid_mask, GridMaskParams)
+    # printed and saved flat beside the type, defaults filled in
+    dumped = recipe_to_dict(recipe)["optimization"]["optimizer"]
+    assert dumped == {"type": "adamw", **AdamWParams(lr=0.001).model_dump(mode="json")}

@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from streampetr_plugin.interop import synth
 from streampetr_plugin.interop.checkpoint import (
     CheckpointMismatchError,
     UnsafeCheckpointError,
@@ -18,6 +17,7 @@ from streampetr_plugin.interop.checkpoint import (
 from streampetr_plugin.models.backbones.resnet import ResNet
 from streampetr_plugin.models.backbones.vovnet import VoVNet
 from streampetr_plugin.models.necks.cp_fpn import CPFPN
+from tests import reference_synth as synth
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -28,7 +28,7 @@ from streampetr_plugin.training.checkpointing import (
     prune_checkpoints,
     write_checkpoint,
 )
-from streampetr_plugin.training.checksum import content_digest
+from streampetr_plugin.checksum import content_digest
 
 FLIPPED_BYTES = 4096
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from streampetr_plugin.models.coders.nms_free_coder import NMSFreeCoder, NMSFreeCoderParams
+from streampetr_plugin.models.coders.nms_free_coder import NMSFreeCoder
 
 
 def _code(x, y, z, yaw=0.0, size=(4.0, 2.0, 1.5), velocity=(0.0, 0.0)):
@@ -54,12 +54,10 @@ def test_batch_rows_are_decoded_independently():
         assert torch.equal(batched[b]["scores"], expected_scores[:5])
 
 
-def test_params_defaults_are_the_recipe():
-    params = NMSFreeCoderParams()
-    assert params.max_num == 300 and params.num_classes == 10 and params.score_threshold is None
-    assert params.post_center_range == [-61.2, -61.2, -10.0, 61.2, 61.2, 10.0]
-    coder = NMSFreeCoder(**params.model_dump())
-    assert coder.max_num == 300
+def test_defaults_are_the_recipe():
+    coder = NMSFreeCoder()
+    assert coder.max_num == 300 and coder.num_classes == 10 and coder.score_threshold is None
+    assert coder.post_center_range == [-61.2, -61.2, -10.0, 61.2, 61.2, 10.0]
 
 
 def test_nms_radius_drops_lower_scoring_boxes_of_the_same_class_nearby():

@@ -7,7 +7,8 @@ from streampetr_plugin.adapters.device import DeviceHandle
 from streampetr_plugin.bench.counting import HostSyncCounter, count_dispatch, count_ops
 from streampetr_plugin.bench.synthetic_batch import SyntheticStreams, stream_shape
 from streampetr_plugin.bench.train_step import BenchRun
-from streampetr_plugin.config.loader import load_recipe
+from streampetr_plugin import load_recipe
+from streampetr_plugin.host import create_plugin_host
 from tests.tiny_demo import TINY_MODEL
 
 # What training may ask of the host per step: the matchings' one copy, the one read of loss and
@@ -138,7 +139,7 @@ def test_a_training_step_of_a_tiny_detector_meets_the_host_sync_target():
     recipe = load_recipe("demo_cpu", [*TINY_MODEL, "data.train.final_dim=[64,160]", "accelerator.device=cpu",
                                       "accelerator.adapters.cpu_threads.num_threads=1"])
     device = DeviceHandle("cpu")
-    run = BenchRun(recipe, device)
+    run = BenchRun(recipe, device, create_plugin_host())
     run.model.train()
     streams = SyntheticStreams(stream_shape(recipe, training=True), seed=0)
     counts = count_dispatch(run.train_step, lambda i: streams.frame(i, device.torch_device), first=0, steps=2,

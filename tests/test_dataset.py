@@ -8,14 +8,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from data_fixtures import synthetic_nuscenes, synthetic_params  # noqa: F401  (session fixtures)
+from data_fixtures import nuscenes_dataset, synthetic_nuscenes, synthetic_params  # noqa: F401  (session fixtures)
 
 from streampetr_plugin.data.batch import CAMERA_KEYS, IMAGE_KEYS, META_KEYS, POSE_KEYS, TARGET_KEYS
 from streampetr_plugin.data.dataset import (
     ImageReadError,
     NuScenesDatasetParams,
     NuScenesStreamDataset,
-    build_nuscenes_dataset,
 )
 from streampetr_plugin.data.infos import InfoFileNotFoundError, InfoSet, load_infos
 from streampetr_plugin.data.loader import build_dataloader
@@ -23,12 +22,12 @@ from streampetr_plugin.data.loader import build_dataloader
 
 @pytest.fixture(scope="module")
 def train_dataset(synthetic_params):  # noqa: F811
-    return build_nuscenes_dataset(synthetic_params, split="train")
+    return nuscenes_dataset(synthetic_params, split="train")
 
 
 @pytest.fixture(scope="module")
 def val_dataset(synthetic_params):  # noqa: F811
-    return build_nuscenes_dataset(synthetic_params, split="val")
+    return nuscenes_dataset(synthetic_params, split="val")
 
 
 def _check_contract(batch, batch_size, height, width, with_targets):
@@ -187,7 +186,7 @@ def test_missing_or_corrupt_image_names_file_and_token(tmp_path, synthetic_nusce
 
 
 def test_draft_decoding_reduces_the_images_and_changes_nothing_but_pixels(synthetic_params):  # noqa: F811
-    reference = build_nuscenes_dataset(synthetic_params, split="train")
+    reference = nuscenes_dataset(synthetic_params, split="train")
     width, height = reference.image_size(0)
     # The smallest JPEG DCT scale (1/2, 1/4, 1/8) that still covers the asked size: here 1/4.
     images = reference.load_images(0, draft_size=(width // 4 - 2, height // 4 - 2))
@@ -197,9 +196,9 @@ def test_draft_decoding_reduces_the_images_and_changes_nothing_but_pixels(synthe
     # by 0.3-0.45 at half size (the decoder's 2 x 2 downscaling before the bicubic filter).
     for resize_lim, max_levels, mean_levels in (((0.9, 1.1), 2, 0.05), ((0.3, 0.45), 64, 3)):
         params = synthetic_params.model_copy(update={"resize_lim": resize_lim, "final_dim": (32, 64)})
-        theirs_dataset = build_nuscenes_dataset(params, split="train")
+        theirs_dataset = nuscenes_dataset(params, split="train")
         draft_params = params.model_copy(update={"resize_path": "draft"})
-        ours_dataset = build_nuscenes_dataset(draft_params, split="train")
+        ours_dataset = nuscenes_dataset(draft_params, split="train")
         for index in (0, 5):
             ours, theirs = ours_dataset[index], theirs_dataset[index]
             assert set(ours) == set(theirs)
@@ -219,7 +218,7 @@ def test_missing_info_file_names_the_create_data_command(synthetic_nuscenes):  #
     params = NuScenesDatasetParams(root=str(synthetic_nuscenes.root), version="v1.0-mini",
                                    val_info="nope.json")
     with pytest.raises(InfoFileNotFoundError) as error:
-        build_nuscenes_dataset(params, split="val")
+        nuscenes_dataset(params, split="val")
     message = str(error.value)
     assert str(synthetic_nuscenes.root / "nope.json") in message
     assert f"streampetr create-data --root {synthetic_nuscenes.root} --version v1.0-mini" in message

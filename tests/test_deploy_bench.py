@@ -2,17 +2,25 @@
 time and when they refuse (the model: ``tests/deploy_helpers.py``; no timing is asserted)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from streampetr_plugin.bench.command import bench_command
-from streampetr_plugin.deploy.bench import CPU_LEVERS, backend_lines, time_backends
+from streampetr_plugin.bench.report import backend_lines
+from streampetr_plugin.cli.bench import main as bench_main
+from streampetr_plugin.deploy.bench import CPU_LEVERS, time_backends
 from streampetr_plugin.deploy.export import load_detector
+from streampetr_plugin.host import create_plugin_host
 from tests import deploy_helpers
+
+
+HOST = create_plugin_host()
 
 
 def test_every_configuration_times_every_frame_and_the_table_lists_them(synthetic_nuscenes, tmp_path_factory):
     exported = deploy_helpers.exported_demo(synthetic_nuscenes, tmp_path_factory)
-    detector = load_detector(exported.recipe, exported.checkpoint)
+    detector = load_detector(exported.recipe, HOST, exported.checkpoint)
     comparison = time_backends(
         exported.recipe, detector, exported.out_dir, steps=3, warmup=1, levels=("basic", "all")
     )
@@ -31,8 +39,10 @@ def test_the_inference_comparisons_need_inference_alone(backend, options):
 
 
 def test_cpu_levers_time_every_frame_of_the_model_as_built_and_of_each_lever(capsys):
-    report = bench_command("demo_cpu", backend="torch-cpu-levers", inference=True, steps=2, warmup=1)
-    timings = report["backends"]["timings"]
+    bench_main(["demo_cpu", "--inference", "--backend", "torch-cpu-levers", "--steps", "2", "--warmup", "1",
+                "--json"])
+    timings = json.loads(capsys.readouterr().out)["backends"]["timings"]
     assert [timing["name"] for timing in timings] == ["torch as built", *(name for name, _, _ in CPU_LEVERS)]
     assert all(len(timing["step_time_s"]["times"]) == 2 for timing in timings)
-    assert "torch BN folded + channels-last" in capsys.readouterr().out
+    lines = backend_lines({"threads": 1, "export_s": None, "timings": timings})
+    assert any(line.startswith("torch BN folded + channels-last ") for line in lines)

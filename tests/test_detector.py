@@ -5,13 +5,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from streampetr_plugin.interop import synth
 from streampetr_plugin.models.backbones.resnet import ResNet
 from streampetr_plugin.models.backbones.vovnet import VoVNet
 from streampetr_plugin.models.detector import StreamPETRDetector, StreamPETRDetectorParams, token_locations
 from streampetr_plugin.models.heads.focal_head import FocalHead
 from streampetr_plugin.models.heads.streampetr_head import StreamPETRHead
+from streampetr_plugin.models.layers.grid_mask import GridMaskParams
 from streampetr_plugin.models.necks.cp_fpn import CPFPN
+from tests import reference_synth as synth
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NUM_CLASSES, NUM_CAMS, IMG_H, IMG_W = 3, 2, 64, 128
@@ -233,5 +234,5 @@ def test_token_locations_are_cell_centres_over_the_padded_size():
 
 def test_detector_params_defaults():
     params = StreamPETRDetectorParams()
-    defaults = (params.use_grid_mask, params.stride, params.position_level, params.aux_2d_only)
-    assert defaults == (True, 16, 0, True)
+    defaults = (params.use_grid_mask, params.grid_mask, params.position_level, params.aux_2d_only)
+    assert defaults == (True, GridMaskParams(), 0, True)

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from streampetr_plugin.config.loader import load_recipe
+from streampetr_plugin import build_model, load_recipe
+from streampetr_plugin.host import create_plugin_host
 from streampetr_plugin.data.build import build_dataset
 from streampetr_plugin.data.infos import load_info_file
 from streampetr_plugin.data.loader import build_dataloader
 from streampetr_plugin.evaluation.predictions import load_predictions
-from streampetr_plugin.models.build import build_model
 from streampetr_plugin.training.checkpointing import load_checkpoint
 from streampetr_plugin.training.evaluation import collect_predictions
 from streampetr_plugin.training.metrics_log import read_metrics
@@ -88,7 +88,7 @@ def test_two_rank_evaluation_equals_one_process_on_the_saved_checkpoint(two_proc
     model = build_model(recipe)
     checkpoint = work_dir / "checkpoints" / f"iter_{ITERATIONS:08d}.pth"
     model.load_state_dict(load_checkpoint(checkpoint)["state_dict"])
-    dataset = build_dataset(recipe, training=False)
+    dataset = build_dataset(recipe, create_plugin_host().registries, training=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the training processes, so that the sums run in the same order
     try:

@@ -12,11 +12,10 @@ import pytest
 import torch
 from data_fixtures import TINY_FINAL_DIM, synthetic_nuscenes  # noqa: F401  (session fixture)
 
-from streampetr_plugin import hookimpl, load_recipe
+from streampetr_plugin import build_model, hookimpl, load_recipe
 from streampetr_plugin.cli.main import main as streampetr_main
 from streampetr_plugin.config.loader import RECIPE_DIR, RecipeError
-from streampetr_plugin.models.build import build_model
-from streampetr_plugin.plugins import get_plugin_host, reset_plugin_host
+from streampetr_plugin.host import create_plugin_host
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "streampetr-tiny-backbone"
 MODULE = "streampetr_tiny_backbone"
@@ -61,9 +60,7 @@ def installed(site, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.syspath_prepend(str(site))
     sys.modules.pop(MODULE, None)
-    reset_plugin_host()
-    yield get_plugin_host()
-    reset_plugin_host()
+    yield create_plugin_host()
     sys.modules.pop(MODULE, None)
 
 
@@ -97,14 +94,14 @@ def test_backbone_is_discovered_through_the_entry_point(installed, capsys):
     entry = installed.registries.backbones.get("tiny")
     assert entry.provider == "tiny_backbone" and entry.factory.__module__ == MODULE
     assert installed.distributions["tiny_backbone"] == ("streampetr-tiny-backbone", "0.1.0")
-    assert streampetr_main(["plugins", "--json"]) == 0
+    assert streampetr_main(["plugins", "--json"], installed) == 0
     plugins = {p["name"]: p for p in json.loads(capsys.readouterr().out)["plugins"]}
     assert plugins["tiny_backbone"]["components"] == {"backbones": ["tiny"]}
     assert plugins["tiny_backbone"]["hooks"] == ["streampetr_register_backbones"]
 
 
 def test_a_recipe_selects_the_backbone_and_the_neck_is_sized_from_it(installed, tmp_path):
-    model = build_model(load_recipe(tiny_recipe(tmp_path / "tiny.yaml", width=24)))
+    model = build_model(load_recipe(tiny_recipe(tmp_path / "tiny.yaml", width=24), host=installed), installed)
     assert type(model.img_backbone).__module__ == MODULE
     assert model.img_backbone.output_shape()["stage4"].channels == 24
     features = model.img_backbone(torch.zeros(1, 3, 64, 160))
@@ -115,7 +112,7 @@ def test_a_recipe_selects_the_backbone_and_the_neck_is_sized_from_it(installed, 
 
 def test_the_backbone_options_are_validated_by_its_params_model(installed, tmp_path):
     with pytest.raises(RecipeError) as error:
-        load_recipe(tiny_recipe(tmp_path / "narrow.yaml", width=4))
+        load_recipe(tiny_recipe(tmp_path / "narrow.yaml", width=4), host=installed)
     assert any("model.backbone.width" in line and "greater than or equal to 8" in line
                for line in error.value.errors)
 
@@ -156,8 +153,8 @@ def test_the_trainer_trains_one_step_with_the_plugin_backbone(
         "data.batch_size_per_device=1", "data.num_workers=0", "accelerator.device=cpu",
         "runtime.max_iters=1", "runtime.evaluate_at_end=false", "runtime.progress_bar='off'",
         f"runtime.work_dir={tmp_path / 'run'}",
-    ])
-    result = train(recipe)
+    ], installed)
+    result = train(recipe, host=installed)
     assert result.iteration == 1 and result.last_checkpoint is not None and result.last_checkpoint.is_file()
     assert set(recorder.backbone_before) == set(recorder.backbone_after)
     before, after = recorder.backbone_before, recorder.backbone_after

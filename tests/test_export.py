@@ -21,9 +21,10 @@ from streampetr_plugin.deploy.graph import (
     frame_inputs,
     kept_detections,
 )
-from streampetr_plugin.deploy.infer import stream_batches
+from streampetr_plugin.deploy.streams import stream_batches
 from streampetr_plugin.deploy.onnx_runner import OnnxStreamRunner
 from streampetr_plugin.models.layers.memory import MEMORY_FIELDS
+from streampetr_plugin.host import create_plugin_host
 from tests import deploy_helpers
 
 MEMORY_SHAPES = {
@@ -47,6 +48,9 @@ def exported(synthetic_nuscenes, tmp_path_factory):
 @pytest.fixture(scope="module")
 def graph(exported):
     return onnx.load(str(exported.result.onnx_path))
+
+
+HOST = create_plugin_host()
 
 
 def _declared(values) -> dict:
@@ -170,10 +174,13 @@ def _assert_same_detections(eager: dict, graph: dict) -> int:
 
 @torch.no_grad()
 def test_onnxruntime_follows_the_pytorch_eval_path_over_a_stream_that_restarts(exported):
-    detector = load_detector(exported.recipe, exported.checkpoint)
-    carried = OnnxStreamRunner(exported.out_dir, threads=1)
+    detector = load_detector(exported.recipe, HOST, exported.checkpoint)
+    # the runner suppresses the duplicates the eval decoder suppresses (the recipe's nms_radius)
+    nms_radius = detector.pts_bbox_head.bbox_coder.nms_radius
+    carried = OnnxStreamRunner(exported.out_dir, threads=1, nms_radius=nms_radius)
     forced = OnnxStreamRunner(exported.out_dir, threads=1)
-    batches = list(stream_batches(exported.recipe, split="train"))  # two scenes of four frames
+    # two scenes of four frames
+    batches = list(stream_batches(exported.recipe, HOST.registries, split="train"))
     scenes = [batch["scene_token"][0] for batch in batches]
     assert len(batches) == 8 and scenes[3] != scenes[4]
     compared, previous_time = 0, 0.0
@@ -213,14 +220,17 @@ def test_onnxruntime_follows_the_pytorch_eval_path_over_a_stream_that_restarts(e
 
 @torch.no_grad()
 def test_graph_marks_the_pairs_the_eval_decoder_drops(exported):
-    detector = load_detector(exported.recipe, exported.checkpoint)
+    detector = load_detector(exported.recipe, HOST, exported.checkpoint)
     detector.pts_bbox_head.bbox_coder.post_center_range = [-8.0, -8.0, -10.0, 8.0, 8.0, 10.0]
-    batch = next(islice(stream_batches(exported.recipe, split="val"), 1))
+    batch = next(islice(stream_batches(exported.recipe, HOST.registries, split="val"), 1))
     frame = frame_inputs(batch, time_delta=0.0, prev_exists=False)
     memory = [torch.zeros(1, MEMORY_ROWS, *MEMORY_SHAPES[field]) for field in MEMORY_FIELDS]
     values = StreamingFrameGraph(detector)(*[torch.from_numpy(frame[name]) for name in FRAME_INPUTS], *memory)
     names = ["boxes_3d", "scores_3d", "labels_3d", "cls_logits", "bbox_preds"] + list(MEMORY_OUTPUTS)
-    graph = kept_detections({name: value.numpy() for name, value in zip(names, values)})
+    nms_radius = detector.pts_bbox_head.bbox_coder.nms_radius  # the runner's suppression, as the decoder's
+    graph = kept_detections(
+        {name: value.numpy() for name, value in zip(names, values)}, nms_radius=nms_radius
+    )
     eager = detector.infer(batch).detections[0]
     assert 0 < len(graph["scores_3d"]) < TOP_K  # some pairs were dropped, some kept
     for name in ("boxes_3d", "scores_3d", "labels_3d"):
@@ -229,9 +239,9 @@ def test_graph_marks_the_pairs_the_eval_decoder_drops(exported):
 
 @torch.no_grad()
 def test_runner_suppresses_duplicates_as_the_eval_decoder_does(exported):
-    detector = load_detector(exported.recipe, exported.checkpoint)
+    detector = load_detector(exported.recipe, HOST, exported.checkpoint)
     detector.pts_bbox_head.bbox_coder.nms_radius = 3.0
-    batch = next(islice(stream_batches(exported.recipe, split="val"), 1))
+    batch = next(islice(stream_batches(exported.recipe, HOST.registries, split="val"), 1))
     frame = frame_inputs(batch, time_delta=0.0, prev_exists=False)
     memory = [torch.zeros(1, MEMORY_ROWS, *MEMORY_SHAPES[field]) for field in MEMORY_FIELDS]
     values = StreamingFrameGraph(detector)(*[torch.from_numpy(frame[name]) for name in FRAME_INPUTS], *memory)

@@ -24,21 +24,23 @@ import torch
 
 from streampetr_plugin.config.loader import load_recipe
 from streampetr_plugin.errors import EXIT_BAD_INPUT, EXIT_FAILURE
-from streampetr_plugin.plugins import get_plugin_host
 from streampetr_plugin.training import checkpointing
 from streampetr_plugin.training.checkpointing import (
     CheckpointError,
     CheckpointWriteError,
+    WorkDirNotEmptyError,
     checkpoint_path,
     list_checkpoints,
     load_checkpoint,
     nonfinite_entries,
     write_checkpoint,
 )
-from streampetr_plugin.training.trainer import Trainer, WorkDirNotEmptyError, train
+from streampetr_plugin.training.trainer import Trainer, train
 from tests import trainer_helpers
 from tests.test_checkpointing import flip_middle_of
 from tests.test_safe_loading import CreatesMarker
+
+HOST = trainer_helpers.standin_host()
 
 # A backbone of 256 channels: the optimiser moments of its weight are 12288 values (48 KiB) each, room
 # for 4 KiB of damage in the middle of one.
@@ -47,27 +49,24 @@ WIDE = "model.backbone.width=256"
 
 @pytest.fixture(scope="module")
 def standin(tmp_path_factory):
-    """``(recipe path, plugin path)``: the stand-in recipe, its plugin registered here and installed
-    as an entry point for child processes."""
+    """``(recipe path, plugin path)``: the stand-in recipe, its plugin registered on :data:`HOST` and
+    installed as an entry point for child processes."""
     root = tmp_path_factory.mktemp("standin")
-    host = get_plugin_host()
-    host.register_plugin(trainer_helpers, name=trainer_helpers.PLUGIN_NAME)
     threads = torch.get_num_threads()
     yield trainer_helpers.write_recipe(root), trainer_helpers.install_as_distribution(root / "dist")
     torch.set_num_threads(threads)
-    host.unregister_plugin(trainer_helpers.PLUGIN_NAME)
 
 
 def _recipe(standin, work_dir: Path, *overrides: str):
     return load_recipe(standin[0], [f"runtime.work_dir={work_dir}", WIDE, "runtime.checkpoint_interval=2",
-                                    *overrides])
+                                    *overrides], host=HOST)
 
 
 @pytest.fixture(scope="module")
 def trained(standin, tmp_path_factory) -> Path:
     """Six iterations in one go: checkpoints after 2, 4 and 6."""
     work_dir = tmp_path_factory.mktemp("trained")
-    assert train(_recipe(standin, work_dir)).iteration == 6
+    assert train(_recipe(standin, work_dir), host=HOST).iteration == 6
     return work_dir
 
 
@@ -112,13 +111,12 @@ def assert_same_weights(path: Path, reference: Path) -> None:
 KILLED = """
 import os, signal, sys
 from streampetr_plugin.config.loader import load_recipe
-from streampetr_plugin.plugins import get_plugin_host
 from streampetr_plugin.training.trainer import Trainer
 from tests import trainer_helpers
 
-get_plugin_host().register_plugin(trainer_helpers, name=trainer_helpers.PLUGIN_NAME)
+HOST = trainer_helpers.standin_host()
 recipe, work_dir, moment = sys.argv[1:4]
-trainer = Trainer(load_recipe(recipe, [f"runtime.work_dir={work_dir}", *sys.argv[4:]]))
+trainer = Trainer(load_recipe(recipe, [f"runtime.work_dir={work_dir}", *sys.argv[4:]], host=HOST), host=HOST)
 trainer.setup()
 
 def die(*args, **kwargs):
@@ -157,7 +155,7 @@ def test_a_process_killed_leaves_verified_checkpoints_and_resumes_exactly(moment
     for iteration in survivors:
         load_checkpoint(checkpoint_path(checkpoints, iteration))
 
-    result = train(_recipe(standin, work_dir))
+    result = train(_recipe(standin, work_dir), host=HOST)
     assert result.iteration == 6 and verified_iterations(work_dir) == [2, 4, 6]
     assert_same_weights(result.last_checkpoint, checkpoint_path(trained / "checkpoints", 6))
 
@@ -230,7 +228,7 @@ def test_resume_none_refuses_a_work_dir_with_checkpoints(standin, trained, tmp_p
     work_dir = _copy(trained, tmp_path)
     before = {path.name: path.read_bytes() for path in (work_dir / "checkpoints").iterdir()}
     with pytest.raises(WorkDirNotEmptyError) as raised:
-        Trainer(_recipe(standin, work_dir, "runtime.resume=none")).setup()
+        Trainer(_recipe(standin, work_dir, "runtime.resume=none"), host=HOST).setup()
     message = str(raised.value)
     assert raised.value.exit_status == EXIT_BAD_INPUT and "\n" not in message
     assert message.startswith(f"{work_dir / 'checkpoints'}: holds 3 checkpoint(s)")
@@ -243,7 +241,7 @@ def test_with_every_checkpoint_unreadable_a_run_keeps_its_own_new_ones(standin, 
     for _, path in list_checkpoints(work_dir / "checkpoints"):
         path.write_bytes(path.read_bytes()[:1000])
     with caplog.at_level(logging.WARNING):
-        result = train(_recipe(standin, work_dir, "runtime.max_iters=4", "runtime.keep_last=1"))
+        result = train(_recipe(standin, work_dir, "runtime.max_iters=4", "runtime.keep_last=1"), host=HOST)
     loud = [r.getMessage() for r in caplog.records if "NO USABLE CHECKPOINT" in r.getMessage()]
     assert len(loud) == 1 and all(f"iter_0000000{i}.pth" in loud[0] for i in (2, 4, 6))
     # The run's own checkpoint of 4 replaced the damaged one and survives; the run's 2 was pruned as
@@ -266,7 +264,7 @@ def test_resuming_after_a_recipe_change_names_the_checkpoint_and_what_differs(
 ):
     work_dir = _copy(trained, tmp_path)
     with pytest.raises(CheckpointError) as raised:
-        Trainer(_recipe(standin, work_dir, change)).setup()
+        Trainer(_recipe(standin, work_dir, change), host=HOST).setup()
     message = str(raised.value)
     assert raised.value.exit_status == EXIT_BAD_INPUT and "\n" not in message
     assert message.startswith(f"{checkpoint_path(work_dir / 'checkpoints', 6)}: {differs}")
@@ -286,7 +284,7 @@ def test_a_save_on_a_full_or_read_only_disk_stops_the_run_and_keeps_what_was_sav
         monkeypatch.setattr(checkpointing, "open", read_only, raising=False)
     try:
         with pytest.raises(CheckpointWriteError) as raised:
-            train(_recipe(standin, work_dir, "runtime.max_iters=8"))
+            train(_recipe(standin, work_dir, "runtime.max_iters=8"), host=HOST)
     finally:
         checkpoints.chmod(0o755)
     message = str(raised.value)

@@ -1,7 +1,7 @@
 """Our detector reproduces the reference StreamPETR's numbers on the golden fixture.
 
 The fixture (``tests/fixtures/r50_128x352_3frames.pt``) holds the reference's outputs over three
-frames of one scene, on weights and images from ``streampetr_plugin.interop.synth``. Its bands are
+frames of one scene, on weights and images from ``tests/reference_synth.py``. Its bands are
 ``fx["recommended_tolerance"]`` (tabulated in docs/interop.md): frame 0 from a fresh memory and frames
 1-2 with the reference's memory loaded first must meet the **strict** band; free-running frames 1-2 are
 a smoke test in the **equivalent** band on the learnable rows and the sorted scores.
@@ -12,7 +12,6 @@ from typing import Dict, List
 import pytest
 import torch
 
-from streampetr_plugin.interop import synth
 from streampetr_plugin.interop.reference import PROBE_NAMES, run_reference_frame
 from streampetr_plugin.models.backbones.resnet import ResNet
 from streampetr_plugin.models.detector import StreamPETRDetector, token_locations
@@ -20,6 +19,7 @@ from streampetr_plugin.models.heads.focal_head import FocalHead
 from streampetr_plugin.models.heads.streampetr_head import StreamPETRHead, StreamPETRHeadOutputs
 from streampetr_plugin.models.layers.memory import transform_points
 from streampetr_plugin.models.necks.cp_fpn import CPFPN
+from tests import reference_synth as synth
 
 FIXTURE = Path(__file__).parent / "fixtures" / "r50_128x352_3frames.pt"
 PROBE_TOLERANCE = {"backbone.0": 2e-4, "backbone.1": 2e-4, "neck.0": 2e-4, "neck.1": 2e-4, "img_feats": 2e-4}

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from streampetr_plugin.config.loader import load_recipe
+from streampetr_plugin import load_recipe
+from streampetr_plugin.host import create_plugin_host
 from streampetr_plugin.models.heads.streampetr_head import StreamPETRHead
 from streampetr_plugin.training.geometric_warm_start import geometric_warm_start, warm_start_parameters
 from streampetr_plugin.training.trainer import train
@@ -69,8 +70,8 @@ def test_trainer_runs_the_warm_start_before_the_first_iteration(synthetic_nuscen
         f"runtime.work_dir={tmp_path / 'run'}", "runtime.max_iters=1", "runtime.evaluate_at_end=false",
         "optimization.geometric_warm_start.steps=3",
     ]
-    with caplog.at_level(logging.INFO, logger="streampetr_plugin.training.trainer"):
-        result = train(load_recipe(trainer_helpers.DEMO_RECIPE, overrides))
+    with caplog.at_level(logging.INFO, logger="streampetr_plugin.training"):
+        result = train(load_recipe(trainer_helpers.DEMO_RECIPE, overrides), host=create_plugin_host())
     assert result.iteration == 1
     messages = [record.getMessage() for record in caplog.records]
     assert any(message.startswith("geometric warm start: 3 steps on 2 frames") for message in messages)

@@ -7,6 +7,11 @@ from PIL import Image
 from streampetr_plugin.models.layers.grid_mask import GridMask, GridMaskParams
 
 
+def grid_mask(*, generator=None, **settings) -> GridMask:
+    """A GridMask with the reference's settings except ``settings``."""
+    return GridMask(**dict(GridMaskParams(**settings)), generator=generator)
+
+
 def _reference_mask(height, width, period, start_h, start_w, angle, ratio, use_h, use_w, mode):
     """The reference's loop (grid_mask.py:89-112), given its random draws."""
     canvas_h, canvas_w = int(1.5 * height), int(1.5 * width)
@@ -42,7 +47,7 @@ def _draws(seed, height, rotate):
 def test_mask_equals_reference_construction(seed, rotate, use_h, use_w, mode):
     height, width = 24, 40
     generator = torch.Generator().manual_seed(seed)
-    grid = GridMask(use_h=use_h, use_w=use_w, rotate=rotate, mode=mode, generator=generator)
+    grid = grid_mask(use_h=use_h, use_w=use_w, rotate=rotate, mode=mode, generator=generator)
     mask = grid.make_mask(height, width)
     period, start_h, start_w, angle = _draws(seed, height, rotate)
     expected = _reference_mask(height, width, period, start_h, start_w, angle, 0.5, use_h, use_w, mode)
@@ -53,14 +58,14 @@ def test_mask_equals_reference_construction(seed, rotate, use_h, use_w, mode):
 
 def test_identity_in_eval_and_with_zero_probability():
     images = torch.randn(2, 3, 16, 32)
-    grid = GridMask(prob=1.0).eval()
+    grid = grid_mask(prob=1.0).eval()
     assert torch.equal(grid(images), images)
-    assert torch.equal(GridMask(prob=0.0).train()(images), images)
+    assert torch.equal(grid_mask(prob=0.0).train()(images), images)
 
 
 def test_one_mask_for_all_images_and_channels_in_training():
     images = torch.randn(6, 3, 32, 48).abs() + 1.0  # strictly positive, so zeros come from the mask only
-    out = GridMask(prob=1.0, generator=torch.Generator().manual_seed(5)).train()(images)
+    out = grid_mask(prob=1.0, generator=torch.Generator().manual_seed(5)).train()(images)
     mask = out / images
     assert torch.all((mask == 0) | (mask == 1))
     assert torch.equal(mask, mask[:1, :1].expand_as(mask))
@@ -69,7 +74,7 @@ def test_one_mask_for_all_images_and_channels_in_training():
 
 def test_offset_fills_masked_pixels_with_bounded_noise():
     images = torch.full((1, 1, 32, 48), 5.0)
-    out = GridMask(prob=1.0, offset=True, generator=torch.Generator().manual_seed(7)).train()(images)
+    out = grid_mask(prob=1.0, offset=True, generator=torch.Generator().manual_seed(7)).train()(images)
     kept = out == 5.0
     assert kept.any() and (~kept).any()
     assert torch.all(out[~kept].abs() <= 1.0)
@@ -79,4 +84,5 @@ def test_params_defaults_are_the_reference_detector():
     params = GridMaskParams()
     expected = dict(use_h=True, use_w=True, rotate=1, offset=False, ratio=0.5, mode=1, prob=0.7)
     assert params.model_dump() == expected
-    GridMask(**params.model_dump())
+    grid = GridMask(**dict(params))
+    assert {name: getattr(grid, name) for name in expected} == expected

@@ -75,13 +75,16 @@ def test_streampetr_plugin_never_imports_mindspeed_mm_and_the_host_walk_stays_li
 
 def _streampetr_run(recipe_path: Path, overrides, work_dir: Path):
     from streampetr_plugin import load_recipe
+    from streampetr_plugin.host import create_plugin_host
     from streampetr_plugin.training.checkpointing import load_checkpoint
     from streampetr_plugin.training.metrics_log import read_metrics
     from streampetr_plugin.training.trainer import train
 
-    recipe = load_recipe(recipe_path, [*overrides, f"runtime.work_dir={work_dir}", "runtime.resume=none"])
+    host = create_plugin_host()
+    recipe = load_recipe(recipe_path, [*overrides, f"runtime.work_dir={work_dir}", "runtime.resume=none"],
+                         host)
     # The CPU adapter would pick its own thread count unless one is exported; the host run used this one.
-    result = train(recipe, environ={"OMP_NUM_THREADS": str(torch.get_num_threads())})
+    result = train(recipe, host=host, environ={"OMP_NUM_THREADS": str(torch.get_num_threads())})
     losses = [
         record["loss"] for record in read_metrics(work_dir / "metrics.jsonl") if record["kind"] == "train"
     ]

@@ -25,7 +25,8 @@ import yaml
 from data_fixtures import SyntheticNuScenes, synthetic_nuscenes  # noqa: F401  (session fixture)
 from streampetr_plugin.cli.main import main as streampetr
 from streampetr_plugin.cli.run import main as streampetr_run
-from streampetr_plugin.config.loader import load_recipe, shipped_recipes
+from streampetr_plugin import load_recipe
+from streampetr_plugin.config.loader import shipped_recipes
 from streampetr_plugin.data.infos import load_infos
 from streampetr_plugin.evaluation.predictions import list_predictions, load_predictions
 from tests.tiny_demo import tiny_demo_overrides

@@ -5,17 +5,18 @@ from typing import Dict, List, Literal, Optional, Tuple
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-from streampetr_plugin import builtin, hookimpl
+from streampetr_plugin import hookimpl
 from streampetr_plugin.config.docs import REGENERATE_COMMAND, _type_name, recipe_reference_markdown
 from streampetr_plugin.config.schema import ComponentSpec, Recipe
-from streampetr_plugin.plugins import BUILTIN_PLUGIN_NAME, REGISTRY_KINDS, PluginHost
+from streampetr_plugin.host import create_plugin_host
+from streampetr_plugin.plugins import REGISTRY_KINDS, PluginHost
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "recipes.md"
 
 
 @pytest.fixture(scope="module")
 def generated() -> str:
-    return recipe_reference_markdown()
+    return recipe_reference_markdown(create_plugin_host(entry_points=False).registries)
 
 
 def test_docs_recipes_md_is_current(generated):
@@ -61,8 +62,7 @@ def test_every_section_and_field_of_the_schema_is_documented(generated):
 
 
 def test_every_builtin_component_is_documented_with_its_options(generated):
-    host = PluginHost()
-    host.register_plugin(builtin, name=BUILTIN_PLUGIN_NAME)
+    host = create_plugin_host(entry_points=False)
     for kind in REGISTRY_KINDS:
         for entry in host.registries.kind(kind).entries():
             heading = f"#### {kind}: `{entry.name}`"
@@ -82,7 +82,7 @@ def test_a_plugin_component_appears_with_type_default_range_and_description():
     class Extra:
         @hookimpl
         def streampetr_register_backbones(self, register):
-            register("doc_test_backbone", lambda **options: options, params=WidthParams)
+            register("doc_test_backbone", lambda params: params, params=WidthParams)
 
     host = PluginHost()
     host.register_plugin(Extra(), name="extra")

@@ -9,8 +9,12 @@ class WidthParams(BaseModel):
     width: int = Field(4, ge=1)
 
 
-def make_thing(*, width: int, scale: int = 1) -> dict:
-    return {"width": width, "scale": scale}
+def make_thing(params: WidthParams, *, scale: int = 1) -> dict:
+    return {"width": params.width, "scale": scale}
+
+
+def make_unchecked(**options) -> dict:
+    return options
 
 
 def test_register_get_names_and_contains():
@@ -29,6 +33,17 @@ def test_build_validates_and_defaults_options_and_passes_context():
         registry.build("vovnet", {"width": 0})
     with pytest.raises(ValidationError):
         registry.build("vovnet", {"widht": 2})
+
+
+def test_a_validated_params_instance_is_built_from_as_it_is():
+    registry = Registry("backbones")
+    registry.register("vovnet", make_thing, params=WidthParams)
+    params = registry.validate("vovnet", {"width": 7})
+    assert isinstance(params, WidthParams)
+    assert registry.build("vovnet", params, scale=2) == {"width": 7, "scale": 2}
+    registry.register("loose", make_unchecked)
+    assert registry.validate("loose", {"a": 1}) is None
+    assert registry.build("loose", {"a": 1}, b=2) == {"a": 1, "b": 2}
 
 
 def test_duplicate_name_names_both_providers():

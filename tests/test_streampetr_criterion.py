@@ -4,7 +4,10 @@ import math
 import pytest
 import torch
 
-from streampetr_plugin.models.losses.streampetr_criterion import StreamPETRCriterion
+from streampetr_plugin.models.losses.streampetr_criterion import (
+    StreamPETRCriterion,
+    StreamPETRCriterionParams,
+)
 
 EPS32 = torch.finfo(torch.float32).eps
 CODE_WEIGHTS = torch.tensor([2.0, 2.0, 1, 1, 1, 1, 1, 1, 1, 1], dtype=torch.float64)
@@ -56,7 +59,7 @@ def _preds(generator, layers, batch, queries, requires_grad=False):
 
 
 def _criterion(**kwargs):
-    return StreamPETRCriterion(num_classes=NUM_CLASSES, **kwargs)
+    return StreamPETRCriterion(**dict(StreamPETRCriterionParams(num_classes=NUM_CLASSES, **kwargs)))
 
 
 def test_matching_losses_use_the_matched_count_as_normaliser():

@@ -18,33 +18,33 @@ import yaml
 from streampetr_plugin.cli.run import main as run_main
 from streampetr_plugin.config.loader import load_recipe, recipe_to_dict
 from streampetr_plugin.interop.checkpoint import load_reference_checkpoint
-from streampetr_plugin.models.build import build_model
-from streampetr_plugin.plugins import get_plugin_host
+from streampetr_plugin import build_model
 from streampetr_plugin.training.checkpointing import (
+    NonFiniteLossError,
     find_latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
 )
 from streampetr_plugin.training.distributed import DistributedSetupError, read_distributed_env
-from streampetr_plugin.training.lr_schedule import CosineWarmup
+from streampetr_plugin.training.lr_schedule import CosineWarmup, CosineWarmupParams
 from streampetr_plugin.training.metrics_log import ProgressBar, read_metrics
-from streampetr_plugin.training.batches import total_loss
-from streampetr_plugin.training.trainer import NonFiniteLossError, Trainer, train
+from streampetr_plugin.training.step import total_loss
+from streampetr_plugin.training.trainer import Trainer, train
 from tests import trainer_helpers
+
+
+HOST = trainer_helpers.standin_host()
 
 
 @pytest.fixture(scope="module")
 def standin_recipe(tmp_path_factory):
-    host = get_plugin_host()
-    host.register_plugin(trainer_helpers, name=trainer_helpers.PLUGIN_NAME)
     threads = torch.get_num_threads()
     yield trainer_helpers.write_recipe(tmp_path_factory.mktemp("recipe"))
     torch.set_num_threads(threads)
-    host.unregister_plugin(trainer_helpers.PLUGIN_NAME)
 
 
 def _recipe(path: Path, work_dir: Path, *overrides: str):
-    return load_recipe(path, [f"runtime.work_dir={work_dir}", *overrides])
+    return load_recipe(path, [f"runtime.work_dir={work_dir}", *overrides], host=HOST)
 
 
 def _train_losses(work_dir: Path):
@@ -56,7 +56,7 @@ def _train_losses(work_dir: Path):
 def straight_run(standin_recipe, tmp_path_factory):
     """Six iterations in one go, checkpoints after 3 and 6."""
     work_dir = tmp_path_factory.mktemp("straight")
-    result = train(_recipe(standin_recipe, work_dir, "runtime.checkpoint_interval=3"))
+    result = train(_recipe(standin_recipe, work_dir, "runtime.checkpoint_interval=3"), host=HOST)
     return work_dir, result
 
 
@@ -67,22 +67,23 @@ def test_total_loss_sums_only_loss_entries():
 
 
 def test_iteration_plan_follows_the_reference_accounting(standin_recipe, tmp_path):
-    trainer = Trainer(_recipe(standin_recipe, tmp_path, "~runtime.max_iters", "runtime.epochs=2"))
+    trainer = Trainer(_recipe(standin_recipe, tmp_path, "~runtime.max_iters", "runtime.epochs=2"), host=HOST)
     trainer.setup()
     # 24 samples // (1 process x 2 frames) = 12 iterations per epoch; checkpoints once per epoch.
     assert (trainer.iters_per_epoch, trainer.max_iters, trainer.checkpoint_interval) == (12, 24, 12)
 
     trainer = Trainer(_recipe(standin_recipe, tmp_path, "~runtime.max_iters", "runtime.epochs=3",
-                              "data.num_train_samples=20"))
+                              "data.num_train_samples=20"), host=HOST)
     trainer.setup()
     assert (trainer.iters_per_epoch, trainer.max_iters) == (10, 30)
 
 
 def test_lr_is_set_per_iteration_from_the_schedule_with_multipliers(standin_recipe, tmp_path):
     work_dir = tmp_path / "run"
-    trainer = Trainer(_recipe(standin_recipe, work_dir, "optimization.lr_multipliers={img_backbone: 0.1}"))
+    trainer = Trainer(_recipe(standin_recipe, work_dir, "optimization.lr_multipliers={img_backbone: 0.1}"),
+                      host=HOST)
     trainer.train()
-    schedule = CosineWarmup(max_iters=6, warmup_iters=2)
+    schedule = CosineWarmup(max_iters=6, **dict(CosineWarmupParams(warmup_iters=2)))
     records = [r for r in read_metrics(work_dir / "metrics.jsonl") if r["kind"] == "train"]
     assert [r["iteration"] for r in records] == [1, 2, 3, 4, 5, 6]
     for record in records:  # the record after step i shows the lr that step used: schedule(i - 1)
@@ -124,13 +125,13 @@ def test_checkpoint_holds_the_training_state_and_loads_weights_only(straight_run
     versions = state["plugin_versions"]
     assert versions["streampetr-builtin"] and trainer_helpers.PLUGIN_NAME in versions
     # The model weights use the reference layout, so load_from / interop read them too.
-    model = build_model(load_recipe(standin_recipe))
+    model = build_model(load_recipe(standin_recipe, host=HOST), HOST)
     assert load_reference_checkpoint(model, work_dir / "checkpoints" / "iter_00000006.pth").is_exact
 
 
 def test_keep_last_prunes_old_checkpoints(standin_recipe, tmp_path):
     train(_recipe(standin_recipe, tmp_path, "runtime.max_iters=4", "runtime.checkpoint_interval=1",
-                  "runtime.keep_last=2"))
+                  "runtime.keep_last=2"), host=HOST)
     assert [i for i, _ in list_checkpoints(tmp_path / "checkpoints")] == [3, 4]
 
 
@@ -138,7 +139,7 @@ def test_periodic_and_final_evaluation_and_missing_tensorboard(standin_recipe, t
     recipe = _recipe(standin_recipe, tmp_path, "runtime.max_iters=4", "runtime.eval_interval=2",
                      "runtime.evaluate_at_end=true", "runtime.tensorboard=true")
     with caplog.at_level(logging.WARNING):
-        result = train(recipe)
+        result = train(recipe, host=HOST)
     evaluations = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "eval"]
     assert [r["iteration"] for r in evaluations] == [2, 4]
     assert evaluations[-1]["num_predictions"] == 8.0 and result.eval_metrics == {
@@ -162,10 +163,10 @@ def test_resume_after_a_crash_continues_exactly(synthetic_nuscenes, tmp_path):
     overrides = trainer_helpers.demo_overrides(synthetic_nuscenes.root, synthetic_nuscenes.version) + [
         "runtime.max_iters=4", "runtime.checkpoint_interval=2", "runtime.evaluate_at_end=false"]
     demo = trainer_helpers.DEMO_RECIPE
-    train(load_recipe(demo, [*overrides, f"runtime.work_dir={tmp_path / 'straight'}"]))
+    train(load_recipe(demo, [*overrides, f"runtime.work_dir={tmp_path / 'straight'}"], host=HOST), host=HOST)
 
-    recipe = load_recipe(demo, [*overrides, f"runtime.work_dir={tmp_path / 'crashed'}"])
-    crashing = Trainer(recipe)
+    recipe = load_recipe(demo, [*overrides, f"runtime.work_dir={tmp_path / 'crashed'}"], host=HOST)
+    crashing = Trainer(recipe, host=HOST)
     crashing.setup()
     calls = []
 
@@ -180,7 +181,7 @@ def test_resume_after_a_crash_continues_exactly(synthetic_nuscenes, tmp_path):
         crashing.train()
     assert [i for i, _ in list_checkpoints(tmp_path / "crashed" / "checkpoints")] == [2]
 
-    resumed = Trainer(recipe)
+    resumed = Trainer(recipe, host=HOST)
     resumed.setup()
     assert resumed.iteration == 2
     resumed.train()
@@ -208,11 +209,10 @@ KILLED_WHILE_SAVING = """
 import io, os, signal, sys
 import torch
 from streampetr_plugin.config.loader import load_recipe
-from streampetr_plugin.plugins import get_plugin_host
 from streampetr_plugin.training.trainer import train
 from tests import trainer_helpers
 
-get_plugin_host().register_plugin(trainer_helpers, name=trainer_helpers.PLUGIN_NAME)
+HOST = trainer_helpers.standin_host()
 real_save = torch.save
 saves = []
 
@@ -227,7 +227,9 @@ def save_then_die_halfway(obj, handle, *args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 
 torch.save = save_then_die_halfway
-train(load_recipe(sys.argv[1], [f"runtime.work_dir={sys.argv[2]}", "runtime.checkpoint_interval=3"]))
+overrides = [f"runtime.work_dir={sys.argv[2]}", "runtime.checkpoint_interval=3"]
+recipe = load_recipe(sys.argv[1], overrides, host=HOST)
+train(recipe, host=HOST)
 """
 
 
@@ -243,7 +245,7 @@ def test_process_killed_while_writing_a_checkpoint_leaves_the_previous_one(stand
     assert [i for i, _ in list_checkpoints(checkpoints)] == [3]
     assert load_checkpoint(checkpoints / "iter_00000003.pth")["iteration"] == 3
 
-    resumed = Trainer(_recipe(standin_recipe, work_dir, "runtime.checkpoint_interval=3"))
+    resumed = Trainer(_recipe(standin_recipe, work_dir, "runtime.checkpoint_interval=3"), host=HOST)
     resumed.setup()
     assert resumed.iteration == 3 and not partial[0].exists()
     assert resumed.train().iteration == 6
@@ -251,7 +253,7 @@ def test_process_killed_while_writing_a_checkpoint_leaves_the_previous_one(stand
 
 
 def test_nonfinite_loss_skips_the_step(standin_recipe, tmp_path):
-    trainer = Trainer(_recipe(standin_recipe, tmp_path, "model.nan_calls=[2]"))
+    trainer = Trainer(_recipe(standin_recipe, tmp_path, "model.nan_calls=[2]"), host=HOST)
     trainer.setup()
     batches = iter(trainer.train_loader)
     assert trainer.train_step(next(batches))["skipped"] == 0.0
@@ -268,7 +270,7 @@ def test_nonfinite_loss_skips_the_step(standin_recipe, tmp_path):
 
 
 def test_dynamic_loss_scale_skips_the_nonfinite_step_and_backs_off(standin_recipe, tmp_path):
-    trainer = Trainer(_recipe(standin_recipe, tmp_path, "model.nan_calls=[2]"))
+    trainer = Trainer(_recipe(standin_recipe, tmp_path, "model.nan_calls=[2]"), host=HOST)
     trainer.setup()
     # The CPU trains in fp32; a CPU GradScaler exercises the loop's fp16 branch (dynamic loss scale).
     trainer.precision.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
@@ -289,18 +291,18 @@ def test_consecutive_nonfinite_losses_stop_with_a_clear_message(standin_recipe, 
                      "runtime.max_nonfinite_steps=3", "runtime.max_iters=10")
     with pytest.raises(NonFiniteLossError, match=r"iteration 7: the loss or the gradients were not finite in "
                                                  r"3 consecutive .*max_nonfinite_steps=3.*loss_main"):
-        train(recipe)
+        train(recipe, host=HOST)
     skipped = [r["skipped_steps"] for r in read_metrics(tmp_path / "metrics.jsonl")]
     assert skipped == [0, 1, 1, 0, 1, 1]  # iteration 7 raised before its line was written
     assert torch.load(tmp_path / "rank0.pt", weights_only=True)["iteration"] == 7  # post_train hook ran
 
 
 def test_load_from_initialises_the_model_unless_resuming(standin_recipe, tmp_path):
-    source = build_model(load_recipe(standin_recipe))
+    source = build_model(load_recipe(standin_recipe, host=HOST), HOST)
     weights = {key: torch.full_like(value, 0.25) for key, value in source.state_dict().items()}
     torch.save({"state_dict": weights, "meta": {}}, tmp_path / "pretrained.pth")
     load_from = f"runtime.load_from={tmp_path / 'pretrained.pth'}"
-    trainer = Trainer(_recipe(standin_recipe, tmp_path / "run", load_from))
+    trainer = Trainer(_recipe(standin_recipe, tmp_path / "run", load_from), host=HOST)
     trainer.setup()
     assert all(torch.equal(trainer.model.state_dict()[key], value) for key, value in weights.items())
 
@@ -325,10 +327,10 @@ def test_progress_bar_shows_position_rate_and_eta():
 
 
 def test_cli_trains_and_reports_recipe_errors_in_one_line(standin_recipe, tmp_path, capsys):
-    assert run_main([str(standin_recipe), f"runtime.work_dir={tmp_path}", "runtime.max_iters=2"]) == 0
+    assert run_main([str(standin_recipe), f"runtime.work_dir={tmp_path}", "runtime.max_iters=2"], HOST) == 0
     assert (tmp_path / "checkpoints" / "iter_00000002.pth").is_file()
     capsys.readouterr()
-    assert run_main([str(standin_recipe), "runtime.max_itres=2"]) == 2
+    assert run_main([str(standin_recipe), "runtime.max_itres=2"], HOST) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1
     assert lines[0].startswith("error: <command line>: runtime.max_itres: unknown key (did you mean ")

@@ -6,10 +6,9 @@ import math
 
 import numpy as np
 import pytest
-from data_fixtures import synthetic_nuscenes, synthetic_params  # noqa: F401  (session fixtures)
+from data_fixtures import nuscenes_dataset, synthetic_nuscenes, synthetic_params  # noqa: F401  (session fixtures)
 from PIL import Image
 
-from streampetr_plugin.data.dataset import build_nuscenes_dataset
 from streampetr_plugin.data.geometry import (
     box_corners,
     invert_rigid,
@@ -34,7 +33,7 @@ from streampetr_plugin.data.transforms import (
 
 @pytest.fixture(scope="module")
 def train_dataset(synthetic_params):  # noqa: F811
-    return build_nuscenes_dataset(synthetic_params, split="train")
+    return nuscenes_dataset(synthetic_params, split="train")
 
 
 def _matched_labels(lidar2img, boxes_3d, bboxes_2d, centers_2d, depths, image_size):

@@ -5,21 +5,18 @@ import math
 import numpy as np
 import pytest
 import torch
-from data_fixtures import synthetic_nuscenes  # noqa: F401  (session fixture)
+from data_fixtures import nuscenes_dataset, synthetic_nuscenes  # noqa: F401  (session fixture)
 from PIL import Image
 
 from streampetr_plugin import load_recipe
+from streampetr_plugin.host import create_plugin_host
 from streampetr_plugin.config.loader import dump_recipe
-from streampetr_plugin.data.dataset import NuScenesDatasetParams, build_nuscenes_dataset
+from streampetr_plugin.data.dataset import NuScenesDatasetParams
 from streampetr_plugin.data.infos import CAMERA_NAMES
 from streampetr_plugin.data.transforms import normalize_images
 from streampetr_plugin.evaluation.predictions import predictions_path, save_predictions
-from streampetr_plugin.visualization.command import (
-    VisualizationError,
-    dataset_frame,
-    sample_lidar2img,
-    visualize_command,
-)
+from streampetr_plugin.visualization.command import visualize_command
+from streampetr_plugin.visualization.dataset_pictures import VisualizationError, dataset_frame, sample_lidar2img
 from streampetr_plugin.visualization.render import (
     bottom_to_gravity,
     box_corners,
@@ -285,7 +282,7 @@ def run_dir(tmp_path, synthetic_nuscenes):  # noqa: F811
 
 def val_dataset(synthetic_nuscenes):  # noqa: F811
     params = NuScenesDatasetParams(root=str(synthetic_nuscenes.root), version="v1.0-mini", final_dim=(64, 160))
-    return build_nuscenes_dataset(params, split="val")
+    return nuscenes_dataset(params, split="val")
 
 
 def test_visualize_renders_the_first_val_sample_of_the_newest_predictions(
@@ -301,12 +298,13 @@ def test_visualize_renders_the_first_val_sample_of_the_newest_predictions(
     newest = predictions_path(run_dir, 12)
     save_predictions({first.token: prediction, second.token: prediction}, newest)
 
-    path = visualize_command(run_dir)
+    path = visualize_command(run_dir, host=create_plugin_host())
     assert path == newest.parent / f"sample_{first.token}.png"
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size[1] == 600
 
-    chosen = visualize_command(str(run_dir), sample=second.token, out=run_dir / "second.png")
+    chosen = visualize_command(str(run_dir), sample=second.token, out=run_dir / "second.png",
+                               host=create_plugin_host())
     assert chosen == run_dir / "second.png" and chosen.is_file()
 
 
@@ -315,7 +313,7 @@ def test_a_dataset_frame_spans_the_dataset_detection_range(synthetic_nuscenes): 
         root=str(synthetic_nuscenes.root), version="v1.0-mini", final_dim=(64, 160),
         point_cloud_range=(-25.0, -20.0, -5.0, 25.0, 30.0, 3.0),
     )
-    dataset = build_nuscenes_dataset(params, split="val")
+    dataset = nuscenes_dataset(params, split="val")
     empty = {"boxes_3d": np.zeros((0, 9)), "scores_3d": [], "labels_3d": []}
     frame = dataset_frame(dataset, 0, empty, class_names=dataset.classes)
     assert tuple(frame["bev_extent"]) == (-25.0, -20.0, 25.0, 30.0)
@@ -339,15 +337,16 @@ def test_sample_projection_puts_box_centres_on_the_converter_2d_centres(syntheti
 
 def test_visualize_says_what_is_missing(run_dir, synthetic_nuscenes):  # noqa: F811
     with pytest.raises(VisualizationError, match="no predictions"):
-        visualize_command(run_dir)
+        visualize_command(run_dir, host=create_plugin_host())
     token = val_dataset(synthetic_nuscenes).samples[0].token
     empty = {"boxes_3d": np.zeros((0, 9)), "scores_3d": [], "labels_3d": []}
     save_predictions({token: empty}, predictions_path(run_dir, 1))
     with pytest.raises(VisualizationError, match="not in the val set"):
-        visualize_command(run_dir, sample="no-such-token")
+        visualize_command(run_dir, sample="no-such-token", host=create_plugin_host())
     second = val_dataset(synthetic_nuscenes).samples[1].token
     with pytest.raises(VisualizationError, match=f"no predictions for sample '{second}'"):
-        visualize_command(run_dir, sample=second)
+        visualize_command(run_dir, sample=second, host=create_plugin_host())
     with pytest.raises(VisualizationError, match="no resolved recipe"):
-        visualize_command(run_dir / "elsewhere")
-    assert visualize_command(run_dir).is_file()  # a sample without detections still renders
+        visualize_command(run_dir / "elsewhere", host=create_plugin_host())
+    # a sample without detections still renders
+    assert visualize_command(run_dir, host=create_plugin_host()).is_file()

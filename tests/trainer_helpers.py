@@ -1,8 +1,8 @@
 """Stand-in components for the trainer tests, registered through the public plugin hooks.
 
 This module is itself a streampetr plugin (module-level ``@hookimpl`` functions): in-process tests
-register it with ``get_plugin_host().register_plugin(trainer_helpers, name="standin")``; processes
-started by torchrun find it through an entry point (:func:`install_as_distribution`).
+use a plugin host with it registered (:func:`standin_host`); processes started by torchrun find it
+through an entry point (:func:`install_as_distribution`).
 
 The stand-in detector is tiny (a 4x4 strided convolution, mean pooling, a linear head with dropout)
 but has what the trainer must handle: a streaming memory with ``save()`` / ``load()`` / ``reset()``
@@ -28,6 +28,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from streampetr_plugin import hookimpl
+from streampetr_plugin.host import create_plugin_host
+from streampetr_plugin.plugins import PluginHost
 from streampetr_plugin.models.backbones.contract import ShapeSpec
 from streampetr_plugin.models.outputs import InferenceOutputs, TrainingOutputs
 
@@ -213,14 +215,22 @@ def streampetr_register_heads(register):
     register("regression", RegressionHead)
 
 
+def _standin_detector(params: StandInDetectorParams, *, input_shape: ShapeSpec, **modules) -> StandInDetector:
+    return StandInDetector(nan_calls=params.nan_calls, **modules)
+
+
 @hookimpl
 def streampetr_register_detectors(register):
-    register("standin", StandInDetector, params=StandInDetectorParams)
+    register("standin", _standin_detector, params=StandInDetectorParams)
+
+
+def _frames(params: FramesParams, **context) -> FramesDataset:
+    return FramesDataset(**dict(params), **context)
 
 
 @hookimpl
 def streampetr_register_datasets(register):
-    register("frames", FramesDataset, params=FramesParams)
+    register("frames", _frames, params=FramesParams)
 
 
 _SEEN_TOKENS: List[str] = []
@@ -298,6 +308,13 @@ def demo_overrides(root: Path, version: str) -> List[str]:
                         "optimization.geometric_warm_start.steps=2",
                         "optimization.geometric_warm_start.frames=2",
                         "optimization.geometric_warm_start.points=16"]
+
+
+def standin_host() -> PluginHost:
+    """A plugin host (built-in plugin, installed entry points) with this module registered as well."""
+    host = create_plugin_host()
+    host.register_plugin(sys.modules[__name__], name=PLUGIN_NAME)
+    return host
 
 
 def write_recipe(directory: Path, text: str = RECIPE) -> Path:

@@ -30,9 +30,9 @@ class TinyParams(BaseModel):
 class TinyBackbone(nn.Module):
     """(N, 3, H, W) images -> ``{"stage4": (N, width, H/16, W/16), "stage5": (N, width, H/32, W/32)}``."""
 
-    def __init__(self, *, width: int = 64) -> None:
+    def __init__(self, params: TinyParams) -> None:
         super().__init__()
-        self.width = width
+        width = self.width = params.width
         # A 4x4 patch embedding, then two stride-2 steps to 1/16 and one more to 1/32.
         self.stage4 = nn.Sequential(
             nn.Conv2d(3, width, kernel_size=4, stride=4),

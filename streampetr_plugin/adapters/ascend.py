@@ -5,9 +5,10 @@
   user exported;
 * ``npu_runtime``: ``import torch_npu``, ``allow_internal_format`` and ``set_compile_mode(jit_compile=False)``
   as the port's ``tools/train.py``;
-* ``npu_fusion_attention``: registers the fused attention kernel as an attention backend and selects it
-  on the model's attention modules (the port calls ``torch_npu.npu_fusion_attention`` for the
-  cross-attention; our self-attention keeps its projections, only the dot-product core changes);
+* ``npu_fusion_attention``: selects the fused attention kernel (the ``npu_fusion_attention`` entry of the
+  ``attention_backends`` registry, made by :func:`make_npu_fusion_attention`) on the model's attention modules
+  (the port calls ``torch_npu.npu_fusion_attention`` for the cross-attention; our self-attention keeps its
+  projections, only the dot-product core changes);
 * ``npu_fused_adamw``: the optimiser class handed to the AdamW factory, first that works of
   MindSpeed's ``mindspeed.optimizer.adamw.AdamW``, ``torch_npu.optim.NpuFusedAdamW``, torch's AdamW.
 
@@ -169,7 +170,7 @@ class NpuFusionAttentionParams(BaseModel):
 
 
 class NpuFusionAttention(Adapter):
-    """Register ``npu_fusion_attention`` as an attention backend and select it on the model."""
+    """Select the ``npu_fusion_attention`` attention backend on the model's attention modules."""
 
     name: ClassVar[str] = NPU_ATTENTION_BACKEND
     devices: ClassVar[Tuple[str, ...]] = ("npu",)
@@ -185,6 +186,8 @@ class NpuFusionAttention(Adapter):
             return False, "this torch_npu has no npu_fusion_attention"
         if context.model is None:
             return False, "no model in the context"
+        if context.registries is None or NPU_ATTENTION_BACKEND not in context.registries.attention_backends:
+            return False, f"no {NPU_ATTENTION_BACKEND} entry in the attention_backends registry"
         modules = [(n, m) for n, m in _attention_modules(context.model) if m.backend in self.replace]
         if not modules:
             return False, f"no attention module uses {' or '.join(self.replace)}"
@@ -195,16 +198,10 @@ class NpuFusionAttention(Adapter):
         return True, ""
 
     def apply(self, context: AdapterContext) -> AdapterResult:
-        from streampetr_plugin.models.layers.attention import (
-            available_attention_backends,
-            register_attention_backend,
-        )
-
-        if NPU_ATTENTION_BACKEND not in available_attention_backends():
-            register_attention_backend(NPU_ATTENTION_BACKEND, make_npu_fusion_attention(import_torch_npu()))
+        attend = context.registries.attention_backends.build(NPU_ATTENTION_BACKEND, {})
         modules = [m for _, m in _attention_modules(context.model) if m.backend in self.replace]
         for module in modules:
-            module.backend = NPU_ATTENTION_BACKEND
+            module.use_backend(NPU_ATTENTION_BACKEND, attend)
         return AdapterResult.applied(
             f"{len(modules)} attention modules use {NPU_ATTENTION_BACKEND} (BSND, boolean mask True = masked)"
         )

@@ -38,22 +38,16 @@ from typing import (
     Tuple,
 )
 
-from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
     from torch import nn
 
     from streampetr_plugin.config.schema import Recipe
+    from streampetr_plugin.plugins import Registries
 
 logger = logging.getLogger(__name__)
 
 DEVICE_KINDS: Tuple[str, ...] = ("npu", "cuda", "cpu")
-
-
-class NoOptions(BaseModel):
-    """Params of an adapter that takes no options (only ``enabled``): any other key is an error."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 class Phase(str, enum.Enum):
@@ -100,8 +94,9 @@ class AdapterResult:
 class AdapterContext:
     """What adapters read and write. The trainer fills the inputs and uses the outputs.
 
-    Inputs: ``device`` (selected kind), ``environ`` (the process environment), ranks, the ``recipe``
-    and, from the MODEL phase on, ``model`` (unwrapped, on its device).
+    Inputs: ``device`` (selected kind), ``environ`` (the process environment), ranks, the ``recipe``,
+    the component ``registries`` (an adapter may select a registered kernel) and, from the MODEL phase
+    on, ``model`` (unwrapped, on its device).
     Outputs: ``ddp_options`` (extra ``DistributedDataParallel`` keyword arguments),
     ``optimizer_class`` (passed to the optimiser factory as ``optimizer_class``) and
     ``optimizer_options`` (override the recipe's optimiser options, e.g. ``implementation``).
@@ -114,6 +109,7 @@ class AdapterContext:
     world_size: int = 1
     local_world_size: int = 1
     recipe: Optional["Recipe"] = None
+    registries: Optional["Registries"] = None
     model: Optional["nn.Module"] = None
     ddp_options: Dict[str, Any] = field(default_factory=dict)
     optimizer_class: Optional[type] = None
@@ -191,16 +187,16 @@ class AdapterRunner:
         self.records: List[AdapterRecord] = []
 
     @classmethod
-    def from_recipe(cls, recipe: Optional["Recipe"], device: str) -> "AdapterRunner":
-        """Every adapter in the ``adapters`` registry, built with the recipe's options for it."""
-        from streampetr_plugin.plugins import get_registries
-
-        registry = get_registries().adapters
+    def from_recipe(
+        cls, recipe: Optional["Recipe"], device: str, registries: "Registries"
+    ) -> "AdapterRunner":
+        """Every adapter in the ``adapters`` registry of ``registries``, built with the recipe's options."""
+        registry = registries.adapters
         switches = recipe.accelerator.adapters if recipe is not None else {}
         adapters = []
         for entry in registry.entries():
             switch = switches.get(entry.name)
-            adapters.append(registry.build(entry.name, switch.options() if switch is not None else {}))
+            adapters.append(registry.build(entry.name, switch.arguments if switch is not None else {}))
         return cls(adapters, device=device, enabled={name: s.enabled for name, s in switches.items()})
 
     @property

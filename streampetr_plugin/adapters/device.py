@@ -17,11 +17,14 @@ import logging
 import os
 import resource
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Tuple
 
 import torch
 
 from streampetr_plugin.errors import RunError
+
+if TYPE_CHECKING:
+    from streampetr_plugin.hooks import Hooks
 
 logger = logging.getLogger(__name__)
 
@@ -70,17 +73,16 @@ def cuda_availability() -> Tuple[bool, str]:
     return True, ""
 
 
-def candidate_device(requested: str, *, environ: Optional[Mapping[str, str]] = None) -> Tuple[str, str]:
+def candidate_device(
+    requested: str, *, hooks: "Hooks", environ: Optional[Mapping[str, str]] = None
+) -> Tuple[str, str]:
     """(device kind, how it was chosen) without importing any device runtime.
 
-    ``auto`` names the NPU whenever ``torch_npu`` is installed; :func:`confirm_device` then checks it.
+    A plugin's ``streampetr_select_accelerator`` (through ``hooks``) decides first; ``auto`` names the NPU
+    whenever ``torch_npu`` is installed; :func:`confirm_device` then checks it.
     """
-    from streampetr_plugin.plugins import get_plugin_host
-
     environ = os.environ if environ is None else environ
-    chosen = get_plugin_host().call_hook(
-        "streampetr_select_accelerator", env={"requested": requested, "environ": dict(environ)}
-    )
+    chosen = hooks.select_accelerator(requested=requested, environ=dict(environ))
     if chosen is not None:
         if chosen not in DISTRIBUTED_BACKENDS:
             raise DeviceError(f"streampetr_select_accelerator returned {chosen!r}; expected npu, cuda or cpu")

@@ -1,11 +1,7 @@
 """``streampetr bench``: time a recipe's training steps, streaming inference or input pipeline.
 
 Usage: ``streampetr bench RECIPE [overrides] [--steps N --warmup K --json] [--inference] [--data]
-[--variants GROUP ...] [--device KIND]``.
-
-Wire it into a CLI with :func:`add_bench_arguments` (it sets ``run`` to :func:`run_bench`)::
-
-    add_bench_arguments(commands.add_parser("bench", help="time training steps, inference and data loading"))
+[--variants GROUP ...] [--device KIND]`` (the command line: :mod:`streampetr_plugin.cli.bench`).
 
 Examples::
 
@@ -15,16 +11,16 @@ Examples::
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
-from streampetr_plugin.bench import VARIANT_GROUPS
+from streampetr_plugin.plugins import PluginHost
 
 
 DEVICE_CHOICES = ("auto", "npu", "cuda", "cpu")
+BackendTimer = Callable[..., Dict[str, Any]]
 
 
 def bench_command(
@@ -39,6 +35,8 @@ def bench_command(
     as_json: bool = False,
     device: Optional[str] = None,
     backend: str = "torch",
+    host: Optional[PluginHost] = None,
+    time_backends: Optional[BackendTimer] = None,
 ) -> Dict[str, Any]:
     """Benchmark ``recipe`` and write the report to stdout (JSON with ``as_json``, else a table).
 
@@ -57,6 +55,11 @@ def bench_command(
             onnxruntime against PyTorch, alternating frame by frame, instead of the training steps
             (:mod:`streampetr_plugin.deploy.bench`); ``torch-cpu-levers``: the same for PyTorch as built
             against BatchNorm folding and a channels-last backbone.
+        host: the plugin host whose components are benchmarked; None: a new one (built-in plugin and
+            installed entry points).
+        time_backends: ``(recipe, host, *, backend, steps, warmup) -> comparison dict`` for the
+            ``backend`` comparisons (the command line passes one that runs
+            :func:`streampetr_plugin.deploy.bench.bench_backends` or ``bench_cpu_levers``).
 
     Returns:
         The report as a dict (:meth:`BenchReport.to_dict`): ``mode``, ``recipe``, ``overrides``,
@@ -68,9 +71,11 @@ def bench_command(
     from streampetr_plugin.bench.model_bench import Plan, bench_model
     from streampetr_plugin.bench.report import BenchReport
     from streampetr_plugin.bench.synthetic_batch import DEFAULT_BOXES_PER_FRAME, NUM_CAMERAS, stream_shape
-    from streampetr_plugin.bench.train_step import adapter_rows, select_device
+    from streampetr_plugin.bench.train_step import adapter_rows
     from streampetr_plugin.bench.variants import expand_groups
     from streampetr_plugin.config.loader import load_recipe
+    from streampetr_plugin.host import create_plugin_host
+    from streampetr_plugin.training.startup import select_device
 
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0 (got steps={steps}, warmup={warmup})")
@@ -82,8 +87,10 @@ def bench_command(
             f"--backend {backend} compares inference configurations: use it with --inference alone"
         )
     all_overrides = [*overrides, *([f"accelerator.device={device}"] if device else [])]
-    base = load_recipe(recipe, all_overrides)
-    handle, device_records = select_device(base)
+    host = host if host is not None else create_plugin_host()
+    base = load_recipe(recipe, all_overrides, host=host)
+    selection = select_device(base, host)
+    handle, device_records = selection.device, list(selection.adapters.records)
     if backend != "torch" and handle.kind != "cpu":
         raise ValueError(
             f"--backend {backend} compares inference configurations on the CPU: add --device cpu"
@@ -103,18 +110,17 @@ def bench_command(
     if data:
         from streampetr_plugin.bench.data_pipeline import bench_data_pipeline
 
-        report.data = bench_data_pipeline(base, steps=steps, warmup=warmup)
+        report.data = bench_data_pipeline(base, host.registries, steps=steps, warmup=warmup)
     elif backend != "torch":
-        from streampetr_plugin.deploy.bench import bench_backends, bench_cpu_levers
-
-        bench = bench_backends if backend == "onnxruntime" else bench_cpu_levers
+        if time_backends is None:
+            raise ValueError(f"--backend {backend} needs the deployment's backend timer (time_backends)")
         report.mode = "backends"
-        report.backends = bench(base, steps=steps, warmup=warmup).to_dict()
+        report.backends = time_backends(base, host, backend=backend, steps=steps, warmup=warmup)
         report.notes.append("inputs: synthetic frames at the recipe's test shapes; initial weights")
     else:
         plan = Plan(steps=steps, warmup=warmup, inference=inference, seed=base.runtime.seed)
         baseline, outcomes, winners, model_records = bench_model(
-            lambda extra: load_recipe(recipe, [*all_overrides, *extra]), handle, plan, groups
+            lambda extra: load_recipe(recipe, [*all_overrides, *extra], host=host), handle, plan, groups, host
         )
         report.baseline, report.variants, report.winners = baseline, outcomes, winners
         report.adapters = adapter_rows(device_records) + model_records
@@ -136,67 +142,3 @@ def _model_notes(device_kind: str) -> list:
     if device_kind == "cpu":
         notes.append("CPU: fp32 only; peak memory is the process's peak resident set size")
     return notes
-
-
-def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``streampetr bench``'s arguments to ``parser`` and set ``run`` to :func:`run_bench`."""
-    parser.add_argument("recipe", help="recipe file or shipped recipe name")
-    parser.add_argument("overrides", nargs="*", help="a.b=value to set, ~a.b to delete")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (batches with --data); default 10")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first; default 2")
-    parser.add_argument("--inference", action="store_true", help="also time streaming inference")
-    parser.add_argument(
-        "--data", action="store_true", help="time the training input pipeline instead of the model"
-    )
-    parser.add_argument(
-        "--variants", nargs="+", default=[], metavar="GROUP", choices=(*VARIANT_GROUPS, "all"),
-        help=f"compare variants of: {', '.join(VARIANT_GROUPS)}, or all",
-    )
-    parser.add_argument("--json", dest="as_json", action="store_true", help="machine-readable report")
-    parser.add_argument(
-        "--device", choices=DEVICE_CHOICES, default=None,
-        help="device kind; default: the recipe's accelerator.device",
-    )
-    parser.add_argument(
-        "--backend", choices=("torch", "onnxruntime", "torch-cpu-levers"), default="torch",
-        help="with --inference: onnxruntime times the exported graph against PyTorch, torch-cpu-levers "
-        "PyTorch with BatchNorm folding and a channels-last backbone (CPU, inference only)",
-    )
-    parser.set_defaults(run=run_bench)
-    return parser
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    """The ``streampetr bench`` command on parsed arguments; exit status 0, 2 on a recipe error."""
-    from streampetr_plugin.cli.common import exit_on_recipe_error
-
-    exit_on_recipe_error(
-        lambda: bench_command(
-            args.recipe,
-            args.overrides,
-            steps=args.steps,
-            warmup=args.warmup,
-            inference=args.inference,
-            data=args.data,
-            variants=args.variants,
-            as_json=args.as_json,
-            device=args.device,
-            backend=args.backend,
-        )
-    )
-    return 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m streampetr_plugin.bench.command RECIPE ...`` (the same as ``streampetr bench``)."""
-    from streampetr_plugin.cli.common import setup_logging
-
-    parser = add_bench_arguments(argparse.ArgumentParser(prog="streampetr bench"))
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    return run_bench(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -23,6 +23,7 @@ from streampetr_plugin.adapters.device import DeviceHandle
 from streampetr_plugin.bench.measure import StepProgress, peak_memory_kind, reset_peak_memory
 from streampetr_plugin.bench.report import DataPipelineResult, PhaseResult, StepTimes
 from streampetr_plugin.config.schema import Recipe
+from streampetr_plugin.plugins import Registries
 
 logger = logging.getLogger(__name__)
 
@@ -65,15 +66,18 @@ def _phase(
     )
 
 
-def bench_data_pipeline(recipe: Recipe, *, steps: int, warmup: int) -> DataPipelineResult:
-    """Time the training input pipeline of ``recipe`` (see the module docstring)."""
+def bench_data_pipeline(
+    recipe: Recipe, registries: Registries, *, steps: int, warmup: int
+) -> DataPipelineResult:
+    """Time the training input pipeline of ``recipe``, its dataset from ``registries`` (see the module
+    docstring)."""
     from streampetr_plugin.data.build import build_dataset
     from streampetr_plugin.data.loader import build_dataloader
 
     data = recipe.data
     host_cpu = DeviceHandle("cpu")
     logger.info("bench data: building the training dataset of %s", recipe.name)
-    dataset = build_dataset(recipe, training=True)
+    dataset = build_dataset(recipe, registries, training=True)
     batch_size = data.batch_size_per_device
 
     def loader(num_workers: int) -> Any:

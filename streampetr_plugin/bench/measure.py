@@ -25,7 +25,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from streampetr_plugin.adapters.cpu import usable_cpus
 from streampetr_plugin.adapters.device import DeviceHandle
+from streampetr_plugin.models.layers.attention import math_attention
 from streampetr_plugin.models.layers.multihead_attention import MultiheadAttentionCore
 
 logger = logging.getLogger(__name__)
@@ -116,19 +118,20 @@ def counting_setup(model: nn.Module) -> Iterator[None]:
     """Attention through the ``math`` backend and activation checkpointing off, restored afterwards:
     the counted FLOPs are the model's (no recomputation), whatever kernels and memory settings run."""
     modules = list(model.modules())
-    attention = [(module, module.backend) for module in modules if isinstance(module, MultiheadAttentionCore)]
+    attention = [(module, module.backend, module.attend) for module in modules
+                 if isinstance(module, MultiheadAttentionCore)]
     checkpointed = [
         (module, module.with_cp) for module in modules if isinstance(getattr(module, "with_cp", None), bool)
     ]
     try:
-        for module, _ in attention:
-            module.backend = "math"
+        for module, _, _ in attention:
+            module.use_backend("math", math_attention)
         for module, _ in checkpointed:
             module.with_cp = False
         yield
     finally:
-        for module, backend in attention:
-            module.backend = backend
+        for module, backend, attend in attention:
+            module.use_backend(backend, attend)
         for module, with_cp in checkpointed:
             module.with_cp = with_cp
 
@@ -151,16 +154,12 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def usable_cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def describe_device(device: DeviceHandle) -> Dict[str, Any]:
     """The device in words and numbers: ``kind``, ``name``, ``torch`` version and, on the CPU, ``cores``,
     ``threads`` and the 1-minute ``load_average`` when measuring started."""
     info: Dict[str, Any] = {"kind": device.kind, "torch": torch.__version__}
     if device.kind == "cpu":
-        cores = usable_cpu_count()
+        cores = usable_cpus()
         info.update(
             name=f"{cpu_model_name()} ({cores} cores, {torch.get_num_threads()} threads)",
             cores=cores,

@@ -39,6 +39,7 @@ from streampetr_plugin.bench.synthetic_batch import (
 from streampetr_plugin.bench.train_step import BenchRun, adapter_rows
 from streampetr_plugin.bench.variants import Variant, group_options
 from streampetr_plugin.config.schema import Recipe
+from streampetr_plugin.plugins import PluginHost
 
 logger = logging.getLogger(__name__)
 
@@ -173,16 +174,17 @@ def measure_configuration(
 
 
 def bench_model(
-    load: RecipeLoader, device: DeviceHandle, plan: Plan, groups: Sequence[str]
+    load: RecipeLoader, device: DeviceHandle, plan: Plan, groups: Sequence[str], host: PluginHost
 ) -> Tuple[ConfigurationResult, List[VariantOutcome], Dict[str, str], List[Dict[str, str]]]:
-    """Measure the baseline recipe (``load([])``) and every option of ``groups``.
+    """Measure the baseline recipe (``load([])``) and every option of ``groups``, built with the components
+    of ``host``.
 
     Returns the baseline, the variant outcomes, the fastest option per group (by median training
     step time, the baseline included) and the adapter records of the baseline configuration.
     """
     recipe = load([])
     logger.info("bench baseline: building %s on %s", recipe.name, device.describe())
-    run = BenchRun(recipe, device)
+    run = BenchRun(recipe, device, host)
     adapters = adapter_rows(run.adapters.records)
     logger.info("bench: counting the model's FLOPs on one frame (forward and backward, no checkpointing)")
     flops = count_model_flops(run, recipe, plan)
@@ -195,8 +197,8 @@ def bench_model(
     winners: Dict[str, str] = {}
     for group in groups:
         timings = {baseline.settings[group]: baseline.train.step_time_s.median}
-        for option in group_options(group):
-            outcome = _run_variant(Variant(group, option), load, recipe, device, plan, flops, baseline)
+        for option in group_options(group, host.registries.attention_backends):
+            outcome = _run_variant(Variant(group, option), load, recipe, device, plan, flops, baseline, host)
             outcomes.append(outcome)
             if outcome.status == "measured":
                 timings[option] = outcome.result.train.step_time_s.median
@@ -213,16 +215,17 @@ def _run_variant(
     plan: Plan,
     flops: FlopCounts,
     baseline: ConfigurationResult,
+    host: PluginHost,
 ) -> VariantOutcome:
     group, option = variant.group, variant.option
     if baseline.settings[group] == option:
         return VariantOutcome(group, option, "baseline", "the baseline runs this option", speedup=1.0)
-    reason = variant.unavailable_reason(device, recipe, baseline.settings)
+    reason = variant.unavailable_reason(device, recipe, baseline.settings, host.registries.attention_backends)
     if reason is not None:
         return VariantOutcome(group, option, "skipped", reason)
     try:
         logger.info("bench %s: building", variant.name)
-        run = BenchRun(load(variant.recipe_overrides(device.kind)), device, variant.model_settings())
+        run = BenchRun(load(variant.recipe_overrides(device.kind)), device, host, variant.model_settings())
         result = measure_configuration(
             variant.name, run, run.recipe, plan, flops, inference=plan.inference and variant.affects_inference
         )

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -180,8 +180,6 @@ class BenchReport:
         if self.mode == "data":
             lines.extend(_data_lines(self.data))
         elif self.mode == "backends":
-            from streampetr_plugin.deploy.bench import backend_lines
-
             lines.extend(backend_lines(self.backends))
         else:
             lines.extend(self._model_lines())
@@ -288,4 +286,26 @@ def _data_lines(data: DataPipelineResult) -> List[str]:
         f"steps of {1.0 / data.max_steps_per_s:.3f} s or longer "
         f"({data.max_steps_per_s:.2f} steps/s at batch {data.batch_size})"
     )
+    return lines
+
+
+def backend_lines(comparison: Mapping[str, Any]) -> List[str]:
+    """The comparison (as :meth:`BackendComparison.to_dict` gives it) as table lines."""
+    baseline = comparison["timings"][0]["step_time_s"]["median"]
+    title = (
+        f"streaming inference, batch 1, {comparison['threads']} threads per backend, configurations "
+        "alternating frame by frame"
+    )
+    if comparison["export_s"] is not None:
+        title += f"; export took {comparison['export_s']:.1f} s"
+    width = max(24, 2 + max(len(timing["name"]) for timing in comparison["timings"]))
+    header = f"{'s/frame med':>12}{'p90':>8}{'cpu s':>8}{'frames/s':>10}{'vs first':>10}"
+    lines = [title, f"{'configuration':<{width}}{header}"]
+    for timing in comparison["timings"]:
+        step = timing["step_time_s"]
+        lines.append(
+            f"{timing['name']:<{width}}{step['median']:>12.4f}{step['p90']:>8.4f}"
+            f"{timing['cpu_s_per_frame']:>8.3f}{timing['frames_per_s']:>10.2f}"
+            f"{baseline / step['median']:>9.2f}x"
+        )
     return lines

@@ -1,35 +1,27 @@
-"""One benchmarked configuration, set up and stepped as the trainer does it.
+"""One benchmarked configuration, set up and stepped by the trainer's own start-up and step.
 
-:func:`select_device` repeats the trainer's device start-up (candidate device, ENVIRONMENT adapters,
-confirmed device, RUNTIME adapters, device made current). :class:`BenchRun` repeats its model and
-optimiser set-up (model built on the CPU and moved, MODEL adapters, precision scope, OPTIMIZER
-adapters, per-module learning-rate groups, the registered optimiser) and its iteration
-(:meth:`BenchRun.train_step`: zero grads, forward under autocast, the reference's loss total, scaled
-backward, unscale, clip, step unless non-finite, loss-scale update, the loss read back to the host).
-The only differences: one process (no DDP wrapper), a constant learning rate, no data loader.
+The device comes from :func:`~streampetr_plugin.training.startup.select_device`, the model and optimiser
+of every configuration from :func:`~streampetr_plugin.training.startup.build_device_model` and
+:func:`~streampetr_plugin.training.startup.build_run_optimizer` (with the variant's model settings in
+between), and :meth:`BenchRun.train_step` is :class:`~streampetr_plugin.training.step.TrainStep`. The
+only differences from a training run: one process (no DDP wrapper), a constant learning rate, no data
+loader.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
 
-from streampetr_plugin.adapters.base import AdapterContext, AdapterRecord, AdapterRunner, Phase
-from streampetr_plugin.adapters.device import (
-    DeviceHandle,
-    candidate_device,
-    confirm_device,
-    device_for_local_rank,
-)
+from streampetr_plugin.adapters.base import AdapterRecord
+from streampetr_plugin.adapters.device import DeviceHandle
 from streampetr_plugin.config.schema import Recipe
-from streampetr_plugin.models.build import build_model
 from streampetr_plugin.models.layers.multihead_attention import MultiheadAttentionCore
-from streampetr_plugin.training.optimizers import build_optimizer
-from streampetr_plugin.training.precision import MixedPrecision
-from streampetr_plugin.training.batches import total_loss
+from streampetr_plugin.plugins import PluginHost
+from streampetr_plugin.training.startup import build_device_model, build_run_optimizer, selection_for
+from streampetr_plugin.training.step import TrainStep, total_loss
 
 
 @dataclass
@@ -39,24 +31,6 @@ class ModelSettings:
     attention_backend: Optional[str] = None
     checkpointing: Optional[bool] = None
     channels_last: Optional[bool] = None
-
-
-def select_device(recipe: Recipe) -> Tuple[DeviceHandle, List[AdapterRecord]]:
-    """The device of ``recipe.accelerator.device`` made current, as the trainer selects it; returns it
-    with the records of the ENVIRONMENT and RUNTIME adapters that ran."""
-    candidate, how = candidate_device(recipe.accelerator.device)
-    runner = AdapterRunner.from_recipe(recipe, candidate)
-    context = AdapterContext(device=candidate, recipe=recipe)
-    runner.run(Phase.ENVIRONMENT, context)
-    kind, _ = confirm_device(candidate, how)
-    if kind != candidate:
-        runner = AdapterRunner.from_recipe(recipe, kind)
-        context = AdapterContext(device=kind, recipe=recipe)
-        runner.run(Phase.ENVIRONMENT, context)
-    runner.run(Phase.RUNTIME, context)
-    device = device_for_local_rank(kind, 0)
-    device.activate()
-    return device, list(runner.records)
 
 
 def adapter_rows(records: List[AdapterRecord]) -> List[Dict[str, str]]:
@@ -101,28 +75,29 @@ class BenchRun:
 
     recipe: Recipe
     device: DeviceHandle
+    host: PluginHost
     model_settings: ModelSettings = field(default_factory=ModelSettings)
 
     def __post_init__(self) -> None:
-        recipe, device = self.recipe, self.device
+        recipe, host = self.recipe, self.host
         torch.manual_seed(recipe.runtime.seed)
-        model = build_model(recipe).to(device.torch_device)
-        self.adapters = AdapterRunner.from_recipe(recipe, device.kind)
-        context = AdapterContext(device=device.kind, recipe=recipe, model=model)
-        self.adapters.run(Phase.MODEL, context)
-        self.precision = MixedPrecision(recipe.optimization.amp, device)
-        self.precision.configure_model(model)
-        self._apply_model_settings(model)
-        self.adapters.run(Phase.OPTIMIZER, context)
-        self.model = model
-        self.optimizer: Optional[torch.optim.Optimizer] = build_optimizer(model, recipe, context)
+        selection = selection_for(recipe, host, self.device, how="bench")
+        self.adapters = selection.adapters
+        self.model, self.precision = build_device_model(recipe, host, selection)
+        self._apply_model_settings(self.model)
+        self.optimizer: Optional[torch.optim.Optimizer] = build_run_optimizer(
+            self.model, recipe, host, selection
+        )
+        self.step = TrainStep(model=self.model, optimizer=self.optimizer, precision=self.precision,
+                              grad_clip=recipe.optimization.grad_clip)
         self.nonfinite_steps = 0
 
     def _apply_model_settings(self, model: nn.Module) -> None:
         wanted = self.model_settings
         if wanted.attention_backend is not None:
+            attend = self.host.registries.attention_backends.build(wanted.attention_backend, {})
             for module in attention_modules(model):
-                module.backend = wanted.attention_backend
+                module.use_backend(wanted.attention_backend, attend)
         if wanted.checkpointing is not None:
             for module in checkpointable_modules(model):
                 module.with_cp = wanted.checkpointing
@@ -176,31 +151,9 @@ class BenchRun:
 
     def train_step(self, batch: Mapping[str, Any]) -> float:
         """One training iteration on a batch already on the device; returns the total loss."""
-        model, optimizer, precision = self.model, self.optimizer, self.precision
-        optimizer.zero_grad(set_to_none=True)
-        with precision.autocast():
-            losses = model(batch).losses
-        loss = total_loss(losses)
-        scaler = precision.scaler
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        parameters = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
-        clip = self.recipe.optimization.grad_clip
-        norm = loss.new_zeros(())
-        if clip is not None and parameters:
-            norm = torch.nn.utils.clip_grad_norm_(parameters, clip.max_norm, norm_type=clip.norm_type)
-        # The loss and the gradient norm come back in one read, as in the trainer.
-        loss_value, grad_norm = torch.stack([loss.detach().float(), norm.float()]).tolist()
-        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
-        if scaler is not None:
-            if math.isfinite(loss_value):
-                scaler.step(optimizer)
-            precision.update()
-        elif finite:
-            optimizer.step()
-        self.nonfinite_steps += 0 if finite else 1
-        return loss_value
+        result = self.step(batch)
+        self.nonfinite_steps += int(result.skipped)
+        return result.terms["loss"]
 
     def forward_backward(self, batch: Mapping[str, Any]) -> None:
         """Forward and backward without an optimiser step (what FLOP counting runs); grads are dropped."""

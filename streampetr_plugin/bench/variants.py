@@ -22,13 +22,13 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from streampetr_plugin.adapters.device import DeviceHandle
+from streampetr_plugin.adapters.ascend import NPU_ATTENTION_BACKEND
+from streampetr_plugin.adapters.device import DeviceHandle, torch_npu_installed
 from streampetr_plugin.bench import VARIANT_GROUPS
 from streampetr_plugin.bench.train_step import ModelSettings
 from streampetr_plugin.config.schema import Recipe
-from streampetr_plugin.models.layers.attention import available_attention_backends
+from streampetr_plugin.registry import Registry
 
-NPU_ATTENTION_BACKEND = "npu_fusion_attention"
 BUILTIN_ATTENTION_BACKENDS: Tuple[str, ...] = ("sdpa", "math", NPU_ATTENTION_BACKEND)
 AFFECTS_INFERENCE = {"attention": True, "checkpointing": False, "amp": True, "channels_last": True,
                      "fused_optimizer": False}
@@ -74,17 +74,18 @@ class Variant:
         return ModelSettings()
 
     def unavailable_reason(
-        self, device: DeviceHandle, recipe: Recipe, baseline: Dict[str, str]
+        self, device: DeviceHandle, recipe: Recipe, baseline: Dict[str, str], attention_backends: Registry
     ) -> Optional[str]:
-        """Why this variant cannot run here, or None when it can."""
+        """Why this variant cannot run here, or None when it can (``attention_backends``: the registry the
+        attention options come from)."""
         if baseline.get(self.group) == "n/a":
             part = {"attention": "attention modules", "checkpointing": "modules with a with_cp switch",
                     "channels_last": "img_backbone"}.get(self.group, self.group)
             return f"the model has no {part}"
-        if self.group == "attention" and self.option not in available_attention_backends():
-            if self.option == NPU_ATTENTION_BACKEND:
-                return "needs torch_npu: the npu_fusion_attention adapter registers it on NPU"
+        if self.group == "attention" and self.option not in attention_backends:
             return f"attention backend {self.option!r} is not registered"
+        if self.group == "attention" and self.option == NPU_ATTENTION_BACKEND and not torch_npu_installed():
+            return "needs torch_npu: the npu_fusion_attention kernel runs on NPU"
         if self.group == "amp" and self.option != "fp32":
             if device.kind == "cpu":
                 return "the CPU always trains in fp32 (training/precision.py ignores optimization.amp there)"
@@ -111,10 +112,11 @@ def _fused_adamw_unavailable(device: DeviceHandle) -> Optional[str]:
     return None
 
 
-def group_options(group: str) -> Tuple[str, ...]:
-    """The options of ``group``; attention lists the built-in backends and any others registered."""
+def group_options(group: str, attention_backends: Registry) -> Tuple[str, ...]:
+    """The options of ``group``; attention lists the built-in backends and any others registered in
+    ``attention_backends``."""
     if group == "attention":
-        extra = [name for name in available_attention_backends() if name not in BUILTIN_ATTENTION_BACKENDS]
+        extra = [name for name in attention_backends.names() if name not in BUILTIN_ATTENTION_BACKENDS]
         return BUILTIN_ATTENTION_BACKENDS + tuple(extra)
     return {
         "checkpointing": ("on", "off"),

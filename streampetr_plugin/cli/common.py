@@ -16,7 +16,7 @@ import sys
 import traceback
 from typing import Callable, List, NoReturn, Tuple, TypeVar
 
-from streampetr_plugin import __version__
+from streampetr_plugin.version import __version__
 from streampetr_plugin.config.loader import RecipeError
 from streampetr_plugin.errors import EXIT_BAD_INPUT, EXIT_FAILURE, StreamPETRError, describe
 from streampetr_plugin.training.metrics_log import ProgressAwareHandler

@@ -16,6 +16,7 @@ from streampetr_plugin.cli.common import (
     setup_logging,
 )
 from streampetr_plugin.errors import InputError, describe
+from streampetr_plugin.plugins import PluginHost
 
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,27 +24,27 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="a.b=value to set, ~a.b to delete")
 
 
-def _cmd_validate(args: argparse.Namespace) -> int:
+def _cmd_validate(args: argparse.Namespace, host: PluginHost) -> int:
     from streampetr_plugin.config.loader import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides, host=host)
     print(f"{recipe.source}: OK ({recipe.name})")
     return 0
 
 
-def _cmd_show(args: argparse.Namespace) -> int:
+def _cmd_show(args: argparse.Namespace, host: PluginHost) -> int:
     from streampetr_plugin.config.loader import dump_recipe, load_recipe
 
-    sys.stdout.write(dump_recipe(load_recipe(args.recipe, args.overrides)))
+    sys.stdout.write(dump_recipe(load_recipe(args.recipe, args.overrides, host=host)))
     return 0
 
 
-def _cmd_schema(args: argparse.Namespace) -> int:
+def _cmd_schema(args: argparse.Namespace, host: PluginHost) -> int:
     from streampetr_plugin.config.schema import Recipe
-    from streampetr_plugin.plugins import REGISTRY_KINDS, get_registries
+    from streampetr_plugin.plugins import REGISTRY_KINDS
 
     schema = Recipe.model_json_schema()
-    registries = get_registries()
+    registries = host.registries
     schema["x-components"] = {
         kind: {
             entry.name: entry.params.model_json_schema() if entry.params is not None else {}
@@ -55,7 +56,7 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_recipes(args: argparse.Namespace) -> int:
+def _cmd_recipes(args: argparse.Namespace, host: PluginHost) -> int:
     import yaml
 
     from streampetr_plugin.config.loader import RECIPE_DIR, shipped_recipes
@@ -66,10 +67,10 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_cp(args: argparse.Namespace) -> int:
+def _cmd_cp(args: argparse.Namespace, host: PluginHost) -> int:
     from streampetr_plugin.config.loader import dump_recipe, load_recipe
 
-    recipe = load_recipe(args.name)
+    recipe = load_recipe(args.name, host=host)
     source_name = recipe.name
     dest = Path(args.dest)
     if dest.is_dir():
@@ -84,10 +85,7 @@ def _cmd_cp(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_plugins(args: argparse.Namespace) -> int:
-    from streampetr_plugin.plugins import get_plugin_host
-
-    host = get_plugin_host()
+def _cmd_plugins(args: argparse.Namespace, host: PluginHost) -> int:
     infos = host.infos()
     if args.json:
         payload = {"plugins": [asdict(info) for info in infos], "failures": [asdict(f) for f in host.failures]}
@@ -106,7 +104,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_make_synthetic(args: argparse.Namespace) -> int:
+def _cmd_make_synthetic(args: argparse.Namespace, host: PluginHost) -> int:
     from streampetr_plugin.data.commands import make_synthetic_command
 
     dataset = make_synthetic_command(args.dir, scenes=args.scenes, seed=args.seed)
@@ -114,7 +112,7 @@ def _cmd_make_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_create_data(args: argparse.Namespace) -> int:
+def _cmd_create_data(args: argparse.Namespace, host: PluginHost) -> int:
     from streampetr_plugin.data.commands import create_data_command
 
     for path in create_data_command(args.root, version=args.version, out_dir=args.out_dir).values():
@@ -122,23 +120,25 @@ def _cmd_create_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
+def _cmd_eval(args: argparse.Namespace, host: PluginHost) -> int:
     from streampetr_plugin.config.loader import load_recipe
     from streampetr_plugin.training.evaluation import evaluate_checkpoint
 
     device = [f"accelerator.device={args.device}"] if args.device else []
-    recipe = load_recipe(args.recipe, [*args.overrides, *device])
+    recipe = load_recipe(args.recipe, [*args.overrides, *device], host=host)
     out = Path(args.out) if args.out is not None else None
     # logs mAP: / NDS: for detection, AMOTA: for tracking
-    evaluation = evaluate_checkpoint(recipe, Path(args.checkpoint), output_dir=out, tasks=args.tasks)
+    evaluation = evaluate_checkpoint(recipe, Path(args.checkpoint), host=host, output_dir=out,
+                                     tasks=args.tasks)
     print(evaluation.outputs.directory)
     return 0
 
 
-def _cmd_visualize(args: argparse.Namespace) -> int:
+def _cmd_visualize(args: argparse.Namespace, host: PluginHost) -> int:
     from streampetr_plugin.visualization.command import visualize_command
 
-    print(visualize_command(args.run_dir, sample=args.sample, out=args.out, trajectories=args.trajectories))
+    print(visualize_command(args.run_dir, sample=args.sample, out=args.out, host=host,
+                            trajectories=args.trajectories))
     return 0
 
 
@@ -204,13 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "recipe's tracker (AMOTA); default: detection")
     evaluate.set_defaults(handler=_cmd_eval)
 
-    from streampetr_plugin.bench.command import add_bench_arguments, run_bench
+    from streampetr_plugin.cli.bench import add_bench_arguments, run_bench
 
     bench = commands.add_parser("bench", help="time training / inference steps at a recipe's real shapes")
     add_bench_arguments(bench)
     bench.set_defaults(handler=run_bench)
 
-    from streampetr_plugin.deploy.commands import add_export_arguments, add_infer_arguments
+    from streampetr_plugin.cli.deploy import add_export_arguments, add_infer_arguments
 
     add_export_arguments(
         commands.add_parser("export", help="write a checkpoint as an ONNX graph of one streaming frame")
@@ -234,10 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, host: Optional[PluginHost] = None) -> int:
+    """Run one command; ``host``: the plugins it uses (default: a new host, see
+    :func:`~streampetr_plugin.host.create_plugin_host`)."""
+    from streampetr_plugin.host import create_plugin_host
+
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    return run_command(lambda: args.handler(args), debug=args.debug)
+    return run_command(lambda: args.handler(args, host if host is not None else create_plugin_host()),
+                       debug=args.debug)
 
 
 if __name__ == "__main__":

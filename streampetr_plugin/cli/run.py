@@ -29,6 +29,7 @@ from streampetr_plugin.cli.common import (
     setup_logging,
 )
 from streampetr_plugin.errors import InputError, describe
+from streampetr_plugin.plugins import PluginHost
 
 logger = logging.getLogger("streampetr.run")
 
@@ -62,21 +63,21 @@ def check_writable_directory(directory: Path, key: str) -> None:
         )) from None
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace, host: PluginHost) -> int:
     from streampetr_plugin.config.loader import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides, host=host)
     if args.build_only:
-        from streampetr_plugin.models.build import build_model
+        from streampetr_plugin import build_model
 
-        model = build_model(recipe)
+        model = build_model(recipe, host)
         logger.info("built %s: %s parameters", recipe.name, f"{sum(p.numel() for p in model.parameters()):,}")
         return 0
 
     from streampetr_plugin.training.trainer import train
 
     check_writable_directory(Path(recipe.work_dir()), "runtime.work_dir")
-    result = train(recipe)
+    result = train(recipe, host=host)
     evaluation = result.evaluation
     where = {
         "run dir": result.work_dir,
@@ -90,12 +91,17 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, host: Optional[PluginHost] = None) -> int:
+    """Train one recipe; ``host``: the plugins it uses (default: a new host, see
+    :func:`~streampetr_plugin.host.create_plugin_host`)."""
+    from streampetr_plugin.host import create_plugin_host
+
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     if os.environ.get("RANK", "0") not in ("", "0"):
         logging.getLogger().setLevel(logging.WARNING)  # rank 0 narrates; the others speak up on problems
-    return run_command(lambda: _train(args), debug=args.debug)
+    return run_command(lambda: _train(args, host if host is not None else create_plugin_host()),
+                       debug=args.debug)
 
 
 if __name__ == "__main__":

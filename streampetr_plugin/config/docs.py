@@ -2,31 +2,30 @@
 
 Every section and field of :class:`~streampetr_plugin.config.schema.Recipe` with its type, default
 and description, then every built-in component with the options its ``params`` model accepts.
-Only the built-in plugin is consulted, so the text does not depend on what else is installed.
-Regenerate with::
+The shipped file documents the built-in plugin only, so the text does not depend on what else is
+installed. Regenerate with::
 
-    python -m streampetr_plugin.config.docs > docs/recipes.md
+    python -m streampetr_plugin.cli.recipe_docs > docs/recipes.md
 """
 from __future__ import annotations
 
 import inspect
 import json
 import re
-import sys
 import types
 import typing
-from typing import Any, Callable, List, Optional, Type
+from typing import Any, Callable, List, Type
 
 import annotated_types
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from streampetr_plugin.config.schema import ComponentSpec, Recipe
-from streampetr_plugin.plugins import BUILTIN_PLUGIN_NAME, REGISTRY_KINDS, PluginHost, Registries
+from streampetr_plugin.plugins import REGISTRY_KINDS, Registries
 
 __all__ = ["REGENERATE_COMMAND", "recipe_reference_markdown"]
 
-REGENERATE_COMMAND = "python -m streampetr_plugin.config.docs > docs/recipes.md"
+REGENERATE_COMMAND = "python -m streampetr_plugin.cli.recipe_docs > docs/recipes.md"
 
 _INTRO = f"""\
 # Recipe reference
@@ -212,18 +211,9 @@ def _components(registries: Registries) -> List[str]:
     return lines
 
 
-def _builtin_registries() -> Registries:
-    from streampetr_plugin import builtin
-
-    host = PluginHost()
-    host.register_plugin(builtin, name=BUILTIN_PLUGIN_NAME)
-    return host.registries
-
-
-def recipe_reference_markdown(registries: Optional[Registries] = None) -> str:
+def recipe_reference_markdown(registries: Registries) -> str:
     """The Markdown of ``docs/recipes.md``: recipe sections and fields, then the components of
-    ``registries`` (default: the built-in plugin's only)."""
-    registries = registries if registries is not None else _builtin_registries()
+    ``registries`` (for the shipped file: the built-in plugin's only)."""
     lines = [_INTRO, "## Sections", ""]
     lines += _field_table(Recipe) + [""]
     for name, info in Recipe.model_fields.items():
@@ -231,7 +221,3 @@ def recipe_reference_markdown(registries: Optional[Registries] = None) -> str:
             lines += _section(name, nested)
     lines += _components(registries)
     return "\n".join(lines).rstrip("\n") + "\n"
-
-
-if __name__ == "__main__":
-    sys.stdout.write(recipe_reference_markdown())

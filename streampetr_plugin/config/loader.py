@@ -8,13 +8,16 @@ import copy
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from streampetr_plugin.config.schema import DEFAULT_TRACKER, ComponentSpec, Recipe
+from streampetr_plugin.config.schema import DEFAULT_TRACKER, ComponentOptions, Recipe
 from streampetr_plugin.errors import InputError
+
+if TYPE_CHECKING:
+    from streampetr_plugin.plugins import PluginHost, Registries
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 OVERRIDE_SOURCE = "<command line>"
@@ -306,12 +309,10 @@ def _component_sections(data: Dict[str, Any]) -> List[Tuple[KeyPath, str, str, D
 
 
 def _validate_components(
-    located: _Located, fallback: str
-) -> Tuple[List[str], List[Tuple[KeyPath, str, str, Dict[str, Any]]]]:
-    """Check every component section against its registered params; returns errors and validated options."""
-    from streampetr_plugin.plugins import get_registries
-
-    registries = get_registries()
+    located: _Located, fallback: str, registries: "Registries"
+) -> Tuple[List[str], List[Tuple[KeyPath, str, BaseModel]]]:
+    """Check every component section against its registered params; returns errors and the params
+    instances (``(path, kind, params)``; none for components registered without a params model)."""
     errors: List[str] = []
     validated = []
     for path, kind, name, options in _component_sections(located.data):
@@ -322,38 +323,38 @@ def _validate_components(
                           f"{registry.unknown_message(name)}")
             continue
         try:
-            validated.append((path, kind, name, registry.validate_options(name, options)))
+            params = registry.validate(name, options)
         except ValidationError as error:
             sub_components = sorted(_NOT_OPTIONS.get(path, {"type"}))
             errors.extend(_format_errors(error, path, located, fallback, registry.get(name).params,
                                          sub_components))
+            continue
+        if params is not None:
+            validated.append((path, kind, params))
     return errors, validated
 
 
-def _store_validated(recipe: Recipe, path: KeyPath, kind: str, name: str, options: Dict[str, Any]) -> None:
-    """Replace a component's options by their validated, defaulted values."""
-    if path in (("model",), ("tracking",)):
-        getattr(recipe, path[0]).__pydantic_extra__.update(options)
-        return
+def _section(recipe: Recipe, path: KeyPath, kind: str) -> ComponentOptions:
+    """The section of ``recipe`` at ``path`` (an adapter's switch for ``accelerator.adapters.<name>``)."""
     if kind == "adapters":
-        switch = recipe.accelerator.adapters[name]
-        switch.__pydantic_extra__.clear()
-        switch.__pydantic_extra__.update(options)
-        return
-    parent = recipe
-    for key in path[:-1]:
-        parent = getattr(parent, key)
-    setattr(parent, path[-1], ComponentSpec(type=name, **options))
+        return recipe.accelerator.adapters[path[-1]]
+    section: Any = recipe
+    for key in path:
+        section = getattr(section, key)
+    return section
 
 
-def load_recipe(path_or_name: Union[str, Path], overrides: Sequence[str] = ()) -> Recipe:
-    """Load, merge, override and validate a recipe; raises :class:`RecipeError` listing every problem."""
+def load_recipe(
+    path_or_name: Union[str, Path], overrides: Sequence[str] = (), *, host: "PluginHost"
+) -> Recipe:
+    """Load, merge, override and validate a recipe against the components of ``host``, then run its
+    ``streampetr_configure`` hook; raises :class:`RecipeError` listing every problem."""
     path = resolve_recipe_path(path_or_name)
     located = _load_tree(path)
     errors = _apply_overrides(located, overrides)
     located.data.setdefault("name", path.stem)
     fallback = str(path)
-    component_errors, validated = _validate_components(located, fallback)
+    component_errors, validated = _validate_components(located, fallback, host.registries)
     errors += component_errors
     try:
         recipe = Recipe.model_validate(located.data)
@@ -361,12 +362,10 @@ def load_recipe(path_or_name: Union[str, Path], overrides: Sequence[str] = ()) -
         raise RecipeError(_format_errors(error, (), located, fallback, Recipe) + errors) from None
     if errors:
         raise RecipeError(errors)
-    for path_, kind, name, options in validated:
-        _store_validated(recipe, path_, kind, name, options)
+    for path_, kind, params in validated:
+        _section(recipe, path_, kind).use_params(params)
     recipe._source = str(path)
-    from streampetr_plugin.plugins import get_plugin_host
-
-    get_plugin_host().call_hook("streampetr_configure", recipe=recipe)
+    host.hooks.configure(recipe=recipe)
     return recipe
 
 

@@ -2,18 +2,31 @@
 
 Structure is validated here (unknown keys are errors); the options of each registered component
 (``type: <name>`` sections) are validated afterwards by the ``params`` model its plugin registered
-(``streampetr_plugin.config.loader``), because plugins may add components with their own options.
+(``streampetr_plugin.config.loader``), because plugins may add components with their own options. The
+validated instance is kept (:attr:`ComponentOptions.params`): that is what the component's factory
+receives, and what the recipe prints and saves, flat beside ``type``.
 """
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Dict, List, Literal, Optional, Union
+from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 logger = logging.getLogger(__name__)
 
-NUSCENES_CLASSES = [
+# The nuScenes detection classes in label order: the default of data.class_names, the dataset and the metrics.
+NUSCENES_CLASSES = (
     "car",
     "truck",
     "construction_vehicle",
@@ -24,7 +37,7 @@ NUSCENES_CLASSES = [
     "bicycle",
     "pedestrian",
     "traffic_cone",
-]
+)
 
 
 def _switch_word(value: object) -> object:
@@ -42,21 +55,57 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class ComponentSpec(BaseModel):
-    """A registered component: ``type`` names it, the other keys are its options."""
+class ComponentOptions(BaseModel):
+    """A section whose other keys are a registered component's options.
+
+    As read, the options are the section's extra keys; once the loader has validated them they are the
+    component's params instance (:meth:`use_params`), which replaces them.
+    """
 
     model_config = ConfigDict(extra="allow")
+
+    _params: Optional[BaseModel] = PrivateAttr(default=None)
+
+    @property
+    def params(self) -> BaseModel:
+        """The validated options (an instance of the component's registered params model)."""
+        if self._params is None:
+            raise ValueError(f"{type(self).__name__}: options not validated (load the recipe with load_recipe)")
+        return self._params
+
+    def use_params(self, params: BaseModel) -> None:
+        """Keep ``params`` as the component's options (from now on the only copy)."""
+        self.__pydantic_extra__.clear()
+        self._params = params
+
+    @property
+    def arguments(self) -> Union[BaseModel, Dict[str, Any]]:
+        """What the component is built from: its params instance, or the unchecked options of a component
+        registered without a params model."""
+        return self._params if self._params is not None else dict(self.model_extra or {})
+
+    def options(self) -> Dict[str, Any]:
+        """The options as plain values (printing, settings derived for other tools)."""
+        if self._params is not None:
+            return self._params.model_dump()
+        return dict(self.model_extra or {})
+
+    @model_serializer(mode="wrap")
+    def _flat(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> Dict[str, Any]:
+        data = handler(self)
+        if self._params is not None:
+            data.update(self._params.model_dump(mode=info.mode))
+        return data
+
+
+class ComponentSpec(ComponentOptions):
+    """A registered component: ``type`` names it, the other keys are its options."""
 
     type: str = Field(description="Registered component name (see `streampetr plugins`).")
 
-    def options(self) -> Dict[str, object]:
-        return dict(self.model_extra or {})
 
-
-class ModelConfig(BaseModel):
+class ModelConfig(ComponentOptions):
     """The detector. Keys other than the sub-components are the detector's own options."""
-
-    model_config = ConfigDict(extra="allow")
 
     type: str = Field("streampetr", description="Registered detector name.")
     backbone: ComponentSpec = Field(description="Image backbone (registry: backbones).")
@@ -65,9 +114,6 @@ class ModelConfig(BaseModel):
         None, description="2D auxiliary head (registry: heads); null disables the 2D branch."
     )
     head: ComponentSpec = Field(description="3D detection head (registry: heads).")
-
-    def options(self) -> Dict[str, object]:
-        return dict(self.model_extra or {})
 
 
 class DataConfig(Section):
@@ -173,15 +219,10 @@ class RuntimeConfig(Section):
         return data
 
 
-class AdapterSwitch(BaseModel):
+class AdapterSwitch(ComponentOptions):
     """Turn one adapter on or off; other keys are the adapter's options."""
 
-    model_config = ConfigDict(extra="allow")
-
     enabled: bool = Field(True, description="Apply this adapter when its precheck passes.")
-
-    def options(self) -> Dict[str, object]:
-        return dict(self.model_extra or {})
 
 
 class AcceleratorConfig(Section):
@@ -199,7 +240,7 @@ class AcceleratorConfig(Section):
 DEFAULT_TRACKER = "query_propagation"
 
 
-class TrackingConfig(BaseModel):
+class TrackingConfig(ComponentOptions):
     """Multi-object tracking on the detector's output. Keys other than ``type`` and ``evaluate`` are the
     tracker's options."""
 
@@ -211,9 +252,6 @@ class TrackingConfig(BaseModel):
         description="Also track the val set and score the nuScenes tracking metric (AMOTA) at every "
         "evaluation (docs/tracking.md).",
     )
-
-    def options(self) -> Dict[str, object]:
-        return dict(self.model_extra or {})
 
 
 class Recipe(Section):

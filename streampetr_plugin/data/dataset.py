@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset
 
+from streampetr_plugin.config.schema import NUSCENES_CLASSES
 from streampetr_plugin.errors import InputError
 
 from .geometry import invert_rigid, pose_matrix, rigid_matrix
@@ -39,16 +40,8 @@ __all__ = [
     "NuScenesDatasetParams",
     "NuScenesStreamDataset",
     "ImageReadError",
-    "build_nuscenes_dataset",
     "sequence_group_flags",
 ]
-
-NUSCENES_CLASSES: Tuple[str, ...] = (
-    "car", "truck", "construction_vehicle", "bus", "trailer",
-    "barrier", "motorcycle", "bicycle", "pedestrian",
-    "traffic_cone",
-)
-
 
 class ImageReadError(InputError):
     """A camera image is missing or cannot be decoded; the message names the file and the sample token."""
@@ -363,12 +356,3 @@ class NuScenesStreamDataset(Dataset):
                 depths=[torch.from_numpy(np.asarray(d, dtype=np.float32)) for d in frame.depths],
             )
         return item
-
-
-def build_nuscenes_dataset(
-    params: NuScenesDatasetParams, *, split: str, seed: int = 0
-) -> NuScenesStreamDataset:
-    """The dataset of ``split``: "train" (training pipeline with labels) or "val" (test pipeline)."""
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', not {split!r}")
-    return NuScenesStreamDataset(training=split == "train", seed=seed, **params.model_dump())

@@ -30,6 +30,7 @@ from streampetr_plugin.deploy.export import export_graph, load_detector, recipe_
 from streampetr_plugin.deploy.onnx_runner import ONNX_FILE, OnnxStreamRunner
 from streampetr_plugin.models.batchnorm_folding import fold_batchnorm
 from streampetr_plugin.models.detector import StreamPETRDetector
+from streampetr_plugin.plugins import PluginHost
 
 DEFAULT_LEVELS = ("disable", "basic", "all")
 # (name, BatchNorm folded, image backbone in channels-last layout) of the configurations compared with
@@ -66,10 +67,10 @@ class BackendComparison:
 
 
 def bench_backends(
-    recipe: Recipe, *, steps: int, warmup: int, levels: Sequence[str] = DEFAULT_LEVELS
+    recipe: Recipe, host: PluginHost, *, steps: int, warmup: int, levels: Sequence[str] = DEFAULT_LEVELS
 ) -> BackendComparison:
     """Export the recipe's detector (initial weights) to a temporary graph and :func:`time_backends`."""
-    detector = load_detector(recipe, None)
+    detector = load_detector(recipe, host, None)
     num_cameras, image_hw = recipe_test_shape(recipe)
     with tempfile.TemporaryDirectory() as directory:
         start = time.perf_counter()
@@ -103,10 +104,10 @@ def time_backends(
     return BackendComparison(threads=threads, export_s=export_s, timings=timings)
 
 
-def bench_cpu_levers(recipe: Recipe, *, steps: int, warmup: int) -> BackendComparison:
+def bench_cpu_levers(recipe: Recipe, host: PluginHost, *, steps: int, warmup: int) -> BackendComparison:
     """The PyTorch eval path of the recipe's detector (initial weights) as built, with its BatchNorms
     folded into the convolutions, with its image backbone in channels-last layout, and with both."""
-    built = load_detector(recipe, None, inference_adapters=False)
+    built = load_detector(recipe, host, None, inference_adapters=False)
     configurations: Dict[str, Callable[[Mapping[str, Any]], Any]] = {"torch as built": built.infer}
     for name, fold, channels_last in CPU_LEVERS:
         detector = copy.deepcopy(built)
@@ -158,25 +159,3 @@ def alternate(
             )
         )
     return timings
-
-
-def backend_lines(comparison: Mapping[str, Any]) -> List[str]:
-    """The comparison (as :meth:`BackendComparison.to_dict` gives it) as table lines."""
-    baseline = comparison["timings"][0]["step_time_s"]["median"]
-    title = (
-        f"streaming inference, batch 1, {comparison['threads']} threads per backend, configurations "
-        "alternating frame by frame"
-    )
-    if comparison["export_s"] is not None:
-        title += f"; export took {comparison['export_s']:.1f} s"
-    width = max(24, 2 + max(len(timing["name"]) for timing in comparison["timings"]))
-    header = f"{'s/frame med':>12}{'p90':>8}{'cpu s':>8}{'frames/s':>10}{'vs first':>10}"
-    lines = [title, f"{'configuration':<{width}}{header}"]
-    for timing in comparison["timings"]:
-        step = timing["step_time_s"]
-        lines.append(
-            f"{timing['name']:<{width}}{step['median']:>12.4f}{step['p90']:>8.4f}"
-            f"{timing['cpu_s_per_frame']:>8.3f}{timing['frames_per_s']:>10.2f}"
-            f"{baseline / step['median']:>9.2f}x"
-        )
-    return lines

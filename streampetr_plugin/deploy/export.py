@@ -28,7 +28,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 import torch
 
 from streampetr_plugin.config.schema import Recipe
-from streampetr_plugin.deploy.commands import DEFAULT_OPSET, DEFAULT_PARITY_FRAMES, MIN_OPSET
+from streampetr_plugin.deploy.options import DEFAULT_OPSET, DEFAULT_PARITY_FRAMES, MIN_OPSET
 from streampetr_plugin.deploy.graph import (
     GraphSignature,
     StreamingFrameGraph,
@@ -39,6 +39,7 @@ from streampetr_plugin.deploy.onnx_runner import ONNX_FILE, OnnxStreamRunner, im
 from streampetr_plugin.deploy.parity import ParityReport, measure_parity
 from streampetr_plugin.errors import InputError, RunError, describe
 from streampetr_plugin.models.detector import StreamPETRDetector
+from streampetr_plugin.plugins import PluginHost, Registries
 
 logger = logging.getLogger(__name__)
 
@@ -61,16 +62,17 @@ class ExportResult:
 
 
 def load_detector(
-    recipe: Recipe, checkpoint: Optional[Path], *, inference_adapters: bool = True
+    recipe: Recipe, host: PluginHost, checkpoint: Optional[Path], *, inference_adapters: bool = True
 ) -> StreamPETRDetector:
-    """The recipe's detector in eval mode with ``checkpoint``'s weights (ours or a reference ``.pth``;
-    None keeps the initialisation), on the CPU, after the recipe's CPU adapters of the inference phase
-    (BatchNorm folding, ...) unless ``inference_adapters`` is False."""
+    """The recipe's detector (components of ``host``) in eval mode with ``checkpoint``'s weights (ours or a
+    reference ``.pth``; None keeps the initialisation), on the CPU, after the recipe's CPU adapters of the
+    inference phase (BatchNorm folding, ...) unless ``inference_adapters`` is False."""
     from streampetr_plugin.adapters.base import AdapterContext, AdapterRunner, Phase
     from streampetr_plugin.interop.checkpoint import load_reference_checkpoint
     from streampetr_plugin.models.build import build_model
 
-    model = build_model(recipe)
+    model = build_model(recipe, host.registries)
+    host.hooks.post_model_build(model=model, recipe=recipe)
     if not isinstance(model, StreamPETRDetector):
         raise InputError(
             describe(
@@ -93,7 +95,7 @@ def load_detector(
             )
     model.eval()
     if inference_adapters:
-        adapters = AdapterRunner.from_recipe(recipe, "cpu")
+        adapters = AdapterRunner.from_recipe(recipe, "cpu", host.registries)
         adapters.run(Phase.INFERENCE, AdapterContext(device="cpu", recipe=recipe, model=model))
         logger.info("%s", adapters.summary_table("inference adapters:"))
     return model
@@ -191,13 +193,15 @@ def recipe_hash(recipe: Recipe) -> str:
     return hashlib.sha256(dump_recipe(recipe).encode("utf-8")).hexdigest()
 
 
-def _parity_batches(recipe: Recipe, count: int) -> Tuple[str, Iterable[Mapping[str, Any]]]:
+def _parity_batches(
+    recipe: Recipe, registries: Registries, count: int
+) -> Tuple[str, Iterable[Mapping[str, Any]]]:
     """(where the frames come from, the first ``count`` one-stream batches of the val split in stream
     order); synthetic frames of the recipe's shapes when the split cannot be loaded."""
-    from streampetr_plugin.deploy.infer import stream_batches
+    from streampetr_plugin.deploy.streams import stream_batches
 
     try:
-        return "val split", list(islice(stream_batches(recipe, split="val"), count))
+        return "val split", list(islice(stream_batches(recipe, registries, split="val"), count))
     except (OSError, ValueError) as error:
         logger.warning("parity on synthetic frames: the val split did not load (%s)", error)
     from streampetr_plugin.bench.synthetic_batch import SyntheticStreams, stream_shape
@@ -211,20 +215,21 @@ def _parity_batches(recipe: Recipe, count: int) -> Tuple[str, Iterable[Mapping[s
 def export_command(
     recipe: Recipe,
     *,
+    host: PluginHost,
     checkpoint: Optional[Path],
     out_dir: Path,
     opset: int = DEFAULT_OPSET,
     parity_frames: int = DEFAULT_PARITY_FRAMES,
 ) -> ExportResult:
     """Export ``recipe``'s detector with ``checkpoint``'s weights to ``out_dir`` (module docstring)."""
-    detector = load_detector(recipe, checkpoint)
+    detector = load_detector(recipe, host, checkpoint)
     num_cameras, image_hw = recipe_test_shape(recipe)
     onnx_path = Path(out_dir) / ONNX_FILE
     logger.info("exporting %s at %d cameras x %dx%d to %s", recipe.name, num_cameras, *image_hw, onnx_path)
     signature = export_graph(detector, onnx_path, num_cameras=num_cameras, image_hw=image_hw, opset=opset)
     parity, parity_source = None, None
     if parity_frames > 0:
-        parity_source, batches = _parity_batches(recipe, parity_frames)
+        parity_source, batches = _parity_batches(recipe, host.registries, parity_frames)
         nms_radius = detector.pts_bbox_head.bbox_coder.nms_radius
         runner = OnnxStreamRunner(onnx_path, threads=torch.get_num_threads(), nms_radius=nms_radius)
         parity = measure_parity(detector, runner, batches)
@@ -242,8 +247,9 @@ def export_command(
 
 
 def recipe_nms_radius(recipe: Recipe) -> Optional[float]:
-    """The decoder's class-wise duplicate suppression radius (``model.head.nms_radius``), None if unset."""
-    return getattr(recipe.model.head, "nms_radius", None)
+    """The decoder's class-wise duplicate suppression radius (``model.head.nms_radius``, a field of the head's
+    params), None if unset or the head has no such option."""
+    return getattr(recipe.model.head.params, "nms_radius", None)
 
 
 def export_summary(

@@ -26,8 +26,10 @@ import numpy as np
 import torch
 
 from streampetr_plugin.config.schema import Recipe
-from streampetr_plugin.deploy.commands import BACKENDS, SPLITS
+from streampetr_plugin.deploy.options import BACKENDS
+from streampetr_plugin.deploy.streams import split_dataset, stream_batches
 from streampetr_plugin.errors import InputError, describe
+from streampetr_plugin.plugins import PluginHost, Registries
 
 RESULTS_FILE = "results_nusc.json"
 
@@ -57,35 +59,6 @@ class InferResult:
         return self.frames / self.total_seconds
 
 
-def split_dataset(recipe: Recipe, split: str) -> Any:
-    """The recipe's val dataset (test pipeline) over the ``val`` or the ``train`` split's samples."""
-    from streampetr_plugin.data.build import build_dataset
-
-    if split not in SPLITS:
-        raise InputError(describe("--split", f"unknown split {split!r}", f"use one of {', '.join(SPLITS)}"))
-    if split == "train":
-        recipe = recipe.model_copy(deep=True)
-        train_info = recipe.data.train.options().get("train_info", "streampetr_infos_train.json")
-        setattr(recipe.data.val, "val_info", train_info)  # the test-time pipeline over the training samples
-    return build_dataset(recipe, training=False)
-
-
-def stream_batches(recipe: Recipe, *, split: str = "val", dataset: Any = None) -> Iterator[Dict[str, Any]]:
-    """One-stream batches (batch contract, B = 1) of every frame of ``split`` in stream order."""
-    from streampetr_plugin.data.loader import build_dataloader
-
-    dataset = split_dataset(recipe, split) if dataset is None else dataset
-    yield from build_dataloader(
-        dataset,
-        batch_size=1,
-        num_workers=recipe.data.num_workers,
-        rank=0,
-        world_size=1,
-        seed=recipe.runtime.seed,
-        training=False,
-    )
-
-
 def recipe_threads(recipe: Recipe) -> Optional[int]:
     """The CPU threads the recipe asks for (``accelerator.adapters.cpu_threads.num_threads``), if any."""
     switch = recipe.accelerator.adapters.get("cpu_threads")
@@ -107,14 +80,16 @@ def torch_threads(threads: Optional[int]) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
-def _torch_step(recipe: Recipe, checkpoint: Optional[Path]) -> Callable[[Mapping[str, Any]], Detections]:
+def _torch_step(
+    recipe: Recipe, host: PluginHost, checkpoint: Optional[Path]
+) -> Callable[[Mapping[str, Any]], Detections]:
     from streampetr_plugin.deploy.export import load_detector
 
     if checkpoint is None:
         raise InputError(
             describe("--checkpoint", "required with --backend torch", "pass the trained checkpoint")
         )
-    detector = load_detector(recipe, checkpoint)
+    detector = load_detector(recipe, host, checkpoint)
     detector.stream_state.reset()
 
     def step(batch: Mapping[str, Any]) -> Detections:
@@ -155,6 +130,7 @@ def _onnxruntime_step(
 def infer_command(
     recipe: Recipe,
     *,
+    host: PluginHost,
     checkpoint: Optional[Path] = None,
     backend: str = "torch",
     onnx_dir: Optional[Path] = None,
@@ -173,15 +149,16 @@ def infer_command(
         )
     with torch_threads(threads if threads is not None else recipe_threads(recipe)) as threads_in_use:
         if backend == "torch":
-            step = _torch_step(recipe, checkpoint)
+            step = _torch_step(recipe, host, checkpoint)
         else:
             step = _onnxruntime_step(recipe, onnx_dir, threads_in_use)
-        return _infer(recipe, step, split=split, out_dir=out_dir, pictures=pictures, backend=backend,
-                      tasks=tasks)
+        return _infer(recipe, host.registries, step, split=split, out_dir=out_dir, pictures=pictures,
+                      backend=backend, tasks=tasks)
 
 
 def _infer(
     recipe: Recipe,
+    registries: Registries,
     step: Callable[[Mapping[str, Any]], Detections],
     *,
     split: str,
@@ -194,7 +171,7 @@ def _infer(
     from streampetr_plugin.evaluation.nuscenes_metric import format_nuscenes_results
     from streampetr_plugin.evaluation.predictions import PREDICTIONS_FILE, save_predictions
 
-    dataset = split_dataset(recipe, split)
+    dataset = split_dataset(recipe, registries, split)
     if not hasattr(dataset, "samples"):
         raise InputError(
             describe(f"data.{split}", "not a nuScenes-style dataset", "infer writes nuScenes results")
@@ -206,7 +183,7 @@ def _infer(
     model_seconds = 0.0
     start = time.perf_counter()
     with torch.no_grad():
-        for batch in stream_batches(recipe, split=split, dataset=dataset):
+        for batch in stream_batches(recipe, registries, split=split, dataset=dataset):
             step_start = time.perf_counter()
             predictions[batch["sample_token"][0]] = step(batch)
             model_seconds += time.perf_counter() - step_start
@@ -219,7 +196,8 @@ def _infer(
         results = format_nuscenes_results(predictions, infos, classes=dataset.classes)
         results_path.write_text(json.dumps(results))
     if "tracking" in tasks:
-        tracking_results_path = _write_tracks(recipe, predictions, infos, out_dir, classes=dataset.classes)
+        tracking_results_path = _write_tracks(recipe, registries, predictions, infos, out_dir,
+                                              classes=dataset.classes)
     predictions_path = save_predictions(predictions, out_dir / PREDICTIONS_FILE)
     drawn = _draw(dataset, predictions, out_dir, count=pictures, class_names=recipe.data.class_names)
     return InferResult(
@@ -234,16 +212,18 @@ def _infer(
 
 
 def _write_tracks(
-    recipe: Recipe, predictions: Dict[str, Detections], infos: Any, out_dir: Path, *, classes: Sequence[str]
+    recipe: Recipe,
+    registries: Registries,
+    predictions: Dict[str, Detections], infos: Any, out_dir: Path, *, classes: Sequence[str]
 ) -> Path:
     """Track the split with the recipe's tracker, give every prediction its ``track_ids_3d`` and write the
     tracking submission; returns its path."""
     from streampetr_plugin.evaluation.nuscenes_tracking import RESULTS_FILE as TRACKING_RESULTS_FILE
     from streampetr_plugin.evaluation.nuscenes_tracking import format_tracking_results
     from streampetr_plugin.tracking.build import build_tracker
-    from streampetr_plugin.tracking.scenes import track_scenes
+    from streampetr_plugin.evaluation.scenes import track_scenes
 
-    track_ids = track_scenes(build_tracker(recipe), predictions, infos, classes=classes)
+    track_ids = track_scenes(build_tracker(recipe, registries), predictions, infos, classes=classes)
     for token, ids in track_ids.items():
         predictions[token]["track_ids_3d"] = ids
     path = out_dir / TRACKING_RESULTS_FILE
@@ -254,7 +234,7 @@ def _write_tracks(
 def _draw(
     dataset: Any, predictions: Mapping[str, Detections], out_dir: Path, *, count: int, class_names: Any
 ) -> List[Path]:
-    from streampetr_plugin.visualization.command import render_dataset_sample
+    from streampetr_plugin.visualization.dataset_pictures import render_dataset_sample
 
     drawn = []
     for index, sample in enumerate(dataset.samples[:count]):

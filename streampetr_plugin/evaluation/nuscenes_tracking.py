@@ -26,8 +26,8 @@ from streampetr_plugin.evaluation.nuscenes_metric import (
     evaluation_split,
     format_nuscenes_results,
 )
+from streampetr_plugin.evaluation.scenes import scenes_in_time_order
 from streampetr_plugin.tracking.frame import NOT_TRACKED
-from streampetr_plugin.tracking.scenes import scenes_in_time_order
 
 __all__ = [
     "RESULTS_FILE",

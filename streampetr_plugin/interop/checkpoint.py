@@ -34,10 +34,9 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from streampetr_plugin.checksum import CHECKSUM_KEY, verify_checksum
 from streampetr_plugin.errors import InputError, describe
 from streampetr_plugin.safe_loading import UnsafePickleError, load_torch_file
-from streampetr_plugin.training.checkpointing import verify_checksum
-from streampetr_plugin.training.checksum import CHECKSUM_KEY
 
 BACKBONE_PREFIX = "img_backbone."
 _DDP_PREFIX = "module."

@@ -33,7 +33,7 @@ from streampetr_plugin.models.heads.streampetr_head import (
     StreamPETRHeadOutputs,
     full_precision,
 )
-from streampetr_plugin.models.layers.grid_mask import GridMask
+from streampetr_plugin.models.layers.grid_mask import GridMask, GridMaskParams
 from streampetr_plugin.models.outputs import InferenceOutputs, TrainingOutputs
 from streampetr_plugin.models.stream_state import StreamState
 
@@ -77,7 +77,9 @@ class StreamPETRDetector(nn.Module):
         pts_bbox_head: the StreamPETR head.
         img_roi_head: the 2D auxiliary head (FocalHead) or None.
         use_grid_mask: GridMask the images in training.
-        stride: input pixels per cell of the neck level used by the heads.
+        grid_mask: the GridMask settings (None: the reference's, :class:`GridMaskParams`).
+        stride: input pixels per cell of the neck level used by the heads (the model builder takes it from
+            the neck's ``output_shape()``).
         position_level: which neck level the heads read.
         aux_2d_only: run the 2D head in training only (the reference's default).
         head_autocast: let the heads run under the caller's autocast (the reference runs them in fp32).
@@ -91,6 +93,7 @@ class StreamPETRDetector(nn.Module):
         pts_bbox_head: StreamPETRHead,
         img_roi_head: Optional[nn.Module] = None,
         use_grid_mask: bool = True,
+        grid_mask: Optional[GridMaskParams] = None,
         stride: int = 16,
         position_level: int = 0,
         aux_2d_only: bool = True,
@@ -101,7 +104,7 @@ class StreamPETRDetector(nn.Module):
         self.img_neck = img_neck
         self.img_roi_head = img_roi_head
         self.pts_bbox_head = pts_bbox_head
-        self.grid_mask = GridMask(use_h=True, use_w=True, rotate=1, offset=False, ratio=0.5, mode=1, prob=0.7)
+        self.grid_mask = GridMask(**dict(grid_mask if grid_mask is not None else GridMaskParams()))
         self.use_grid_mask = use_grid_mask
         self.stride = stride
         self.position_level = position_level
@@ -213,8 +216,8 @@ class StreamPETRDetectorParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     use_grid_mask: bool = Field(default=True, description="GridMask the input images in training.")
-    stride: int = Field(
-        default=16, gt=0, description="Input pixels per cell of the neck level the heads read."
+    grid_mask: GridMaskParams = Field(
+        default_factory=GridMaskParams, description="GridMask settings (the reference's by default)."
     )
     position_level: int = Field(default=0, ge=0, description="Neck level used by the heads.")
     aux_2d_only: bool = Field(

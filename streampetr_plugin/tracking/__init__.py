@@ -8,7 +8,6 @@
 * :mod:`~streampetr_plugin.tracking.centerpoint` - the CenterPoint tracker (``centerpoint``);
 * :mod:`~streampetr_plugin.tracking.query_propagation` - track ids that follow the propagated queries
   (``query_propagation``);
-* :mod:`~streampetr_plugin.tracking.scenes` - run a tracker over the evaluated samples, scene by scene;
 * :mod:`~streampetr_plugin.tracking.build` - the recipe's tracker from the ``trackers`` registry.
 """
 from streampetr_plugin.tracking.frame import NOT_TRACKED, Tracker, TrackingFrame

@@ -32,6 +32,7 @@ import os
 import random
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -40,16 +41,26 @@ import torch
 from torch import nn
 
 from streampetr_plugin.adapters.device import DeviceHandle
+from streampetr_plugin.checksum import (
+    CHECKSUM_KEY,
+    UNCHECKED_FORMAT,
+    CheckpointError,
+    content_digest,
+    verify_checksum,
+)
 from streampetr_plugin.errors import InputError, RunError, describe
 from streampetr_plugin.models.stream_state import stream_state_of
 from streampetr_plugin.safe_loading import load_torch_file
-from streampetr_plugin.training.checksum import CHECKSUM_KEY, content_digest
+from streampetr_plugin.training.distributed import (
+    DistributedEnv,
+    all_gather_objects,
+    all_reduce_sum,
+    broadcast_buffers,
+)
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 2
-# Format 1 is format 2 without the checksum; such files still load, unverified, with a warning.
-UNCHECKED_FORMAT = 1
 CHECKPOINT_DIR = "checkpoints"
 _CHECKPOINT_NAME = re.compile(r"^iter_(\d+)\.pth$")
 _TEMPORARY_NAME = re.compile(r"^\.iter_\d+\.pth\.\d+\.tmp$")
@@ -57,10 +68,6 @@ REQUIRED_KEYS = ("format", "state_dict", "iteration", "optimizer")
 _NEW_RUN_FIX = (
     "the recipe changed since it was written: train in a new runtime.work_dir, or resume with that recipe"
 )
-
-
-class CheckpointError(InputError):
-    """A file that is not a usable training checkpoint: unreadable, damaged, or not this run's shape."""
 
 
 class CheckpointWriteError(RunError):
@@ -160,25 +167,6 @@ def prune_checkpoints(directory: Path, keep_last: int, written_iteration: int) -
     return doomed
 
 
-def verify_checksum(state: Mapping, path: Path) -> None:
-    """Recompute the content checksum of a loaded checkpoint; :class:`CheckpointError` if it differs.
-
-    A file of the unchecked format (written before checkpoints carried a checksum) passes with a warning.
-    """
-    if CHECKSUM_KEY not in state and state.get("format") == UNCHECKED_FORMAT:
-        logger.warning("%s: written without a content checksum; its contents cannot be verified", path)
-        return
-    try:
-        actual = content_digest(state)
-    except TypeError as error:
-        raise CheckpointError(describe(str(path), f"is not a training checkpoint ({error})")) from error
-    if state.get(CHECKSUM_KEY) != actual:
-        raise CheckpointError(describe(
-            str(path), "content checksum mismatch: the file was damaged after it was written",
-            "resume from an earlier checkpoint (runtime.resume=auto falls back by itself) or copy it again",
-        ))
-
-
 def load_checkpoint(path: Path) -> Dict[str, Any]:
     """Read a training checkpoint (weights only, on the CPU) and verify its checksum;
     :class:`CheckpointError` (one line, naming the file) if it is unusable."""
@@ -247,6 +235,193 @@ def nonfinite_entries(value: Any, prefix: str = "") -> List[str]:
         return [] if not isinstance(value, float) or math.isfinite(value) else [prefix]
     return [name for key, item in items
             for name in nonfinite_entries(item, f"{prefix}.{key}" if prefix else str(key))]
+
+
+class NonFiniteLossError(RunError):
+    """Training went non-finite: too many steps in a row skipped for a non-finite loss or gradient, or a
+    checkpoint due while the weights or optimiser state hold a NaN or an infinity."""
+
+
+class WorkDirNotEmptyError(InputError):
+    """``runtime.resume=none`` in a work dir that already holds checkpoints."""
+
+
+def qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def data_position_of(loader: Any) -> Any:
+    """What reports and restores the training data position: the loader itself when it can (it knows
+    what was consumed, its workers prefetch ahead of the sampler), else its (batch) sampler, else None."""
+    for candidate in (loader, getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
+        if all(callable(getattr(candidate, method, None)) for method in ("state_dict", "load_state_dict")):
+            return candidate
+    return None
+
+
+def find_resume_checkpoint(
+    resume: Optional[str], directory: Path, dist_env: DistributedEnv
+) -> Optional[Tuple[Dict[str, Any], Path]]:
+    """``(state, path)`` to continue from, per ``runtime.resume`` (``none`` / ``auto`` / a path); every rank
+    reads the file rank 0 chose (multi-node resume needs the work dir on a shared filesystem). Collective.
+
+    ``none`` refuses a directory that already holds checkpoints (:class:`WorkDirNotEmptyError`): starting
+    afresh beside them would mix two runs in one directory. ``auto`` removes partial files of an
+    interrupted save and takes the newest checkpoint that loads and verifies.
+    """
+    is_main = dist_env.is_main
+    if resume in ("none", "", None):
+        existing = [path.name for _, path in list_checkpoints(directory)] if is_main else None
+        existing = all_gather_objects(existing)[0]
+        if existing:
+            raise WorkDirNotEmptyError(describe(
+                str(directory),
+                f"holds {len(existing)} checkpoint(s) ({existing[0]} .. {existing[-1]}) and "
+                "runtime.resume=none would start a new run among them",
+                "runtime.resume=auto continues from the newest; to start afresh, set a new "
+                "runtime.work_dir or move the checkpoints away",
+            ))
+        return None
+    if resume != "auto":
+        return load_checkpoint(Path(resume)), Path(resume)
+    if is_main:
+        removed = remove_stale_temporaries(directory)
+        if removed:
+            logger.info("removed %d partial checkpoint file(s) left by an interrupted save", len(removed))
+    found = find_latest_checkpoint(directory) if is_main else None
+    chosen = all_gather_objects(None if found is None else str(found[0]))[0]
+    if chosen is None:
+        skipped = [path.name for _, path in list_checkpoints(directory)] if is_main else []
+        if skipped:
+            logger.warning(
+                "NO USABLE CHECKPOINT in %s: skipped %s (see the warnings above); training starts from "
+                "iteration 0 and leaves those files in place", directory, ", ".join(skipped),
+            )
+        return None
+    if found is not None:
+        return found[1], found[0]
+    return load_checkpoint(Path(chosen)), Path(chosen)
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint holds of a run and a resume restores: the model (unwrapped), the optimiser, the
+    loss scaler, the training data position (``sampler``: anything with ``state_dict`` /
+    ``load_state_dict``, or None), the streams, the RNG states and the iteration."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: Optional[Any]
+    sampler: Optional[Any]
+    device: DeviceHandle
+    dist_env: DistributedEnv
+    iteration: int = 0
+
+    def load(self, state: Dict[str, Any], path: Path) -> Optional[Dict[str, Any]]:
+        """Restore ``state`` (read from ``path``); returns this rank's RNG states, to restore once the
+        training loader's iterator exists (None when the checkpoint was written by another number of
+        processes: data order, streams and RNG then start afresh)."""
+        check_model_fits(path, state["state_dict"], self.model)
+        self.model.load_state_dict(state["state_dict"])
+        current = qualified_name(type(self.optimizer))
+        if state.get("optimizer_class", current) == current:
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except (ValueError, KeyError, IndexError) as error:
+                raise resume_mismatch(path, "the optimiser state", str(error).split("\n")[0]) from error
+        else:
+            logger.warning(
+                "%s was written with optimiser %s, this run uses %s: optimiser moments start afresh",
+                path, state["optimizer_class"], current,
+            )
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.iteration = int(state["iteration"])
+        dist_env = self.dist_env
+        if state.get("world_size") != dist_env.world_size:
+            if dist_env.is_main:
+                logger.warning(
+                    "%s was written by %s processes, this run has %d: data order, streams and RNG start "
+                    "afresh", path, state.get("world_size"), dist_env.world_size,
+                )
+            return None
+        rank = dist_env.rank
+        if self.sampler is not None and state["sampler"][rank] is not None:
+            try:
+                self.sampler.load_state_dict(state["sampler"][rank])
+            except (ValueError, KeyError, TypeError) as error:
+                detail = str(error).split("\n")[0]
+                raise resume_mismatch(path, "the data sampler state", detail) from error
+        load_stream_states(self.model, state["streams"][rank], self.device.torch_device)
+        return state["rng"][rank]
+
+    def refuse_nonfinite(self, last_good: Optional[Path]) -> None:
+        """:class:`NonFiniteLossError` when the weights, buffers or optimiser state hold a NaN or an
+        infinity (e.g. a damaged optimiser moment turned finite-loss steps into NaN weights); the
+        decision is summed over ranks so that all of them stop together. Collective."""
+        bad = nonfinite_entries(
+            {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()["state"]}
+        )
+        count = torch.tensor([float(len(bad))], device=self.device.torch_device)
+        if all_reduce_sum(count).item() == 0:
+            return
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise NonFiniteLossError(describe(
+            f"iteration {self.iteration}",
+            f"not saving a checkpoint: the training state is not finite ({shown or 'on another rank'}); "
+            f"last good checkpoint: {last_good or 'none'}",
+            "resume from the last good checkpoint with a lower learning rate, or check the data and the "
+            "checkpoint it was resumed from",
+        ))
+
+    def save(
+        self, directory: Path, *, run_facts: Dict[str, Any], keep_last: int, last_good: Optional[Path]
+    ) -> Path:
+        """Write the checkpoint of the current iteration (collective: call it on every rank); returns its
+        path.
+
+        Every rank first takes rank 0's buffers, so the file holds what each rank continues with.
+        ``run_facts`` (the recipe as plain data, the schedule's type, the plugin versions) are saved as
+        they are. Raises :class:`NonFiniteLossError` instead of writing non-finite weights, buffers or
+        optimiser state, and :class:`CheckpointWriteError` on every rank when rank 0 cannot write the file.
+        """
+        broadcast_buffers(self.model)
+        self.refuse_nonfinite(last_good)
+        sampler_state = self.sampler.state_dict() if self.sampler is not None else None
+        per_rank = all_gather_objects(
+            {"sampler": sampler_state, "streams": stream_states(self.model),
+             "rng": capture_rng_state(self.device)}
+        )
+        path = checkpoint_path(directory, self.iteration)
+        failure: Optional[CheckpointWriteError] = None
+        if self.dist_env.is_main:
+            state = {
+                "format": CHECKPOINT_FORMAT,
+                "state_dict": to_cpu(self.model.state_dict()),
+                "optimizer": to_cpu(self.optimizer.state_dict()),
+                "optimizer_class": qualified_name(type(self.optimizer)),
+                "scheduler": {"type": run_facts["scheduler_type"], "iteration": self.iteration},
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "iteration": self.iteration,
+                "world_size": self.dist_env.world_size,
+                "sampler": [item["sampler"] for item in per_rank],
+                "streams": [item["streams"] for item in per_rank],
+                "rng": [item["rng"] for item in per_rank],
+                "recipe": run_facts["recipe"],
+                "plugin_versions": run_facts["plugin_versions"],
+            }
+            try:
+                write_checkpoint(state, path)
+            except CheckpointWriteError as error:
+                failure = error
+            else:
+                prune_checkpoints(directory, keep_last, self.iteration)
+                logger.info("saved %s", path)
+        # Rank 0's outcome, on every rank: a failed write stops them all instead of leaving them waiting.
+        outcome = all_gather_objects(None if failure is None else str(failure))[0]
+        if outcome is not None:
+            raise failure or CheckpointWriteError(outcome)
+        return path
 
 
 def capture_rng_state(device: DeviceHandle) -> Dict[str, Any]:

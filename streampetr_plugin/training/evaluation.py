@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, Iterable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -20,7 +20,12 @@ from torch import nn
 from streampetr_plugin.errors import InputError, describe
 from streampetr_plugin.models.outputs import InferenceOutputs
 from streampetr_plugin.models.stream_state import stream_state_of
+from streampetr_plugin.training import distributed
 from streampetr_plugin.training.batches import move_to_device
+
+if TYPE_CHECKING:
+    from streampetr_plugin.plugins import PluginHost, Registries
+    from streampetr_plugin.training.distributed import DistributedEnv
 
 logger = logging.getLogger(__name__)
 
@@ -90,10 +95,17 @@ def default_evaluator(predictions: Predictions, dataset: Any, output_dir: Path) 
 
 
 def tracking_evaluator(
-    recipe: Any, predictions: Predictions, dataset: Any, output_dir: Path, *, restarts: Sequence[str] = ()
+    recipe: Any,
+    registries: "Registries",
+    predictions: Predictions,
+    dataset: Any,
+    output_dir: Path,
+    *,
+    restarts: Sequence[str] = (),
 ) -> Dict[str, Any]:
-    """Track the val set with the recipe's tracker and score the nuScenes tracking metric; ``restarts``:
-    samples where the detector's streams restarted within a scene (:func:`stream_starts`).
+    """Track the val set with the recipe's tracker (from ``registries``) and score the nuScenes tracking
+    metric; ``restarts``: samples where the detector's streams restarted within a scene
+    (:func:`stream_starts`).
 
     Gives every prediction its boxes' track ids (``track_ids_3d`` (K,), -1 where untracked), which
     ``predictions.npz`` then keeps. Returns ``AMOTA``, ``AMOTP``, ``MOTA``, ``RECALL``, ``IDS``, ``FRAG``,
@@ -101,8 +113,8 @@ def tracking_evaluator(
     """
     from streampetr_plugin.data.infos import InfoSet
     from streampetr_plugin.evaluation.nuscenes_tracking import evaluate_tracking
+    from streampetr_plugin.evaluation.scenes import track_scenes
     from streampetr_plugin.tracking.build import build_tracker
-    from streampetr_plugin.tracking.scenes import track_scenes
 
     if not all(hasattr(dataset, name) for name in ("samples", "version", "root", "classes")):
         raise InputError(describe(
@@ -110,7 +122,7 @@ def tracking_evaluator(
             "score tracking on a nuScenes val set, or set tracking.evaluate=false",
         ))
     infos = InfoSet(version=dataset.version, samples=list(dataset.samples))
-    track_ids = track_scenes(build_tracker(recipe), predictions, infos, classes=dataset.classes,
+    track_ids = track_scenes(build_tracker(recipe, registries), predictions, infos, classes=dataset.classes,
                              restarts=restarts)
     for token, ids in track_ids.items():
         predictions[token]["track_ids_3d"] = torch.from_numpy(ids)
@@ -150,13 +162,85 @@ def save_evaluation_outputs(
     outputs = EvaluationOutputs(directory=output_dir, predictions=predictions_file, picture=None)
     samples = getattr(dataset, "samples", None)
     if samples and hasattr(dataset, "load_images") and samples[0].token in predictions:
-        from streampetr_plugin.visualization.command import render_dataset_sample
+        from streampetr_plugin.visualization.dataset_pictures import render_dataset_sample
 
         token = samples[0].token
         outputs.picture = render_dataset_sample(
             dataset, 0, predictions[token], output_dir / f"sample_{token}.png", class_names=class_names
         )
     return outputs
+
+
+class RunEvaluation:
+    """The evaluations of a training run (collective: every rank calls it); the val set is built at the
+    first.
+
+    Args:
+        recipe: the run's recipe (val batch size, class names, ``tracking.evaluate``).
+        registries: the run's components (the val dataset, the tracker).
+        make_loader: ``(dataset, batch_size, *, training) -> loader`` over this rank's slice.
+        evaluator: scores the merged predictions on rank 0 (:data:`Evaluator`).
+        dist_env: the process layout.
+        work_dir: each evaluation writes to ``<work_dir>/eval/iter_<iteration>``.
+    """
+
+    def __init__(
+        self,
+        recipe: Any,
+        registries: "Registries",
+        *,
+        make_loader: Callable[..., Any],
+        evaluator: Evaluator,
+        dist_env: "DistributedEnv",
+        work_dir: Path,
+    ) -> None:
+        self.recipe = recipe
+        self.registries = registries
+        self.make_loader = make_loader
+        self.evaluator = evaluator
+        self.dist_env = dist_env
+        self.work_dir = work_dir
+        self.dataset: Any = None
+        self.loader: Any = None
+        self.last_outputs: Optional[EvaluationOutputs] = None  # the last evaluation's directory and picture
+
+    def __call__(
+        self, model: nn.Module, *, iteration: int, device: torch.device, autocast: ContextManager
+    ) -> Dict[str, Any]:
+        """Run the val set (each rank its slice), gather the predictions, score them on rank 0; returns
+        the metrics on rank 0, an empty dict elsewhere."""
+        from streampetr_plugin.data.build import build_dataset
+
+        recipe = self.recipe
+        distributed.broadcast_buffers(model)  # every rank scores with the statistics checkpoints hold
+        if self.loader is None:
+            self.dataset = build_dataset(recipe, self.registries, training=False)
+            batch_size = recipe.data.val_batch_size_per_device
+            self.loader = self.make_loader(self.dataset, batch_size, training=False)
+        started = time.perf_counter()
+        predictions = collect_predictions(model, self.loader, device=device, autocast=autocast)
+        gathered = distributed.all_gather_objects(predictions)
+        metrics: Dict[str, Any] = {}
+        if self.dist_env.is_main:
+            merged = merge_predictions(gathered)
+            output_dir = self.work_dir / "eval" / f"iter_{iteration:08d}"
+            output_dir.mkdir(parents=True, exist_ok=True)
+            metrics = dict(self.evaluator(merged, self.dataset, output_dir))
+            if recipe.tracking.evaluate:
+                restarts = stream_starts(gathered)
+                metrics.update(tracking_evaluator(
+                    recipe, self.registries, merged, self.dataset, output_dir, restarts=restarts
+                ))
+            self.last_outputs = save_evaluation_outputs(
+                merged, self.dataset, output_dir, class_names=recipe.data.class_names
+            )
+            logger.info(
+                "evaluation at iteration %d: %d samples in %.1f s: %s",
+                iteration, len(merged), time.perf_counter() - started,
+                ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)),
+            )
+        distributed.barrier()
+        return metrics
 
 
 def new_evaluation_dir(work_dir: Path, checkpoint: Path) -> Path:
@@ -174,7 +258,12 @@ def new_evaluation_dir(work_dir: Path, checkpoint: Path) -> Path:
 
 
 def evaluate_checkpoint(
-    recipe: Any, checkpoint: Path, *, output_dir: Optional[Path] = None, tasks: Sequence[str] = ("detection",)
+    recipe: Any,
+    checkpoint: Path,
+    *,
+    host: "PluginHost",
+    output_dir: Optional[Path] = None,
+    tasks: Sequence[str] = ("detection",),
 ) -> CheckpointEvaluation:
     """Score ``checkpoint`` (ours, or a reference ``.pth``) on the recipe's val set, in one process, for
     ``tasks``: ``"detection"`` (the detection metric) and/or ``"tracking"`` (the recipe's tracker and
@@ -186,34 +275,28 @@ def evaluate_checkpoint(
     to ``output_dir`` (default: :func:`new_evaluation_dir`, never a training run's own ``eval/iter_*``):
     the metric's files, ``predictions.npz`` and a picture of the first val sample.
     """
-    from streampetr_plugin.adapters.base import AdapterContext, AdapterRunner, Phase, Status
-    from streampetr_plugin.bench.train_step import select_device
+    from streampetr_plugin.adapters.base import Phase, Status
     from streampetr_plugin.data.build import build_dataset
     from streampetr_plugin.data.loader import build_dataloader
     from streampetr_plugin.interop.checkpoint import load_reference_checkpoint
-    from streampetr_plugin.models.build import build_model
-    from streampetr_plugin.training.precision import MixedPrecision
+    from streampetr_plugin.training.startup import build_device_model, select_device
 
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise InputError(describe(str(checkpoint), "no such checkpoint file", "check the --checkpoint path"))
-    device, records = select_device(recipe)
-    model = build_model(recipe)
-    report = load_reference_checkpoint(model, checkpoint)
+    selection = select_device(recipe, host)
+    device = selection.device
+    model, precision = build_device_model(recipe, host, selection)
+    report = load_reference_checkpoint(model.eval(), checkpoint)
     if report.missing or report.shape_mismatch:
         raise InputError(describe(
             str(checkpoint), f"does not fit the recipe's model: {report.summary()}",
             "evaluate it with the recipe it was trained with",
         ))
-    model.to(device.torch_device)
-    adapters = AdapterRunner.from_recipe(recipe, device.kind)
-    context = AdapterContext(device=device.kind, recipe=recipe, model=model.eval())
-    adapters.run(Phase.MODEL, context)
-    adapters.run(Phase.INFERENCE, context)
-    precision = MixedPrecision(recipe.optimization.amp, device)
-    precision.configure_model(model)
-    applied = [record.name for record in records + adapters.records if record.status is Status.APPLIED]
-    dataset = build_dataset(recipe, training=False)
+    selection.adapters.run(Phase.INFERENCE, selection.context)  # on the loaded weights, in eval mode
+    records = selection.adapters.records
+    applied = [record.name for record in records if record.status is Status.APPLIED]
+    dataset = build_dataset(recipe, host.registries, training=False)
     if output_dir is None:
         output_dir = new_evaluation_dir(recipe.work_dir(), checkpoint)
     output_dir = Path(output_dir)
@@ -236,7 +319,7 @@ def evaluate_checkpoint(
     )
     metrics = dict(default_evaluator(predictions, dataset, output_dir)) if "detection" in tasks else {}
     if "tracking" in tasks:
-        metrics.update(tracking_evaluator(recipe, predictions, dataset, output_dir))
+        metrics.update(tracking_evaluator(recipe, host.registries, predictions, dataset, output_dir))
     outputs = save_evaluation_outputs(predictions, dataset, output_dir, class_names=recipe.data.class_names)
     logger.info("evaluation of %s written to %s%s", checkpoint, output_dir,
                 f" (picture: {outputs.picture})" if outputs.picture is not None else "")

@@ -20,13 +20,14 @@ class CosineWarmup:
     """mmcv's ``CosineAnnealing`` with linear warmup, per iteration (the reference's schedule).
 
     ``lr(i) = base * c(i)`` with ``c(i) = m + (1 - m)(1 + cos(pi i / max_iters)) / 2``; during
-    warmup the cosine value is scaled by ``1 - (1 - i / warmup_iters)(1 - warmup_ratio)``.
+    warmup the cosine value is scaled by ``1 - (1 - i / warmup_iters)(1 - warmup_ratio)``. The settings
+    and their defaults are :class:`CosineWarmupParams`; ``max_iters`` comes from the run's length.
     """
 
     max_iters: int
-    warmup_iters: int = 500
-    warmup_ratio: float = 1.0 / 3.0
-    min_lr_ratio: float = 1e-3
+    warmup_iters: int
+    warmup_ratio: float
+    min_lr_ratio: float
 
     def __call__(self, iteration: int) -> float:
         progress = min(iteration, self.max_iters) / self.max_iters
@@ -35,6 +36,3 @@ class CosineWarmup:
             factor *= 1.0 - (1.0 - iteration / self.warmup_iters) * (1.0 - self.warmup_ratio)
         return factor
 
-
-def build_cosine_warmup(*, max_iters: int, warmup_iters: int, warmup_ratio: float, min_lr_ratio: float) -> CosineWarmup:
-    return CosineWarmup(max_iters, warmup_iters, warmup_ratio, min_lr_ratio)

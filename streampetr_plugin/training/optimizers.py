@@ -7,11 +7,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from streampetr_plugin.plugins import get_plugin_host
-
 if TYPE_CHECKING:
     from streampetr_plugin.adapters.base import AdapterContext
     from streampetr_plugin.config.schema import Recipe
+    from streampetr_plugin.plugins import Registries
 
 
 def lr_multiplier(name: str, multipliers: Mapping[str, float]) -> float:
@@ -46,16 +45,24 @@ def build_param_groups(
     ]
 
 
-def build_optimizer(model: nn.Module, recipe: "Recipe", context: "AdapterContext") -> torch.optim.Optimizer:
-    """The recipe's registered optimiser over ``model``'s learning-rate groups, with what the OPTIMIZER
-    adapters left in ``context`` (extra options, a substitute optimiser class)."""
+def build_optimizer(
+    model: nn.Module, recipe: "Recipe", context: "AdapterContext", registries: "Registries"
+) -> torch.optim.Optimizer:
+    """The recipe's optimiser (from ``registries``) over ``model``'s learning-rate groups, with what the
+    OPTIMIZER adapters left in ``context`` (settings they override, a substitute optimiser class)."""
     spec = recipe.optimization.optimizer
-    options = {**spec.options(), **context.optimizer_options}
-    if "lr" not in options:
+    arguments = spec.arguments
+    if isinstance(arguments, BaseModel):
+        arguments = arguments.model_copy(update=context.optimizer_options)
+        lr = getattr(arguments, "lr", None)
+    else:
+        arguments = {**arguments, **context.optimizer_options}
+        lr = arguments.get("lr")
+    if lr is None:
         raise ValueError(f"optimization.optimizer ({spec.type}) has no lr option")
-    groups = build_param_groups(model, base_lr=options["lr"], multipliers=recipe.optimization.lr_multipliers)
+    groups = build_param_groups(model, base_lr=lr, multipliers=recipe.optimization.lr_multipliers)
     extra = {} if context.optimizer_class is None else {"optimizer_class": context.optimizer_class}
-    return get_plugin_host().registries.optimizers.build(spec.type, options, param_groups=groups, **extra)
+    return registries.optimizers.build(spec.type, arguments, param_groups=groups, **extra)
 
 
 class AdamWParams(BaseModel):
@@ -72,17 +79,17 @@ class AdamWParams(BaseModel):
 
 
 def build_adamw(
+    params: AdamWParams,
     *,
     param_groups: Iterable[Dict[str, object]],
-    lr: float,
-    weight_decay: float,
-    betas: Tuple[float, float],
-    eps: float,
-    implementation: str,
     optimizer_class: type = torch.optim.AdamW,
 ) -> torch.optim.Optimizer:
-    """AdamW; ``optimizer_class`` lets an adapter substitute a fused kernel with the same API."""
-    kwargs: Dict[str, object] = {"lr": lr, "weight_decay": weight_decay, "betas": tuple(betas), "eps": eps}
+    """AdamW with ``params``; ``optimizer_class`` lets an adapter substitute a fused kernel with the same
+    API."""
+    kwargs: Dict[str, object] = {
+        "lr": params.lr, "weight_decay": params.weight_decay, "betas": tuple(params.betas), "eps": params.eps,
+    }
+    implementation = params.implementation
     if optimizer_class is torch.optim.AdamW and implementation in ("fused", "foreach"):
         kwargs[implementation] = True
     elif optimizer_class is torch.optim.AdamW and implementation == "loop":

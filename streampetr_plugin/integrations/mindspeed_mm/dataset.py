@@ -60,10 +60,12 @@ class StreamPETRNuScenesDataset(Dataset):
     ) -> None:
         from streampetr_plugin import load_recipe
         from streampetr_plugin.data.build import build_dataset
+        from streampetr_plugin.host import create_plugin_host
 
         params = read_block(dataset_param or {}, HostDatasetParams)
-        recipe = load_recipe(params.recipe, params.recipe_overrides)
-        self.frames = build_dataset(recipe, training=True)
+        plugins = create_plugin_host()  # MindSpeed-MM calls this entry by itself: the plugins start here
+        recipe = load_recipe(params.recipe, params.recipe_overrides, plugins)
+        self.frames = build_dataset(recipe, plugins.registries, training=True)
         self.rank = int(os.environ.get("RANK", "0"))
         self.seed = recipe.runtime.seed
         world_size = params.world_size or int(os.environ.get("WORLD_SIZE", "1"))

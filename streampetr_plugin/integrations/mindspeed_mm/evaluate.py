@@ -37,19 +37,21 @@ def resolve_device(name: Optional[str]) -> torch.device:
 def evaluate_checkpoint(config: Path, checkpoint: Path, output: Path, device: torch.device) -> Dict[str, Any]:
     """Build the host YAML's model, load ``checkpoint`` into it, evaluate (collective under torchrun)."""
     from streampetr_plugin import build_model, load_recipe
+    from streampetr_plugin.host import create_plugin_host
     from streampetr_plugin.integrations.mindspeed_mm.checkpoint import load_host_checkpoint
     from streampetr_plugin.integrations.mindspeed_mm.evaluation import evaluate_detector
     from streampetr_plugin.integrations.mindspeed_mm.model import StreamPETRForMindSpeedMM
 
     host = yaml.safe_load(config.read_text(encoding="utf-8"))
     params = HostModelParams.model_validate(host["model"]["streampetr"])
-    recipe = load_recipe(params.recipe, params.recipe_overrides)
-    detector = build_model(recipe)
+    plugins = create_plugin_host()
+    recipe = load_recipe(params.recipe, params.recipe_overrides, plugins)
+    detector = build_model(recipe, plugins)
     detector.load_state_dict(load_host_checkpoint(checkpoint, detector))
     model = StreamPETRForMindSpeedMM.adopt(
         detector, autocast_dtype=StreamPETRForMindSpeedMM.autocast_choice(params, recipe)
     )
-    return evaluate_detector(model.to(device), recipe, output)
+    return evaluate_detector(model.to(device), recipe, plugins.registries, output)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

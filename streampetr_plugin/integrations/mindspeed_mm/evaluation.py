@@ -36,8 +36,11 @@ class ContractView(nn.Module):
         return self.model.stream_state
 
 
-def evaluate_detector(model: nn.Module, recipe: Any, output_dir: Union[str, Path]) -> Dict[str, Any]:
-    """Run the recipe's val set on every rank (collective); the metrics on rank 0, ``{}`` elsewhere.
+def evaluate_detector(
+    model: nn.Module, recipe: Any, registries: Any, output_dir: Union[str, Path]
+) -> Dict[str, Any]:
+    """Run the recipe's val set (its dataset from ``registries``) on every rank (collective); the metrics on
+    rank 0, ``{}`` elsewhere.
 
     ``model`` is the unwrapped host-facing model (``module`` of a DDP wrapper); it is left in
     training mode with fresh streams.
@@ -52,7 +55,7 @@ def evaluate_detector(model: nn.Module, recipe: Any, output_dir: Union[str, Path
 
     distributed = dist.is_available() and dist.is_initialized()
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    dataset = build_dataset(recipe, training=False)
+    dataset = build_dataset(recipe, registries, training=False)
     loader = build_dataloader(
         dataset,
         batch_size=recipe.data.val_batch_size_per_device,

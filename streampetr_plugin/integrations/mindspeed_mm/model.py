@@ -29,6 +29,7 @@ from torch import nn
 from streampetr_plugin.integrations.mindspeed_mm.aliases import store_aliases_once
 from streampetr_plugin.integrations.mindspeed_mm.codec import decode_batch
 from streampetr_plugin.integrations.mindspeed_mm.config import HostModelParams, read_block
+from streampetr_plugin.training.step import total_loss
 
 logger = logging.getLogger(__name__)
 
@@ -48,14 +49,6 @@ class StreamPETROutput:
     loss: Optional[torch.Tensor]
     loss_terms: Dict[str, torch.Tensor] = field(default_factory=dict)
     detections: Optional[List[Dict[str, torch.Tensor]]] = None
-
-
-def total_loss(losses: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """The reference's total: the plain sum of every entry whose name contains "loss", in fp32."""
-    terms = [value.float() for name, value in losses.items() if "loss" in name]
-    if not terms:
-        raise ValueError(f"the detector returned no loss terms (keys: {sorted(losses)})")
-    return torch.stack(terms).sum()
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,11 +72,13 @@ class StreamPETRForMindSpeedMM(nn.Module, BaseModel):
                 "path: set model.model_name_or_path: null so that it builds StreamPETR from model.streampetr"
             )
         from streampetr_plugin import build_model, load_recipe
+        from streampetr_plugin.host import create_plugin_host
         from streampetr_plugin.interop.checkpoint import load_reference_checkpoint
 
         params = read_block(model_args, HostModelParams)
-        recipe = load_recipe(params.recipe, params.recipe_overrides)
-        detector = build_model(recipe)
+        plugins = create_plugin_host()  # MindSpeed-MM calls this entry by itself: the plugins start here
+        recipe = load_recipe(params.recipe, params.recipe_overrides, plugins)
+        detector = build_model(recipe, plugins)
         weights = params.load_from or recipe.runtime.load_from
         if weights:
             report = load_reference_checkpoint(detector, weights)

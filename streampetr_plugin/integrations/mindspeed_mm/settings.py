@@ -30,16 +30,13 @@ def lr_scaling_plan(multipliers: Dict[str, float]) -> List[Dict[str, Any]]:
 
 
 def train_iters(recipe: Any, world_size: int) -> int:
-    """The recipe's iteration count for ``world_size`` devices (streampetr-run's accounting)."""
-    runtime, data = recipe.runtime, recipe.data
-    if runtime.max_iters:
-        return runtime.max_iters
-    if data.num_train_samples is None:
+    """The recipe's iteration count for ``world_size`` devices (streampetr-run's accounting,
+    :func:`~streampetr_plugin.training.startup.iteration_plan`, without the dataset at hand)."""
+    from streampetr_plugin.training.startup import iteration_plan
+
+    if not recipe.runtime.max_iters and recipe.data.num_train_samples is None:
         raise ValueError("the recipe sets neither runtime.max_iters nor data.num_train_samples")
-    per_epoch = runtime.iters_per_epoch or max(
-        1, data.num_train_samples // (world_size * data.batch_size_per_device)
-    )
-    return runtime.epochs * per_epoch
+    return iteration_plan(recipe, num_samples=0, world_size=world_size).max_iters
 
 
 def recipe_training_settings(recipe: Any, world_size: int) -> Dict[str, Any]:

@@ -38,11 +38,11 @@ logger = logging.getLogger(__name__)
 HOST_SCHEDULE_KEYS = frozenset({"lr_decay_style", "lr_warmup_ratio", "lr_start", "lr_min"})
 
 
-def _recipe_of(args: Any) -> Any:
+def _recipe_of(args: Any, host: Any) -> Any:
     from streampetr_plugin import load_recipe
 
     params = read_block(args.model, HostModelParams)
-    return load_recipe(params.recipe, params.recipe_overrides)
+    return load_recipe(params.recipe, params.recipe_overrides, host)
 
 
 def check_blocks_agree(args: Any) -> None:
@@ -97,7 +97,10 @@ def trainer_class() -> type:
         """The host's trainer with the additions listed in the module docstring."""
 
         def __init__(self, args: Any, **providers: Any) -> None:
-            self.recipe = _recipe_of(args)
+            from streampetr_plugin.host import create_plugin_host
+
+            self.plugins = create_plugin_host()
+            self.recipe = _recipe_of(args, self.plugins)
             self.settings = read_block(args.training, HostTrainingParams, required=False)
             self.eval_metrics: Dict[str, Any] = {}
             self._report_mismatches(args)
@@ -120,11 +123,9 @@ def trainer_class() -> type:
                 return super().get_scheduler()
             from torch.optim.lr_scheduler import LambdaLR
 
-            from streampetr_plugin.plugins import get_registries
-
             spec = self.recipe.optimization.lr_scheduler
-            factor = get_registries().lr_schedulers.build(
-                spec.type, spec.options(), max_iters=self.args.training.train_iters
+            factor = self.plugins.registries.lr_schedulers.build(
+                spec.type, spec.arguments, max_iters=self.args.training.train_iters
             )
             return LambdaLR(self.optimizer, factor)
 
@@ -144,7 +145,8 @@ def trainer_class() -> type:
                 from streampetr_plugin.integrations.mindspeed_mm.evaluation import evaluate_detector
 
                 model = getattr(self.model, "module", self.model)
-                self.eval_metrics = evaluate_detector(model, self.recipe, self.settings.eval_dir)
+                self.eval_metrics = evaluate_detector(model, self.recipe, self.plugins.registries,
+                                                      self.settings.eval_dir)
 
     return StreamPETRTrainer
 

@@ -6,37 +6,9 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from streampetr_plugin.models.box_ops import circle_suppression, denormalize_bbox
 from streampetr_plugin.models.layers.functional import device_constant
-
-
-class NMSFreeCoderParams(BaseModel):
-    """User-settable options of :class:`NMSFreeCoder` (defaults: the V2-99 recipe)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    pc_range: List[float] = Field(
-        default=[-51.2, -51.2, -5.0, 51.2, 51.2, 3.0],
-        min_length=6,
-        max_length=6,
-        description="Point-cloud range (x, y, z min, then max); recorded only, centres are already metric.",
-    )
-    post_center_range: Optional[List[float]] = Field(
-        default=[-61.2, -61.2, -10.0, 61.2, 61.2, 10.0],
-        description="Boxes whose centre lies outside (x, y, z min, then max) are dropped; None keeps all.",
-    )
-    max_num: int = Field(default=300, gt=0, description="Number of top-scoring (query, class) pairs kept.")
-    score_threshold: Optional[float] = Field(
-        default=None, ge=0, le=1, description="Drop boxes scoring below this; None (or 0) keeps all."
-    )
-    num_classes: int = Field(default=10, gt=0, description="Number of classes (logits per query).")
-    nms_radius: Optional[float] = Field(
-        default=None, gt=0,
-        description="Drop a box whose centre lies within this distance (m, bird's-eye view) of a "
-        "higher-scoring box of its class; None: no suppression (the reference).",
-    )
 
 
 @dataclass

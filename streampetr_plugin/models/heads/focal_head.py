@@ -41,7 +41,6 @@ class FocalHeadParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     embed_dims: int = Field(default=256, gt=0, description="Channels of the shared 3x3 conv branches.")
-    stride: int = Field(default=16, gt=0, description="Input pixels per feature cell (heatmap grid).")
     train_ratio: float = Field(default=1.0, gt=0, le=1, description="Fraction of tokens ranked in training.")
     infer_ratio: float = Field(default=1.0, gt=0, le=1, description="Fraction of tokens ranked at inference.")
     use_hybrid_tokens: bool = Field(

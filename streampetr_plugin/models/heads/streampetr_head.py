@@ -49,7 +49,10 @@ from streampetr_plugin.models.layers.positional_encoding import (
 )
 from streampetr_plugin.models.layers.transformer import PETRTemporalTransformer
 from streampetr_plugin.models.losses.geometric_alignment import alignment_loss
-from streampetr_plugin.models.losses.streampetr_criterion import StreamPETRCriterion
+from streampetr_plugin.models.losses.streampetr_criterion import (
+    StreamPETRCriterion,
+    StreamPETRCriterionParams,
+)
 from streampetr_plugin.models.stream_state import StreamState
 
 PC_RANGE = [-51.2, -51.2, -5.0, 51.2, 51.2, 3.0]
@@ -242,13 +245,12 @@ class StreamPETRHead(nn.Module):
             num_classes=num_classes,
             nms_radius=nms_radius,
         )
-        self.criterion = criterion if criterion is not None else StreamPETRCriterion(
-            num_classes=num_classes,
-            match_with_velo=match_with_velo,
-            dn_weight=dn_weight,
-            split=split,
-            with_dn=with_dn,
-        )
+        self.criterion = criterion if criterion is not None else StreamPETRCriterion(**dict(
+            StreamPETRCriterionParams(
+                num_classes=num_classes, match_with_velo=match_with_velo, dn_weight=dn_weight, split=split,
+                with_dn=with_dn,
+            )
+        ))
 
     def _init_weights(self) -> None:
         nn.init.uniform_(self.reference_points.weight, 0, 1)

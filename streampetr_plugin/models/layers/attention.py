@@ -11,13 +11,15 @@ is the attention-probability dropout, applied only when ``training`` is true. Th
 ``1 / sqrt(D)``.
 
 Built in: ``"sdpa"`` (``torch.nn.functional.scaled_dot_product_attention``, the default) and ``"math"``
-(an explicit softmax, the reference for tests). An adapter adds its own kernel with
-:func:`register_attention_backend`, e.g. the Ascend adapter registers ``"npu_fusion_attention"``.
+(an explicit softmax, the reference for tests); the Ascend kernel ``"npu_fusion_attention"`` lives with
+its adapter. They are components of the ``attention_backends`` registry like any other: a plugin adds
+its own kernel through ``streampetr_register_attention_backends``, and the model builder hands each
+attention module the kernel its name selects.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Protocol
+from typing import Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -37,29 +39,19 @@ class AttentionBackend(Protocol):
         ...
 
 
-_BACKENDS: Dict[str, AttentionBackend] = {}
+DEFAULT_ATTENTION_BACKEND = "sdpa"
 
 
-def register_attention_backend(name: str, backend: AttentionBackend, *, replace: bool = False) -> None:
-    """Make ``backend`` selectable as ``name``; a taken name is an error unless ``replace``."""
-    if name in _BACKENDS and not replace:
-        raise ValueError(f"attention backend {name!r} is already registered")
-    _BACKENDS[name] = backend
+def unbound_backend(name: str) -> AttentionBackend:
+    """A stand-in for the kernel ``name`` until the model builder looks it up in the registry."""
 
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **_: object) -> torch.Tensor:
+        raise RuntimeError(
+            f"attention backend {name!r} is not bound to a kernel: build the model with build_model(recipe, "
+            "registries), or give the module a kernel with use_backend(name, attend)"
+        )
 
-def get_attention_backend(name: str) -> AttentionBackend:
-    """The backend registered as ``name``."""
-    try:
-        return _BACKENDS[name]
-    except KeyError:
-        raise KeyError(
-            f"unknown attention backend {name!r}; registered: {sorted(_BACKENDS)}"
-        ) from None
-
-
-def available_attention_backends() -> List[str]:
-    """Names of the registered backends, sorted."""
-    return sorted(_BACKENDS)
+    return attend
 
 
 def sdpa_attention(
@@ -97,6 +89,3 @@ def math_attention(
         weights = F.dropout(weights, p=dropout_p)
     return torch.matmul(weights, v)
 
-
-register_attention_backend("sdpa", sdpa_attention)
-register_attention_backend("math", math_attention)

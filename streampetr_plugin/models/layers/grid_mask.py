@@ -32,19 +32,20 @@ class GridMask(nn.Module):
     random phases in a (1.5 H, 1.5 W) canvas (rows and/or columns), the canvas is rotated by
     ``randint(rotate)`` degrees (PIL, nearest) and its centre H x W crop multiplies the images (``mode=1``
     inverts it first, keeping the stripes).
-    Random numbers come from ``generator`` (the global torch RNG when None).
+    Random numbers come from ``generator`` (the global torch RNG when None). The settings and their
+    defaults are :class:`GridMaskParams` (``GridMask(**dict(params))``).
     """
 
     def __init__(
         self,
         *,
-        use_h: bool = True,
-        use_w: bool = True,
-        rotate: int = 1,
-        offset: bool = False,
-        ratio: float = 0.5,
-        mode: int = 1,
-        prob: float = 0.7,
+        use_h: bool,
+        use_w: bool,
+        rotate: int,
+        offset: bool,
+        ratio: float,
+        mode: int,
+        prob: float,
         generator: Optional[torch.Generator] = None,
     ) -> None:
         super().__init__()

@@ -22,17 +22,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import get_attention_backend
+from .attention import DEFAULT_ATTENTION_BACKEND, AttentionBackend, sdpa_attention, unbound_backend
 
 
 class MultiheadAttentionCore(nn.Module):
     """Packed in-projection, head split, attention backend, out-projection.
 
     Inputs are batch-first: ``query`` (B, L, E), ``key`` and ``value`` (B, S, E); returns (B, L, E).
+    ``backend`` names the attention kernel; ``attend`` is that kernel, the default's from the start and
+    any other's once the model builder (or an adapter) looks it up in the ``attention_backends`` registry
+    and calls :meth:`use_backend`.
     """
 
     def __init__(
-        self, *, embed_dims: int, num_heads: int, attn_drop: float = 0.0, backend: str = "sdpa"
+        self,
+        *,
+        embed_dims: int,
+        num_heads: int,
+        attn_drop: float = 0.0,
+        backend: str = DEFAULT_ATTENTION_BACKEND,
     ) -> None:
         super().__init__()
         if embed_dims % num_heads:
@@ -40,12 +48,24 @@ class MultiheadAttentionCore(nn.Module):
         self.embed_dims = embed_dims
         self.num_heads = num_heads
         self.attn_drop = attn_drop
-        self.backend = backend
-        get_attention_backend(backend)  # fail at construction on an unknown name
+        self._backend = backend
+        self.attend: AttentionBackend = (
+            sdpa_attention if backend == DEFAULT_ATTENTION_BACKEND else unbound_backend(backend)
+        )
         self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dims, embed_dims))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dims))
         self.out_proj = nn.Linear(embed_dims, embed_dims)
         self.reset_parameters()
+
+    @property
+    def backend(self) -> str:
+        """The name of the kernel in use (read-only: :meth:`use_backend` changes name and kernel together)."""
+        return self._backend
+
+    def use_backend(self, name: str, attend: AttentionBackend) -> None:
+        """Compute attention with the kernel ``attend``, registered as ``name``."""
+        self._backend = name
+        self.attend = attend
 
     def reset_parameters(self) -> None:
         # torch.nn.MultiheadAttention's init for the packed projection; the reference's transformer
@@ -79,8 +99,7 @@ class MultiheadAttentionCore(nn.Module):
         q = self._split_heads(F.linear(query, w_q, b_q))  # (B, h, L, D)
         k = self._split_heads(F.linear(key, w_k, b_k))  # (B, h, S, D)
         v = self._split_heads(F.linear(value, w_v, b_v))  # (B, h, S, D)
-        attend = get_attention_backend(self.backend)
-        out = attend(q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop, training=self.training)
+        out = self.attend(q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop, training=self.training)
         out = out.transpose(1, 2).reshape(query.shape[0], query.shape[1], self.embed_dims)  # (B, L, E)
         return self.out_proj(out)
 

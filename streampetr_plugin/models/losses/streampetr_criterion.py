@@ -55,23 +55,24 @@ class StreamPETRCriterionParams(BaseModel):
 
 
 class StreamPETRCriterion(nn.Module):
-    """Loss of the StreamPETR 3D head over all decoder layers (no parameters, no state)."""
+    """Loss of the StreamPETR 3D head over all decoder layers (no parameters, no state); its settings and
+    their defaults are :class:`StreamPETRCriterionParams` (``StreamPETRCriterion(**dict(params))``)."""
 
     def __init__(
         self,
         *,
-        num_classes: int = 10,
-        cls_gamma: float = 2.0,
-        cls_alpha: float = 0.25,
-        cls_loss_weight: float = 2.0,
-        bbox_loss_weight: float = 0.25,
-        assigner_cls_weight: float = 2.0,
-        assigner_reg_weight: float = 0.25,
-        match_with_velo: bool = False,
-        sync_cls_avg_factor: bool = False,
-        with_dn: bool = True,
-        dn_weight: float = 1.0,
-        split: float = 0.75,
+        num_classes: int,
+        cls_gamma: float,
+        cls_alpha: float,
+        cls_loss_weight: float,
+        bbox_loss_weight: float,
+        assigner_cls_weight: float,
+        assigner_reg_weight: float,
+        match_with_velo: bool,
+        sync_cls_avg_factor: bool,
+        with_dn: bool,
+        dn_weight: float,
+        split: float,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes

@@ -6,16 +6,20 @@ import pytest
 from data_fixtures import synthetic_nuscenes  # noqa: F401  (session fixture)
 from tracking_helpers import identity_switches
 
-from streampetr_plugin.data.dataset import NUSCENES_CLASSES
+from streampetr_plugin.config.schema import NUSCENES_CLASSES
 from streampetr_plugin.data.geometry import pose_matrix
 from streampetr_plugin.data.infos import InfoSet, load_infos
+from streampetr_plugin.evaluation.scenes import (
+    scenes_in_time_order,
+    track_scenes,
+    tracking_frames,
+)
 from streampetr_plugin.tracking.centerpoint import CenterPointTracker
 from streampetr_plugin.tracking.frame import NOT_TRACKED
 from streampetr_plugin.tracking.query_propagation import (
     QueryPropagationTracker,
     QueryPropagationTrackerParams,
 )
-from streampetr_plugin.tracking.scenes import scenes_in_time_order, track_scenes, tracking_frames
 
 TRACKED = ("car", "truck", "bus", "trailer", "motorcycle", "bicycle", "pedestrian")
 

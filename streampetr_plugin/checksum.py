@@ -9,13 +9,21 @@ the file unreadable. Hashing runs at about the speed of reading the file.
 from __future__ import annotations
 
 import hashlib
+import logging
 import struct
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from streampetr_plugin.errors import InputError, describe
+
+logger = logging.getLogger(__name__)
+
 CHECKSUM_KEY = "checksum"
+# Checkpoint format 1 is format 2 without the checksum; such files still load, unverified, with a warning.
+UNCHECKED_FORMAT = 1
 ALGORITHM = "sha256"
 
 
@@ -56,3 +64,26 @@ def content_digest(state: Mapping) -> str:
     hasher = hashlib.new(ALGORITHM)
     _feed(hasher, {key: value for key, value in state.items() if key != CHECKSUM_KEY})
     return f"{ALGORITHM}:{hasher.hexdigest()}"
+
+
+class CheckpointError(InputError):
+    """A file that is not a usable training checkpoint: unreadable, damaged, or not this run's shape."""
+
+
+def verify_checksum(state: Mapping, path: Path) -> None:
+    """Recompute the content checksum of a loaded checkpoint; :class:`CheckpointError` if it differs.
+
+    A file of the unchecked format (written before checkpoints carried a checksum) passes with a warning.
+    """
+    if CHECKSUM_KEY not in state and state.get("format") == UNCHECKED_FORMAT:
+        logger.warning("%s: written without a content checksum; its contents cannot be verified", path)
+        return
+    try:
+        actual = content_digest(state)
+    except TypeError as error:
+        raise CheckpointError(describe(str(path), f"is not a training checkpoint ({error})")) from error
+    if state.get(CHECKSUM_KEY) != actual:
+        raise CheckpointError(describe(
+            str(path), "content checksum mismatch: the file was damaged after it was written",
+            "resume from an earlier checkpoint (runtime.resume=auto falls back by itself) or copy it again",
+        ))

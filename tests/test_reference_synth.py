@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from streampetr_plugin.interop import synth
+from tests import reference_synth as synth
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

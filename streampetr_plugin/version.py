@@ -1,0 +1,3 @@
+"""The package version (also recorded per plugin in checkpoints)."""
+
+__version__ = "0.1.0"
