@@ -287,13 +287,14 @@ def evaluate_checkpoint(
     selection = select_device(recipe, host)
     device = selection.device
     model, precision = build_device_model(recipe, host, selection)
-    report = load_reference_checkpoint(model.eval(), checkpoint)
+    report = load_reference_checkpoint(model, checkpoint)
     if report.missing or report.shape_mismatch:
         raise InputError(describe(
             str(checkpoint), f"does not fit the recipe's model: {report.summary()}",
             "evaluate it with the recipe it was trained with",
         ))
-    selection.adapters.run(Phase.INFERENCE, selection.context)  # on the loaded weights, in eval mode
+    model.eval()  # the inference adapters (BatchNorm folding, ...) act on the loaded weights in eval mode
+    selection.adapters.run(Phase.INFERENCE, selection.context)
     records = selection.adapters.records
     applied = [record.name for record in records if record.status is Status.APPLIED]
     dataset = build_dataset(recipe, host.registries, training=False)
