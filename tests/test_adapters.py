@@ -45,6 +45,7 @@ from streampetr_plugin.training.distributed import read_distributed_env
 from streampetr_plugin.training.optimizers import AdamWParams, build_adamw, build_param_groups
 from streampetr_plugin.training.trainer import Trainer
 from tests import trainer_helpers
+from tests.test_detector import tiny_batch, tiny_detector
 
 # ----------------------------------------------------------------------------------- the simulation
 
@@ -607,8 +608,6 @@ def test_cpu_glibc_malloc_is_skipped_without_glibc_or_when_tuned_by_the_environm
 
 
 def test_inference_adapters_fold_batchnorm_by_default_and_never_touch_a_training_model(standin):
-    from tests.test_detector import tiny_batch, tiny_detector
-
     recipe = load_recipe(standin, ["accelerator.adapters.cpu_channels_last.enabled=true"], host=HOST)
     training = tiny_detector().train()
     runner = AdapterRunner.from_recipe(recipe, "cpu", HOST.registries)
