@@ -126,7 +126,7 @@ def streampetr_register_lr_schedulers(register: Register) -> None:
 
 @hookimpl
 def streampetr_register_adapters(register: Register) -> None:
-    from streampetr_plugin.adapters import ascend, common, cpu, cuda
+    from streampetr_plugin.adapters import ascend, capture, common, cpu, cuda
 
     for adapter, params in (
         (ascend.NpuEnvironment, ascend.NpuEnvironmentParams),
@@ -141,7 +141,11 @@ def streampetr_register_adapters(register: Register) -> None:
         (cpu.CpuThreads, cpu.CpuThreadsParams),
         (cpu.CpuForeachAdamW, NoOptions),
         (cpu.CpuGlibcMalloc, cpu.CpuGlibcMallocParams),
+        (cpu.CpuChannelsLast, NoOptions),
+        (capture.GraphCapture, capture.GraphCaptureParams),
+        (capture.NpuGraphCapture, capture.NpuGraphCaptureParams),
         (common.DdpStaticGraph, NoOptions),
+        (common.FoldBatchNorm, NoOptions),
         (common.GradientCheckpointing, common.GradientCheckpointingParams),
     ):
         register(adapter.name, _keyword_factory(adapter), params=params)

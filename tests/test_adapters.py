@@ -45,15 +45,23 @@ from streampetr_plugin.training.distributed import read_distributed_env
 from streampetr_plugin.training.optimizers import AdamWParams, build_adamw, build_param_groups
 from streampetr_plugin.training.trainer import Trainer
 from tests import trainer_helpers
+from tests.test_detector import tiny_batch, tiny_detector
 
 # ----------------------------------------------------------------------------------- the simulation
+
+# torch_npu 2.14's graph-mode API as read from its wheel (the file says how).
+TORCH_NPU_GRAPH_API = json.loads(
+    (Path(__file__).parent / "fixtures" / "torch_npu_2.14_graph_api.json").read_text(encoding="utf-8")
+)
 
 
 class SimulatedAscend(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """SIMULATION of ``torch_npu`` (and optionally ``mindspeed``) for adapter tests.
 
     Modules are created on import, so ``import torch_npu`` is an observable event: ``events`` gets
-    ``("import torch_npu", {variable: value})`` with the NPU variables present at that moment.
+    ``("import torch_npu", {variable: value})`` with the NPU variables present at that moment. As in
+    torch_npu 2.14, ``torchair`` becomes importable once ``torch_npu`` is imported; its graph backend
+    records the graphs it is given (``captured_graphs``) and runs them eagerly.
     """
 
     def __init__(
@@ -64,6 +72,7 @@ class SimulatedAscend(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         self.fused_adamw = fused_adamw
         self.events: List[Any] = []
         self.attention_calls: List[Dict[str, Any]] = []
+        self.captured_graphs: List[torch.fx.GraphModule] = []
         self.names = {"torch_npu", "torch_npu.npu", "torch_npu.optim"}
         if mindspeed is not None:
             self.names |= {"mindspeed", "mindspeed.optimizer", "mindspeed.optimizer.adamw"}
@@ -82,6 +91,7 @@ class SimulatedAscend(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def _fill_torch_npu(self, module: types.ModuleType) -> None:
         self.events.append(("import torch_npu", {k: os.environ.get(k) for k in NPU_ENVIRONMENT}))
         module.npu_fusion_attention = self._fusion_attention
+        self.names.add("torchair")
         importlib.import_module("torch_npu.npu")
         importlib.import_module("torch_npu.optim")
 
@@ -99,6 +109,38 @@ class SimulatedAscend(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         if self.fused_adamw:
             module.NpuFusedAdamW = type("NpuFusedAdamW", (torch.optim.AdamW,), {})
         sys.modules["torch_npu"].optim = module
+
+    def _fill_torchair(self, module: types.ModuleType) -> None:
+        simulation = self
+        modes = TORCH_NPU_GRAPH_API["torchair.CompilerConfig.mode"]
+
+        class CompilerConfig:
+            """``mode`` takes the values the real CompilerConfig takes, else raises ValueError like it."""
+
+            def __init__(self) -> None:
+                self._mode = modes["default"]
+
+            @property
+            def mode(self) -> str:
+                return self._mode
+
+            @mode.setter
+            def mode(self, value: str) -> None:
+                if value not in modes["choices"]:
+                    raise ValueError(f"Value {value!r} not in optional list {modes['choices']!r}")
+                self._mode = value
+
+        def get_npu_backend(*, compiler_config=None, custom_decompositions={}):  # the real signature
+            simulation.events.append(("get_npu_backend", compiler_config.mode))
+
+            def backend(graph_module, example_inputs):
+                simulation.captured_graphs.append(graph_module)
+                return graph_module.forward
+
+            return backend
+
+        module.CompilerConfig = CompilerConfig
+        module.get_npu_backend = get_npu_backend
 
     def _fill_mindspeed(self, module: types.ModuleType) -> None:
         pass
@@ -137,7 +179,7 @@ class SimulatedAscend(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 def _forget_simulated_modules() -> None:
     for name in list(sys.modules):
-        if name.split(".")[0] in ("torch_npu", "mindspeed"):
+        if name.split(".")[0] in ("torch_npu", "mindspeed", "torchair"):
             del sys.modules[name]
 
 
@@ -452,6 +494,8 @@ def test_npu_summary_table_lists_every_npu_adapter(simulate_ascend, standin):
         "ddp_static_graph": Status.SKIPPED,  # one process
         "gradient_checkpointing": Status.SKIPPED,  # nothing checkpointable in this model
         "npu_fused_adamw": Status.APPLIED,
+        "npu_graph_capture": Status.SKIPPED,  # off by default
+        "fold_batchnorm": Status.SKIPPED,  # the model is in training mode
     }
     table = runner.summary_table()
     for name in statuses:
@@ -558,3 +602,28 @@ def test_cpu_glibc_malloc_is_skipped_without_glibc_or_when_tuned_by_the_environm
     assert (runner.records[0].status, runner.records[0].reason) == (
         Status.SKIPPED, "not running on glibc (mallopt is glibc's)"
     )
+
+
+# --------------------------------------------------------------------------------- inference phase
+
+
+def test_inference_adapters_fold_batchnorm_by_default_and_never_touch_a_training_model(standin):
+    recipe = load_recipe(standin, ["accelerator.adapters.cpu_channels_last.enabled=true"], host=HOST)
+    training = tiny_detector().train()
+    runner = AdapterRunner.from_recipe(recipe, "cpu", HOST.registries)
+    runner.run(Phase.INFERENCE, _context("cpu", recipe, training))
+    statuses = {record.name: (record.status, record.reason) for record in runner.records}
+    assert statuses["fold_batchnorm"] == (Status.SKIPPED, "the model is in training mode")
+    assert any(isinstance(m, nn.BatchNorm2d) for m in training.modules())
+
+    eager = tiny_detector().eval()
+    served = tiny_detector().eval()
+    runner = AdapterRunner.from_recipe(recipe, "cpu", HOST.registries)
+    runner.run(Phase.INFERENCE, _context("cpu", recipe, served))
+    assert [r.status for r in runner.records] == [Status.APPLIED, Status.APPLIED]  # channels-last, fold
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in served.modules())
+    assert served.img_backbone.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected, actual = eager(tiny_batch()), served(tiny_batch())
+    torch.testing.assert_close(actual.all_cls_scores, expected.all_cls_scores, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(actual.all_bbox_preds, expected.all_bbox_preds, rtol=1e-4, atol=1e-5)

@@ -1,12 +1,15 @@
-"""``streampetr bench --inference --backend onnxruntime``: what it times and when it refuses (the model:
-``tests/deploy_helpers.py``; no timing is asserted)."""
+"""``streampetr bench --inference --backend onnxruntime`` and ``--backend torch-cpu-levers``: what they
+time and when they refuse (the model: ``tests/deploy_helpers.py``; no timing is asserted)."""
 from __future__ import annotations
+
+import json
 
 import pytest
 
 from streampetr_plugin.bench.command import bench_command
 from streampetr_plugin.bench.report import backend_lines
-from streampetr_plugin.deploy.bench import time_backends
+from streampetr_plugin.cli.bench import main as bench_main
+from streampetr_plugin.deploy.bench import CPU_LEVERS, time_backends
 from streampetr_plugin.deploy.export import load_detector
 from streampetr_plugin.host import create_plugin_host
 from tests import deploy_helpers
@@ -28,7 +31,18 @@ def test_every_configuration_times_every_frame_and_the_table_lists_them(syntheti
     assert all(any(line.startswith(name) for line in lines) for name in names)
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch-cpu-levers"])
 @pytest.mark.parametrize("options", [{}, {"inference": True, "variants": ["amp"]}])
-def test_the_onnxruntime_backend_needs_inference_alone(options):
-    with pytest.raises(ValueError, match="--backend onnxruntime"):
-        bench_command("demo_cpu", backend="onnxruntime", **options)
+def test_the_inference_comparisons_need_inference_alone(backend, options):
+    with pytest.raises(ValueError, match=f"--backend {backend}"):
+        bench_command("demo_cpu", backend=backend, **options)
+
+
+def test_cpu_levers_time_every_frame_of_the_model_as_built_and_of_each_lever(capsys):
+    bench_main(["demo_cpu", "--inference", "--backend", "torch-cpu-levers", "--steps", "2", "--warmup", "1",
+                "--json"])
+    timings = json.loads(capsys.readouterr().out)["backends"]["timings"]
+    assert [timing["name"] for timing in timings] == ["torch as built", *(name for name, _, _ in CPU_LEVERS)]
+    assert all(len(timing["step_time_s"]["times"]) == 2 for timing in timings)
+    lines = backend_lines({"threads": 1, "export_s": None, "timings": timings})
+    assert any(line.startswith("torch BN folded + channels-last ") for line in lines)

@@ -57,6 +57,8 @@ class Phase(str, enum.Enum):
     RUNTIME = "runtime"  # device runtime imported; before the process group and the model exist
     MODEL = "model"  # model built and on its device, before the DDP wrapper
     OPTIMIZER = "optimizer"  # model wrapped, before the optimiser is built
+    # Evaluation, inference and export only (never in training): model in eval mode with its weights.
+    INFERENCE = "inference"
 
 
 PHASES: Tuple[Phase, ...] = tuple(Phase)

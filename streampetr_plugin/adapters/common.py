@@ -4,7 +4,10 @@
   parameters in every training step, so DDP may fix its gradient buckets after the first iteration
   (it also tolerates activation checkpointing and the decoder's branches shared by six layers);
 * ``gradient_checkpointing``: a memory tweak (off by default; the recipes set ``with_cp`` per module):
-  turns on ``with_cp`` (recompute in backward) on the backbone's blocks and the decoder's layers.
+  turns on ``with_cp`` (recompute in backward) on the backbone's blocks and the decoder's layers;
+* ``fold_batchnorm`` (inference phase: evaluation, ``infer`` and ``export``): every eval-mode
+  BatchNorm that directly follows a convolution is folded into it
+  (:mod:`streampetr_plugin.models.batchnorm_folding`); the detections change by float32 rounding only.
 """
 from __future__ import annotations
 
@@ -66,3 +69,26 @@ class GradientCheckpointing(Adapter):
             return AdapterResult.skipped(f"no checkpointable module under {', '.join(self.targets)}")
         counts = ", ".join(f"{target}: {count}" for target, count in switched.items()) or "none"
         return AdapterResult.applied(f"with_cp turned on ({counts}; {already} were on already)")
+
+
+class FoldBatchNorm(Adapter):
+    """Fold eval-mode BatchNorms into the convolutions before them (inference only)."""
+
+    name: ClassVar[str] = "fold_batchnorm"
+    phase: ClassVar[Phase] = Phase.INFERENCE
+
+    def precheck(self, context: AdapterContext) -> Tuple[bool, str]:
+        if context.model is None:
+            return False, "no model in the context"
+        if context.model.training:
+            return False, "the model is in training mode"
+        return True, ""
+
+    def apply(self, context: AdapterContext) -> AdapterResult:
+        from streampetr_plugin.models.batchnorm_folding import fold_batchnorm
+
+        report = fold_batchnorm(context.model)
+        if not report.folded:
+            return AdapterResult.skipped(f"no BatchNorm directly follows a convolution ({report.left} kept)")
+        folded = f"{report.folded} BatchNorms folded into convolutions"
+        return AdapterResult.applied(f"{folded} ({report.left} kept)")

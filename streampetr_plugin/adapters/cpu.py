@@ -4,7 +4,10 @@
   node, unless ``OMP_NUM_THREADS`` was exported (torchrun exports 1 when it starts several processes);
 * ``cpu_foreach_adamw``: ``torch.optim.AdamW(foreach=True)`` through the AdamW factory;
 * ``cpu_glibc_malloc``: glibc's ``mallopt`` at start-up, so freed tensor memory stays in the process
-  instead of going back to the OS and faulting in again, page by page, at the next step.
+  instead of going back to the OS and faulting in again, page by page, at the next step;
+* ``cpu_channels_last`` (inference phase, off by default): the image backbone's weights, and so its
+  activations, in channels-last layout for oneDNN's convolutions (docs/benchmarks.md has the
+  measurement; compare on your machine with ``streampetr bench --inference --backend torch-cpu-levers``).
 
 gloo is the CPU process-group backend (:data:`streampetr_plugin.adapters.device.DISTRIBUTED_BACKENDS`).
 """
@@ -129,3 +132,21 @@ class CpuGlibcMalloc(Adapter):
         if rejected:
             return AdapterResult.failed(f"mallopt rejected {', '.join(rejected)}")
         return AdapterResult.applied(", ".join(f"mallopt({name}, {value})" for name, _, value in settings))
+
+
+class CpuChannelsLast(Adapter):
+    """The image backbone in channels-last layout for inference (oneDNN's preferred convolution layout)."""
+
+    name: ClassVar[str] = "cpu_channels_last"
+    devices: ClassVar[Tuple[str, ...]] = ("cpu",)
+    phase: ClassVar[Phase] = Phase.INFERENCE
+    enabled_by_default: ClassVar[bool] = False
+
+    def precheck(self, context: AdapterContext) -> Tuple[bool, str]:
+        if context.model is None or getattr(context.model, "img_backbone", None) is None:
+            return False, "the model has no img_backbone"
+        return True, ""
+
+    def apply(self, context: AdapterContext) -> AdapterResult:
+        context.model.img_backbone.to(memory_format=torch.channels_last)
+        return AdapterResult.applied("img_backbone in channels_last")

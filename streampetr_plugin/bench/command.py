@@ -53,11 +53,13 @@ def bench_command(
         device: ``auto`` / ``npu`` / ``cuda`` / ``cpu``; None: the recipe's ``accelerator.device``.
         backend: ``onnxruntime`` (with ``inference``): time streaming inference of the exported graph in
             onnxruntime against PyTorch, alternating frame by frame, instead of the training steps
-            (:mod:`streampetr_plugin.deploy.bench`).
+            (:mod:`streampetr_plugin.deploy.bench`); ``torch-cpu-levers``: the same for PyTorch as built
+            against BatchNorm folding and a channels-last backbone.
         host: the plugin host whose components are benchmarked; None: a new one (built-in plugin and
             installed entry points).
-        time_backends: ``(recipe, host, *, steps, warmup) -> comparison dict`` for ``backend`` onnxruntime
-            (the command line passes :func:`streampetr_plugin.deploy.bench.bench_backends`).
+        time_backends: ``(recipe, host, *, backend, steps, warmup) -> comparison dict`` for the
+            ``backend`` comparisons (the command line passes one that runs
+            :func:`streampetr_plugin.deploy.bench.bench_backends` or ``bench_cpu_levers``).
 
     Returns:
         The report as a dict (:meth:`BenchReport.to_dict`): ``mode``, ``recipe``, ``overrides``,
@@ -81,14 +83,18 @@ def bench_command(
     if data and (groups or inference):
         raise ValueError("--data times the input pipeline only; run --inference / --variants without --data")
     if backend != "torch" and (data or groups or not inference):
-        raise ValueError("--backend onnxruntime compares inference backends: use it with --inference alone")
+        raise ValueError(
+            f"--backend {backend} compares inference configurations: use it with --inference alone"
+        )
     all_overrides = [*overrides, *([f"accelerator.device={device}"] if device else [])]
     host = host if host is not None else create_plugin_host()
     base = load_recipe(recipe, all_overrides, host=host)
     selection = select_device(base, host)
     handle, device_records = selection.device, list(selection.adapters.records)
     if backend != "torch" and handle.kind != "cpu":
-        raise ValueError("--backend onnxruntime compares the backends on the CPU: add --device cpu")
+        raise ValueError(
+            f"--backend {backend} compares inference configurations on the CPU: add --device cpu"
+        )
     shape = stream_shape(base, training=True)
     report = BenchReport(
         mode="data" if data else "model",
@@ -107,9 +113,9 @@ def bench_command(
         report.data = bench_data_pipeline(base, host.registries, steps=steps, warmup=warmup)
     elif backend != "torch":
         if time_backends is None:
-            raise ValueError("--backend onnxruntime needs the deployment's backend timer (time_backends)")
+            raise ValueError(f"--backend {backend} needs the deployment's backend timer (time_backends)")
         report.mode = "backends"
-        report.backends = time_backends(base, host, steps=steps, warmup=warmup)
+        report.backends = time_backends(base, host, backend=backend, steps=steps, warmup=warmup)
         report.notes.append("inputs: synthetic frames at the recipe's test shapes; initial weights")
     else:
         plan = Plan(steps=steps, warmup=warmup, inference=inference, seed=base.runtime.seed)

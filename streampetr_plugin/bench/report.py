@@ -298,14 +298,13 @@ def backend_lines(comparison: Mapping[str, Any]) -> List[str]:
     )
     if comparison["export_s"] is not None:
         title += f"; export took {comparison['export_s']:.1f} s"
-    lines = [
-        title,
-        f"{'configuration':<24}{'s/frame med':>12}{'p90':>8}{'cpu s':>8}{'frames/s':>10}{'vs eager':>10}",
-    ]
+    width = max(24, 2 + max(len(timing["name"]) for timing in comparison["timings"]))
+    header = f"{'s/frame med':>12}{'p90':>8}{'cpu s':>8}{'frames/s':>10}{'vs first':>10}"
+    lines = [title, f"{'configuration':<{width}}{header}"]
     for timing in comparison["timings"]:
         step = timing["step_time_s"]
         lines.append(
-            f"{timing['name']:<24}{step['median']:>12.4f}{step['p90']:>8.4f}"
+            f"{timing['name']:<{width}}{step['median']:>12.4f}{step['p90']:>8.4f}"
             f"{timing['cpu_s_per_frame']:>8.3f}{timing['frames_per_s']:>10.2f}"
             f"{baseline / step['median']:>9.2f}x"
         )

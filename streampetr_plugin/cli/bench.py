@@ -12,10 +12,11 @@ from streampetr_plugin.cli.common import exit_on_recipe_error, setup_logging
 from streampetr_plugin.plugins import PluginHost
 
 
-def _time_backends(recipe: Any, host: PluginHost, *, steps: int, warmup: int) -> Dict[str, Any]:
-    from streampetr_plugin.deploy.bench import bench_backends
+def _time_backends(recipe: Any, host: PluginHost, *, backend: str, steps: int, warmup: int) -> Dict[str, Any]:
+    from streampetr_plugin.deploy.bench import bench_backends, bench_cpu_levers
 
-    return bench_backends(recipe, host, steps=steps, warmup=warmup).to_dict()
+    bench = bench_backends if backend == "onnxruntime" else bench_cpu_levers
+    return bench(recipe, host, steps=steps, warmup=warmup).to_dict()
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -38,8 +39,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="device kind; default: the recipe's accelerator.device",
     )
     parser.add_argument(
-        "--backend", choices=("torch", "onnxruntime"), default="torch",
-        help="with --inference: onnxruntime times the exported graph against PyTorch (CPU, inference only)",
+        "--backend", choices=("torch", "onnxruntime", "torch-cpu-levers"), default="torch",
+        help="with --inference: onnxruntime times the exported graph against PyTorch, torch-cpu-levers "
+        "PyTorch with BatchNorm folding and a channels-last backbone (CPU, inference only)",
     )
     parser.set_defaults(run=run_bench)
     return parser

@@ -1,13 +1,18 @@
-"""Streaming inference in PyTorch and in onnxruntime, timed alternately on the same frames.
+"""Streaming inference configurations timed alternately on the same frames.
 
 ``streampetr bench RECIPE --inference --backend onnxruntime`` lands here: the recipe's detector (initial
 weights) is exported to a temporary graph, and one synthetic stream of the recipe's test shapes
 (:mod:`streampetr_plugin.bench.synthetic_batch`, batch 1) runs through the PyTorch eval path and through
 onnxruntime at each graph optimisation level. Every frame goes through every configuration in turn, so
 a change in the machine's load falls on all of them alike. onnxruntime gets as many threads as PyTorch.
+
+``--backend torch-cpu-levers`` compares, the same way, the PyTorch eval path as built with its CPU
+levers (:data:`CPU_LEVERS`): BatchNorm folded into the convolutions, the image backbone in channels-last
+layout, and both.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import statistics
 import tempfile
@@ -23,10 +28,18 @@ from streampetr_plugin.bench.synthetic_batch import SyntheticStreams, stream_sha
 from streampetr_plugin.config.schema import Recipe
 from streampetr_plugin.deploy.export import export_graph, load_detector, recipe_test_shape
 from streampetr_plugin.deploy.onnx_runner import ONNX_FILE, OnnxStreamRunner
+from streampetr_plugin.models.batchnorm_folding import fold_batchnorm
 from streampetr_plugin.models.detector import StreamPETRDetector
 from streampetr_plugin.plugins import PluginHost
 
 DEFAULT_LEVELS = ("disable", "basic", "all")
+# (name, BatchNorm folded, image backbone in channels-last layout) of the configurations compared with
+# the detector as built by ``streampetr bench --inference --backend torch-cpu-levers``.
+CPU_LEVERS = (
+    ("torch BN folded", True, False),
+    ("torch channels-last", False, True),
+    ("torch BN folded + channels-last", True, True),
+)
 
 
 @dataclass
@@ -81,18 +94,49 @@ def time_backends(
     """Time ``steps`` frames (after ``warmup``) of ``detector`` in PyTorch and of its graph ``onnx_path``
     in onnxruntime at ``levels``, on one synthetic stream of the recipe's test shapes."""
     threads = torch.get_num_threads()
-    streams = SyntheticStreams(
-        dataclasses.replace(stream_shape(recipe, training=False), batch_size=1),
-        with_targets=False,
-        seed=recipe.runtime.seed,
-    )
-    frames = [streams.frame(index, torch.device("cpu")) for index in range(warmup + steps)]
     configurations: Dict[str, Callable[[Mapping[str, Any]], Any]] = {"torch eager": detector.infer}
     nms_radius = detector.pts_bbox_head.bbox_coder.nms_radius
     for level in levels:
         configurations[f"onnxruntime {level}"] = OnnxStreamRunner(
             onnx_path, threads=threads, optimization=level, nms_radius=nms_radius
         ).step
+    timings = alternate(configurations, synthetic_test_frames(recipe, warmup + steps), warmup=warmup)
+    return BackendComparison(threads=threads, export_s=export_s, timings=timings)
+
+
+def bench_cpu_levers(recipe: Recipe, host: PluginHost, *, steps: int, warmup: int) -> BackendComparison:
+    """The PyTorch eval path of the recipe's detector (initial weights) as built, with its BatchNorms
+    folded into the convolutions, with its image backbone in channels-last layout, and with both."""
+    built = load_detector(recipe, host, None, inference_adapters=False)
+    configurations: Dict[str, Callable[[Mapping[str, Any]], Any]] = {"torch as built": built.infer}
+    for name, fold, channels_last in CPU_LEVERS:
+        detector = copy.deepcopy(built)
+        if fold:
+            fold_batchnorm(detector)
+        if channels_last:
+            detector.img_backbone.to(memory_format=torch.channels_last)
+        configurations[name] = detector.infer
+    timings = alternate(configurations, synthetic_test_frames(recipe, warmup + steps), warmup=warmup)
+    return BackendComparison(threads=torch.get_num_threads(), export_s=None, timings=timings)
+
+
+def synthetic_test_frames(recipe: Recipe, count: int) -> List[Dict[str, Any]]:
+    """``count`` frames of one synthetic stream (batch 1) of the recipe's test shapes, on the CPU."""
+    streams = SyntheticStreams(
+        dataclasses.replace(stream_shape(recipe, training=False), batch_size=1),
+        with_targets=False,
+        seed=recipe.runtime.seed,
+    )
+    return [streams.frame(index, torch.device("cpu")) for index in range(count)]
+
+
+def alternate(
+    configurations: Mapping[str, Callable[[Mapping[str, Any]], Any]],
+    frames: Sequence[Mapping[str, Any]],
+    *,
+    warmup: int,
+) -> List[BackendTiming]:
+    """Every frame through every configuration in turn; the frames after the first ``warmup`` timed."""
     wall: Dict[str, List[float]] = {name: [] for name in configurations}
     cpu: Dict[str, List[float]] = {name: [] for name in configurations}
     with torch.no_grad():
@@ -114,4 +158,4 @@ def time_backends(
                 cpu_s_per_frame=statistics.median(cpu[name]),
             )
         )
-    return BackendComparison(threads=threads, export_s=export_s, timings=timings)
+    return timings

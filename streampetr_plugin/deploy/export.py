@@ -61,9 +61,13 @@ class ExportResult:
     parity: Optional[ParityReport]
 
 
-def load_detector(recipe: Recipe, host: PluginHost, checkpoint: Optional[Path]) -> StreamPETRDetector:
+def load_detector(
+    recipe: Recipe, host: PluginHost, checkpoint: Optional[Path], *, inference_adapters: bool = True
+) -> StreamPETRDetector:
     """The recipe's detector (components of ``host``) in eval mode with ``checkpoint``'s weights (ours or a
-    reference ``.pth``; None keeps the initialisation)."""
+    reference ``.pth``; None keeps the initialisation), on the CPU, after the recipe's CPU adapters of the
+    inference phase (BatchNorm folding, ...) unless ``inference_adapters`` is False."""
+    from streampetr_plugin.adapters.base import AdapterContext, AdapterRunner, Phase
     from streampetr_plugin.interop.checkpoint import load_reference_checkpoint
     from streampetr_plugin.models.build import build_model
 
@@ -89,7 +93,12 @@ def load_detector(recipe: Recipe, host: PluginHost, checkpoint: Optional[Path]) 
                     "pass the recipe it was trained with",
                 )
             )
-    return model.eval()
+    model.eval()
+    if inference_adapters:
+        adapters = AdapterRunner.from_recipe(recipe, "cpu", host.registries)
+        adapters.run(Phase.INFERENCE, AdapterContext(device="cpu", recipe=recipe, model=model))
+        logger.info("%s", adapters.summary_table("inference adapters:"))
+    return model
 
 
 def recipe_test_shape(recipe: Recipe) -> Tuple[int, Tuple[int, int]]:

@@ -270,12 +270,12 @@ def evaluate_checkpoint(
     the tracking metric, :func:`tracking_evaluator`).
 
     The device and its accelerator adapters are set up as the trainer sets them up (the recipe's
-    ``accelerator`` section: device kind, thread count, attention kernels, ...), and the model runs under
-    the recipe's precision. Results go to ``output_dir`` (default: :func:`new_evaluation_dir`, never a
-    training run's own ``eval/iter_*``): the metric's files, ``predictions.npz`` and a picture of the
-    first val sample.
+    ``accelerator`` section: device kind, thread count, attention kernels, ...), then those of the
+    inference phase (BatchNorm folding, ...), and the model runs under the recipe's precision. Results go
+    to ``output_dir`` (default: :func:`new_evaluation_dir`, never a training run's own ``eval/iter_*``):
+    the metric's files, ``predictions.npz`` and a picture of the first val sample.
     """
-    from streampetr_plugin.adapters.base import Status
+    from streampetr_plugin.adapters.base import Phase, Status
     from streampetr_plugin.data.build import build_dataset
     from streampetr_plugin.data.loader import build_dataloader
     from streampetr_plugin.interop.checkpoint import load_reference_checkpoint
@@ -293,6 +293,8 @@ def evaluate_checkpoint(
             str(checkpoint), f"does not fit the recipe's model: {report.summary()}",
             "evaluate it with the recipe it was trained with",
         ))
+    model.eval()  # the inference adapters (BatchNorm folding, ...) act on the loaded weights in eval mode
+    selection.adapters.run(Phase.INFERENCE, selection.context)
     records = selection.adapters.records
     applied = [record.name for record in records if record.status is Status.APPLIED]
     dataset = build_dataset(recipe, host.registries, training=False)

@@ -7,7 +7,7 @@ reference checkpoints and torchvision's ImageNet weights load key for key.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Literal, Optional, Sequence, Tuple
+from typing import ClassVar, Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -28,6 +28,11 @@ class Bottleneck(nn.Module):
     ``(N, in_channels, H, W) -> (N, 4 * width, H / stride, W / stride)``; ``downsample`` (1x1 conv +
     BN) projects the identity when the shape changes.
     """
+
+    # bn(conv(x)) pairs for BatchNorm folding (streampetr_plugin.models.batchnorm_folding).
+    conv_bn_pairs: ClassVar[Tuple[Tuple[str, str], ...]] = (
+        ("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")
+    )
 
     def __init__(self, *, in_channels: int, width: int, stride: int, with_cp: bool) -> None:
         super().__init__()
@@ -73,6 +78,8 @@ class ResNet(nn.Module):
     parameters non-trainable (the recipe's ``norm_cfg=dict(type='BN2d', requires_grad=False)``);
     ``with_cp`` checkpoints each bottleneck in training.
     """
+
+    conv_bn_pairs: ClassVar[Tuple[Tuple[str, str], ...]] = (("conv1", "bn1"),)  # the stem
 
     def __init__(
         self,
