@@ -1,8 +1,9 @@
 """The built-in plugin: registers StreamPETR's own components through the public hooks.
 
 Every component with options is registered with its params model; its factory here receives the
-validated instance and hands it to the component's constructor field by field (the one place where
-settings become keyword arguments), together with the sizes taken from the modules built before it.
+validated instance and hands it to the component's constructor (model components take it whole; the
+others still take its fields as keyword arguments), together with the sizes taken from the modules
+built before it.
 Imports happen inside the hooks so that creating a plugin host stays light.
 """
 from __future__ import annotations

@@ -68,7 +68,14 @@ def _conv3x3_gn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
 
 
 class FocalHead(nn.Module):
-    """Per-token classification, centerness, box (ltrb) and projected-centre regression."""
+    """Per-token classification, centerness, box (ltrb) and projected-centre regression.
+
+    Args:
+        params: the user settings.
+        in_channels: channels of the neck level fed to the head.
+        num_classes: number of object classes.
+        stride: input pixels per cell of that neck level.
+    """
 
     def __init__(
         self,

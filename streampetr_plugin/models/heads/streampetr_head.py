@@ -606,7 +606,8 @@ def _gather_tokens(values: torch.Tensor, topk_indexes: torch.Tensor) -> torch.Te
 
 class StreamPETRHeadParams(BaseModel):
     """User settings of :class:`StreamPETRHead`; defaults are the V2-99 recipe
-    (stream_petr_vov_flash_800_bs2_seq_24e.py). ``in_channels`` comes from the neck."""
+    (stream_petr_vov_flash_800_bs2_seq_24e.py). ``in_channels`` comes from the neck, ``num_classes`` from
+    the dataset."""
 
     model_config = ConfigDict(extra="forbid")
 
