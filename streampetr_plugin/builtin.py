@@ -1,8 +1,9 @@
 """The built-in plugin: registers StreamPETR's own components through the public hooks.
 
 Every component with options is registered with its params model; its factory here receives the
-validated instance and hands it to the component's constructor field by field (the one place where
-settings become keyword arguments), together with the sizes taken from the modules built before it.
+validated instance and hands it to the component's constructor (model components take it whole; the
+others still take its fields as keyword arguments), together with the sizes taken from the modules
+built before it.
 Imports happen inside the hooks so that creating a plugin host stays light.
 """
 from __future__ import annotations
@@ -32,14 +33,14 @@ def streampetr_register_backbones(register: Register) -> None:
     from streampetr_plugin.models.backbones.resnet import ResNet, ResNetParams
     from streampetr_plugin.models.backbones.vovnet import VoVNet, VoVNetParams
 
-    register("vovnet", _keyword_factory(VoVNet), params=VoVNetParams)
-    register("resnet", _keyword_factory(ResNet), params=ResNetParams)
+    register("vovnet", VoVNet, params=VoVNetParams)
+    register("resnet", ResNet, params=ResNetParams)
 
 
 def _build_cpfpn(params: "BaseModel", *, input_shape: Dict[str, ShapeSpec]) -> Any:
     from streampetr_plugin.models.necks.cp_fpn import CPFPN
 
-    return CPFPN(in_channels=[spec.channels for spec in input_shape.values()], **dict(params))
+    return CPFPN(params, in_channels=[spec.channels for spec in input_shape.values()])
 
 
 @hookimpl
@@ -53,14 +54,14 @@ def _build_focal_head(params: "BaseModel", *, input_shape: ShapeSpec, num_classe
     from streampetr_plugin.models.heads.focal_head import FocalHead
 
     return FocalHead(
-        in_channels=input_shape.channels, stride=input_shape.stride, num_classes=num_classes, **dict(params)
+        params, in_channels=input_shape.channels, num_classes=num_classes, stride=input_shape.stride
     )
 
 
 def _build_streampetr_head(params: "BaseModel", *, input_shape: ShapeSpec, num_classes: int) -> Any:
     from streampetr_plugin.models.heads.streampetr_head import StreamPETRHead
 
-    return StreamPETRHead(in_channels=input_shape.channels, num_classes=num_classes, **dict(params))
+    return StreamPETRHead(params, in_channels=input_shape.channels, num_classes=num_classes)
 
 
 @hookimpl
@@ -75,7 +76,7 @@ def streampetr_register_heads(register: Register) -> None:
 def _build_streampetr_detector(params: "BaseModel", *, input_shape: ShapeSpec, **modules: Any) -> Any:
     from streampetr_plugin.models.detector import StreamPETRDetector
 
-    return StreamPETRDetector(stride=input_shape.stride, **dict(params), **modules)
+    return StreamPETRDetector(params, stride=input_shape.stride, **modules)
 
 
 @hookimpl

@@ -63,14 +63,14 @@ def randomise_batchnorm_statistics(module: nn.Module, generator: torch.Generator
 
 def test_vovnet99_state_dict_equals_reference_keys_shapes_and_kinds():
     with torch.device("meta"):
-        backbone = VoVNet(**VoVNetParams().model_dump())
+        backbone = VoVNet(VoVNetParams())
     assert entry_kinds(backbone) == reference_entries(VOV_JSON, "img_backbone.")
     assert sum(p.numel() for p in backbone.parameters()) == 69_523_520  # spec: V2-99 backbone
 
 
 def test_resnet50_state_dict_equals_reference_keys_shapes_and_kinds():
     with torch.device("meta"):
-        backbone = ResNet(**ResNetParams().model_dump())
+        backbone = ResNet(ResNetParams())
     # BN affine parameters are frozen_param in the reference (norm_cfg requires_grad=False).
     assert entry_kinds(backbone) == reference_entries(R50_JSON, "img_backbone.")
     # torchvision resnet50 has 25,557,032 parameters, of which the fc layer holds 2048 * 1000 + 1000.
@@ -81,7 +81,7 @@ def test_vovnet_39_and_57_differ_from_99_only_in_blocks_per_stage():
     counts = {}
     for name in ("V-39-eSE", "V-57-eSE", "V-99-eSE"):
         with torch.device("meta"):
-            backbone = VoVNet(spec_name=name)
+            backbone = VoVNet(VoVNetParams(spec_name=name))
         blocks = [len([m for m in getattr(backbone, s).children() if not isinstance(m, nn.MaxPool2d)])
                   for s in ("stage2", "stage3", "stage4", "stage5")]
         counts[name] = tuple(blocks)
@@ -124,7 +124,7 @@ def test_params_defaults_are_the_recipes_and_reject_typos():
 def test_vovnet_forward_shapes_match_output_shape(height, width):
     torch.manual_seed(0)
     features = ("stem", "stage2", "stage3", "stage4", "stage5")
-    backbone = VoVNet(spec_name="V-tiny", out_features=features).eval()
+    backbone = VoVNet(VoVNetParams(spec_name="V-tiny", out_features=features)).eval()
     assert isinstance(backbone, Backbone)
     with torch.no_grad():
         outputs = backbone(torch.randn(2, 3, height, width))
@@ -143,7 +143,7 @@ def test_vovnet_forward_shapes_match_output_shape(height, width):
 
 
 def test_vovnet_returns_only_requested_features_in_network_order():
-    backbone = VoVNet(spec_name="V-tiny", out_features=("stage5", "stage3")).eval()
+    backbone = VoVNet(VoVNetParams(spec_name="V-tiny", out_features=("stage5", "stage3"))).eval()
     with torch.no_grad():
         outputs = backbone(torch.randn(1, 3, 64, 64))
     assert list(outputs) == ["stage3", "stage5"] == list(backbone.output_shape())
@@ -151,7 +151,7 @@ def test_vovnet_returns_only_requested_features_in_network_order():
 
 def test_resnet_forward_shapes_match_output_shape():
     torch.manual_seed(0)
-    backbone = ResNet(out_indices=(0, 1, 2, 3)).eval()
+    backbone = ResNet(ResNetParams(out_indices=(0, 1, 2, 3))).eval()
     with torch.no_grad():
         outputs = backbone(torch.randn(1, 3, 64, 160))
     declared = backbone.output_shape()
@@ -160,8 +160,9 @@ def test_resnet_forward_shapes_match_output_shape():
     for name, tensor in outputs.items():
         assert tuple(tensor.shape) == (1, declared[name].channels, 64 // declared[name].stride,
                                        160 // declared[name].stride)
-    assert ResNet(depth=101).output_shape() == {"res4": ShapeSpec(1024, 16), "res5": ShapeSpec(2048, 32)}
-    assert len(ResNet(depth=101).layer3) == 23
+    resnet101 = ResNet(ResNetParams(depth=101))
+    assert resnet101.output_shape() == {"res4": ShapeSpec(1024, 16), "res5": ShapeSpec(2048, 32)}
+    assert len(resnet101.layer3) == 23
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +205,7 @@ def _functional_vovnet(state: Dict[str, torch.Tensor], images: torch.Tensor, spe
 
 def test_vovnet_matches_functional_reimplementation():
     generator = torch.Generator().manual_seed(1)
-    backbone = VoVNet(spec_name="V-tiny", out_features=("stage3", "stage4", "stage5"))
+    backbone = VoVNet(VoVNetParams(spec_name="V-tiny", out_features=("stage3", "stage4", "stage5")))
     randomise_batchnorm_statistics(backbone, generator)
     backbone.eval()
     images = torch.randn(2, 3, 72, 104, generator=generator)
@@ -245,9 +246,9 @@ def test_resnet50_and_cpfpn_reproduce_reference_probes():
     for key, (checksum, _) in fixture["weights_checksum"].items():
         if key in weights:
             assert weights[key].double().sum().item() == pytest.approx(checksum, rel=1e-12, abs=1e-12)
-    backbone = ResNet(**ResNetParams().model_dump())
+    backbone = ResNet(ResNetParams())
     in_channels = [shape.channels for shape in backbone.output_shape().values()]
-    neck = CPFPN(in_channels=in_channels, **CPFPNParams().model_dump())
+    neck = CPFPN(CPFPNParams(), in_channels=in_channels)
 
     def under(prefix: str) -> Dict[str, torch.Tensor]:
         return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
@@ -275,7 +276,7 @@ def test_resnet50_and_cpfpn_reproduce_reference_probes():
 
 
 def _tiny_resnet(**kwargs) -> ResNet:
-    return ResNet(out_indices=(0, 1, 2, 3), **kwargs)
+    return ResNet(ResNetParams(out_indices=(0, 1, 2, 3), **kwargs))
 
 
 def _sum_of_outputs(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -285,8 +286,8 @@ def _sum_of_outputs(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(
     "build, frozen_prefixes, trainable_prefixes",
     [
-        (lambda: VoVNet(spec_name="V-tiny", frozen_stages=2, norm_eval=False,
-                        out_features=("stage2", "stage3", "stage4", "stage5")),
+        (lambda: VoVNet(VoVNetParams(spec_name="V-tiny", frozen_stages=2, norm_eval=False,
+                        out_features=("stage2", "stage3", "stage4", "stage5"))),
          ("stem.", "stage2.", "stage3."), ("stage4.", "stage5.")),
         (lambda: _tiny_resnet(frozen_stages=1, norm_eval=False, norm_requires_grad=True),
          ("conv1.", "bn1.", "layer1."), ("layer2.", "layer3.", "layer4.")),
@@ -316,7 +317,7 @@ def test_frozen_stages_stay_frozen_in_training(build, frozen_prefixes, trainable
         assert torch.equal(backbone.state_dict()[key], value), key
 
 
-@pytest.mark.parametrize("build", [lambda **kw: VoVNet(spec_name="V-tiny", **kw), _tiny_resnet],
+@pytest.mark.parametrize("build", [lambda **kw: VoVNet(VoVNetParams(spec_name="V-tiny", **kw)), _tiny_resnet],
                          ids=["vovnet", "resnet"])
 def test_norm_eval_keeps_batchnorm_statistics_fixed_in_training(build):
     torch.manual_seed(0)
@@ -333,17 +334,20 @@ def test_norm_eval_keeps_batchnorm_statistics_fixed_in_training(build):
 
 
 def test_resnet_batchnorm_affine_frozen_unless_requested():
-    frozen = ResNet()
+    frozen = ResNet(ResNetParams())
     assert all(not p.requires_grad for norm in batchnorms(frozen) for p in norm.parameters())
     assert all(m.weight.requires_grad for m in frozen.modules() if isinstance(m, nn.Conv2d))
-    trainable = ResNet(norm_requires_grad=True)
+    trainable = ResNet(ResNetParams(norm_requires_grad=True))
     assert all(p.requires_grad for norm in batchnorms(trainable) for p in norm.parameters())
 
 
 @pytest.mark.parametrize(
     "build, block_conv",
     [
-        (lambda cp: VoVNet(spec_name="V-tiny", with_cp=cp), lambda m: m.stage4.OSA4_2.layers[0][0]),
+        (
+            lambda cp: VoVNet(VoVNetParams(spec_name="V-tiny", with_cp=cp)),
+            lambda m: m.stage4.OSA4_2.layers[0][0],
+        ),
         (lambda cp: _tiny_resnet(with_cp=cp), lambda m: m.layer2[1].conv2),
     ],
     ids=["vovnet", "resnet"],

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from streampetr_plugin.models.backbones.resnet import ResNet
-from streampetr_plugin.models.backbones.vovnet import VoVNet
+from streampetr_plugin.models.backbones.resnet import ResNet, ResNetParams
+from streampetr_plugin.models.backbones.vovnet import VoVNet, VoVNetParams
 from streampetr_plugin.models.batchnorm_folding import fold_batchnorm, fold_conv_batchnorm
 from tests.test_backbones import batchnorms, randomise_batchnorm_statistics
 
@@ -16,8 +16,8 @@ RELATIVE_TOLERANCE = 1e-5
 
 @pytest.mark.parametrize(
     "build",
-    [lambda: ResNet(out_indices=(0, 1, 2, 3)),
-     lambda: VoVNet(spec_name="V-tiny", out_features=("stage2", "stage3", "stage4", "stage5"))],
+    [lambda: ResNet(ResNetParams(out_indices=(0, 1, 2, 3))),
+     lambda: VoVNet(VoVNetParams(spec_name="V-tiny", out_features=("stage2", "stage3", "stage4", "stage5")))],
     ids=["resnet50", "vovnet_tiny"],
 )
 def test_folded_backbone_matches_unfolded_and_keeps_no_batchnorm(build):

@@ -14,9 +14,9 @@ from streampetr_plugin.interop.checkpoint import (
     load_reference_checkpoint,
     read_checkpoint_state_dict,
 )
-from streampetr_plugin.models.backbones.resnet import ResNet
-from streampetr_plugin.models.backbones.vovnet import VoVNet
-from streampetr_plugin.models.necks.cp_fpn import CPFPN
+from streampetr_plugin.models.backbones.resnet import ResNet, ResNetParams
+from streampetr_plugin.models.backbones.vovnet import VoVNet, VoVNetParams
+from streampetr_plugin.models.necks.cp_fpn import CPFPN, CPFPNParams
 from tests import reference_synth as synth
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -33,8 +33,9 @@ class ImageFeatureModel(nn.Module):
 
 def tiny_model(seed: int) -> ImageFeatureModel:
     torch.manual_seed(seed)
-    backbone = VoVNet(spec_name="V-tiny")
-    neck = CPFPN(in_channels=[s.channels for s in backbone.output_shape().values()], out_channels=8)
+    backbone = VoVNet(VoVNetParams(spec_name="V-tiny"))
+    in_channels = [s.channels for s in backbone.output_shape().values()]
+    neck = CPFPN(CPFPNParams(out_channels=8), in_channels=in_channels)
     return ImageFeatureModel(backbone, neck)
 
 
@@ -59,7 +60,7 @@ def test_reference_r50_key_list_in_mmcv_layout_loads_exactly(tmp_path):
         },
         path,
     )
-    model = ImageFeatureModel(ResNet(), CPFPN(in_channels=[1024, 2048]))
+    model = ImageFeatureModel(ResNet(ResNetParams()), CPFPN(CPFPNParams(), in_channels=[1024, 2048]))
     report = load_reference_checkpoint(model, path, strict=True)
     assert report.is_exact and report.prefix_map == {}
     assert sorted(report.loaded) == sorted(shapes) and len(report.loaded) == 324
@@ -104,12 +105,12 @@ def test_backbone_only_file_with_extra_head_keys_reports_missing_and_unexpected_
 def test_bare_backbone_keys_are_mapped_under_img_backbone(tmp_path):
     # torchvision-style file: backbone keys without prefix, plus the classifier.
     torch.manual_seed(3)
-    source = ResNet(norm_requires_grad=True).state_dict()
+    source = ResNet(ResNetParams(norm_requires_grad=True)).state_dict()
     source["fc.weight"] = torch.zeros(1000, 2048)
     source["fc.bias"] = torch.zeros(1000)
     path = tmp_path / "resnet50.pth"
     torch.save(source, path)
-    model = ImageFeatureModel(ResNet(), CPFPN(in_channels=[1024, 2048]))
+    model = ImageFeatureModel(ResNet(ResNetParams()), CPFPN(CPFPNParams(), in_channels=[1024, 2048]))
     report = load_reference_checkpoint(model, path)
     assert report.prefix_map == {"": "img_backbone."}
     assert report.unexpected == ["img_backbone.fc.weight", "img_backbone.fc.bias"]

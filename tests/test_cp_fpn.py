@@ -27,7 +27,7 @@ def test_state_dict_equals_reference_img_neck(json_name, in_channels, parameter_
     entries = json.loads((FIXTURES / json_name).read_text())["state_dict"]
     reference = {k[len("img_neck."):]: v["shape"] for k, v in entries.items() if k.startswith("img_neck.")}
     with torch.device("meta"):
-        neck = CPFPN(in_channels=in_channels, **CPFPNParams().model_dump())
+        neck = CPFPN(CPFPNParams(), in_channels=in_channels)
     assert {k: list(v.shape) for k, v in neck.state_dict().items()} == reference
     assert all(p.requires_grad for p in neck.parameters())
     assert sum(p.numel() for p in neck.parameters()) == parameter_count
@@ -42,7 +42,7 @@ def _nearest(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 def test_forward_matches_hand_written_top_down_path():
     torch.manual_seed(0)
-    neck = CPFPN(in_channels=[6, 10, 12], out_channels=8, num_outs=3).eval()
+    neck = CPFPN(CPFPNParams(out_channels=8, num_outs=3), in_channels=[6, 10, 12]).eval()
     with torch.no_grad():
         for parameter in neck.parameters():
             parameter.copy_(torch.randn_like(parameter) * 0.3)  # non-zero biases too
@@ -65,7 +65,7 @@ def test_forward_matches_hand_written_top_down_path():
 
 def test_extra_levels_subsample_the_last_output_and_output_shape_declares_them():
     torch.manual_seed(0)
-    neck = CPFPN(in_channels=[4, 8], out_channels=6, num_outs=4).eval()
+    neck = CPFPN(CPFPNParams(out_channels=6, num_outs=4), in_channels=[4, 8]).eval()
     backbone_shape = {"stage4": ShapeSpec(channels=4, stride=16), "stage5": ShapeSpec(channels=8, stride=32)}
     declared = neck.output_shape(backbone_shape)
     assert declared == [ShapeSpec(6, 16), ShapeSpec(6, 32), ShapeSpec(6, 64), ShapeSpec(6, 128)]
@@ -79,7 +79,7 @@ def test_extra_levels_subsample_the_last_output_and_output_shape_declares_them()
 
 def test_convs_start_xavier_uniform_with_zero_bias():
     torch.manual_seed(0)
-    neck = CPFPN(in_channels=[768, 1024])
+    neck = CPFPN(CPFPNParams(), in_channels=[768, 1024])
     for name, module in neck.named_modules():
         if isinstance(module, torch.nn.Conv2d):
             fan_in = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
@@ -92,7 +92,7 @@ def test_convs_start_xavier_uniform_with_zero_bias():
 
 
 def test_outputs_are_float32_under_autocast():
-    neck = CPFPN(in_channels=[4, 8], out_channels=8)
+    neck = CPFPN(CPFPNParams(out_channels=8), in_channels=[4, 8])
     inputs = [torch.randn(1, 4, 8, 8), torch.randn(1, 8, 4, 4)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert neck.lateral_convs[0](inputs[0]).dtype == torch.bfloat16  # autocast is active
@@ -102,8 +102,8 @@ def test_outputs_are_float32_under_autocast():
 
 def test_invalid_configurations_are_rejected():
     with pytest.raises(ValueError):
-        CPFPN(in_channels=[4, 8], num_outs=1)
-    neck = CPFPN(in_channels=[4, 8], out_channels=8)
+        CPFPN(CPFPNParams(num_outs=1), in_channels=[4, 8])
+    neck = CPFPN(CPFPNParams(out_channels=8), in_channels=[4, 8])
     with pytest.raises(ValueError):
         neck([torch.randn(1, 4, 8, 8)])
     with pytest.raises(ValidationError):

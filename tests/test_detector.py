@@ -5,13 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from streampetr_plugin.models.backbones.resnet import ResNet
-from streampetr_plugin.models.backbones.vovnet import VoVNet
+from streampetr_plugin.models.backbones.resnet import ResNet, ResNetParams
+from streampetr_plugin.models.backbones.vovnet import VoVNet, VoVNetParams
 from streampetr_plugin.models.detector import StreamPETRDetector, StreamPETRDetectorParams, token_locations
-from streampetr_plugin.models.heads.focal_head import FocalHead
-from streampetr_plugin.models.heads.streampetr_head import StreamPETRHead
+from streampetr_plugin.models.heads.focal_head import FocalHead, FocalHeadParams
+from streampetr_plugin.models.heads.streampetr_head import StreamPETRHead, StreamPETRHeadParams
 from streampetr_plugin.models.layers.grid_mask import GridMaskParams
-from streampetr_plugin.models.necks.cp_fpn import CPFPN
+from streampetr_plugin.models.necks.cp_fpn import CPFPN, CPFPNParams
 from tests import reference_synth as synth
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -21,15 +21,17 @@ NUM_CLASSES, NUM_CAMS, IMG_H, IMG_W = 3, 2, 64, 128
 def full_size_detector(backbone_name: str) -> StreamPETRDetector:
     """The reference recipes' architecture (R50 704x256 or V2-99 800x320)."""
     if backbone_name == "r50":
-        backbone = ResNet(depth=50, out_indices=(2, 3))
+        backbone = ResNet(ResNetParams(depth=50, out_indices=[2, 3]))
     else:
-        backbone = VoVNet(spec_name="V-99-eSE", out_features=("stage4", "stage5"))
+        backbone = VoVNet(VoVNetParams(spec_name="V-99-eSE", out_features=["stage4", "stage5"]))
     channels = [spec.channels for spec in backbone.output_shape().values()]
     return StreamPETRDetector(
+        StreamPETRDetectorParams(),
         img_backbone=backbone,
-        img_neck=CPFPN(in_channels=channels, out_channels=256, num_outs=2),
-        img_roi_head=FocalHead(in_channels=256),
-        pts_bbox_head=StreamPETRHead(in_channels=256),
+        img_neck=CPFPN(CPFPNParams(out_channels=256, num_outs=2), in_channels=channels),
+        img_roi_head=FocalHead(FocalHeadParams(), in_channels=256, num_classes=10, stride=16),
+        pts_bbox_head=StreamPETRHead(StreamPETRHeadParams(), in_channels=256, num_classes=10),
+        stride=16,
     )
 
 
@@ -61,13 +63,11 @@ def test_reference_r50_state_dict_loads_with_nothing_missing_or_unexpected():
 # ---------------------------------------------------------------------------------------------- tiny model
 
 
-def tiny_detector(seed: int = 0, **detector_kwargs) -> StreamPETRDetector:
+def tiny_detector(seed: int = 0, **detector_settings) -> StreamPETRDetector:
     torch.manual_seed(seed)
-    backbone = VoVNet(spec_name="V-tiny", with_cp=False)
+    backbone = VoVNet(VoVNetParams(spec_name="V-tiny", with_cp=False))
     channels = [spec.channels for spec in backbone.output_shape().values()]
-    head = StreamPETRHead(
-        in_channels=32,
-        num_classes=NUM_CLASSES,
+    head_params = StreamPETRHeadParams(
         embed_dims=32,
         num_query=16,
         memory_len=16,
@@ -83,11 +83,14 @@ def tiny_detector(seed: int = 0, **detector_kwargs) -> StreamPETRDetector:
         max_num=10,
     )
     return StreamPETRDetector(
+        StreamPETRDetectorParams(**{"use_grid_mask": False, **detector_settings}),
         img_backbone=backbone,
-        img_neck=CPFPN(in_channels=channels, out_channels=32, num_outs=2),
-        img_roi_head=FocalHead(in_channels=32, num_classes=NUM_CLASSES, embed_dims=32),
-        pts_bbox_head=head,
-        **{"use_grid_mask": False, **detector_kwargs},
+        img_neck=CPFPN(CPFPNParams(out_channels=32, num_outs=2), in_channels=channels),
+        img_roi_head=FocalHead(
+            FocalHeadParams(embed_dims=32), in_channels=32, num_classes=NUM_CLASSES, stride=16
+        ),
+        pts_bbox_head=StreamPETRHead(head_params, in_channels=32, num_classes=NUM_CLASSES),
+        stride=16,
     )
 
 

@@ -13,12 +13,16 @@ import pytest
 import torch
 
 from streampetr_plugin.interop.reference import PROBE_NAMES, run_reference_frame
-from streampetr_plugin.models.backbones.resnet import ResNet
-from streampetr_plugin.models.detector import StreamPETRDetector, token_locations
-from streampetr_plugin.models.heads.focal_head import FocalHead
-from streampetr_plugin.models.heads.streampetr_head import StreamPETRHead, StreamPETRHeadOutputs
+from streampetr_plugin.models.backbones.resnet import ResNet, ResNetParams
+from streampetr_plugin.models.detector import StreamPETRDetector, StreamPETRDetectorParams, token_locations
+from streampetr_plugin.models.heads.focal_head import FocalHead, FocalHeadParams
+from streampetr_plugin.models.heads.streampetr_head import (
+    StreamPETRHead,
+    StreamPETRHeadOutputs,
+    StreamPETRHeadParams,
+)
 from streampetr_plugin.models.layers.memory import transform_points
-from streampetr_plugin.models.necks.cp_fpn import CPFPN
+from streampetr_plugin.models.necks.cp_fpn import CPFPN, CPFPNParams
 from tests import reference_synth as synth
 
 FIXTURE = Path(__file__).parent / "fixtures" / "r50_128x352_3frames.pt"
@@ -39,10 +43,12 @@ def strict(fx):
 
 def _build_model(fx) -> StreamPETRDetector:
     model = StreamPETRDetector(
-        img_backbone=ResNet(depth=50, out_indices=(2, 3)),
-        img_neck=CPFPN(in_channels=[1024, 2048], out_channels=256, num_outs=2),
-        img_roi_head=FocalHead(in_channels=256),
-        pts_bbox_head=StreamPETRHead(in_channels=256),
+        StreamPETRDetectorParams(),
+        img_backbone=ResNet(ResNetParams(depth=50, out_indices=[2, 3])),
+        img_neck=CPFPN(CPFPNParams(out_channels=256, num_outs=2), in_channels=[1024, 2048]),
+        img_roi_head=FocalHead(FocalHeadParams(), in_channels=256, num_classes=10, stride=16),
+        pts_bbox_head=StreamPETRHead(StreamPETRHeadParams(), in_channels=256, num_classes=10),
+        stride=16,
     )
     shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     model.load_state_dict(synth.make_state_dict(shapes, fx["constants"]), strict=True)

@@ -22,14 +22,14 @@ def _locations(batch_cams, height, width, stride, pad_hw):
 
 def _tiny_head(**kwargs):
     torch.manual_seed(0)
-    return FocalHead(in_channels=32, embed_dims=32, num_classes=3, **kwargs)
+    return FocalHead(FocalHeadParams(embed_dims=32, **kwargs), in_channels=32, num_classes=3, stride=16)
 
 
 def test_state_dict_matches_reference_keys_and_parameter_count():
     reference = json.loads(KEY_LIST.read_text())["state_dict"]
     prefix = "img_roi_head."
     expected = {k[len(prefix):]: v["shape"] for k, v in reference.items() if k.startswith(prefix)}
-    head = FocalHead(in_channels=256, **FocalHeadParams().model_dump())
+    head = FocalHead(FocalHeadParams(), in_channels=256, num_classes=10, stride=16)
     ours = {k: list(v.shape) for k, v in head.state_dict().items()}
     assert ours == expected
     assert sum(p.numel() for p in head.parameters()) == 1_185_553

@@ -68,7 +68,7 @@ def test_fresh_query_positions_and_image_keys_are_what_the_decoder_uses():
     decoder_memory, _, decoder_query_pos, decoder_pos_embed = seen["args"][:4]
     torch.testing.assert_close(memory, decoder_memory)
     torch.testing.assert_close(pos_embed, decoder_pos_embed)
-    torch.testing.assert_close(query_pos, decoder_query_pos[:, : head.num_query])
+    torch.testing.assert_close(query_pos, decoder_query_pos[:, : head.params.num_query])
     assert not torch.allclose(query_pos, other_temperature)
 
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from streampetr_plugin import load_recipe
 from streampetr_plugin.host import create_plugin_host
-from streampetr_plugin.models.heads.streampetr_head import StreamPETRHead
+from streampetr_plugin.models.heads.streampetr_head import StreamPETRHead, StreamPETRHeadParams
 from streampetr_plugin.training.geometric_warm_start import geometric_warm_start, warm_start_parameters
 from streampetr_plugin.training.trainer import train
 from tests import trainer_helpers
@@ -32,10 +32,12 @@ class _FixedFeatureDetector(nn.Module):
 
 def test_warm_start_focuses_the_attention_and_changes_only_its_parameters():
     torch.manual_seed(0)
-    head = StreamPETRHead(in_channels=16, num_classes=3, embed_dims=32, num_query=12, memory_len=16,
-                          topk_proposals=6, num_propagated=4, depth_num=30, num_layers=2, num_heads=4,
-                          feedforward_channels=64, dropout=0.0, with_cp=False,
-                          pc_range=[-20, -20, -3, 20, 20, 3], position_range=[-25, -25, -5, 25, 25, 5])
+    params = StreamPETRHeadParams(
+        embed_dims=32, num_query=12, memory_len=16, topk_proposals=6, num_propagated=4, depth_num=30,
+        num_layers=2, num_heads=4, feedforward_channels=64, dropout=0.0, with_cp=False,
+        pc_range=[-20, -20, -3, 20, 20, 3], position_range=[-25, -25, -5, 25, 25, 5],
+    )
+    head = StreamPETRHead(params, in_channels=16, num_classes=3)
     detector = _FixedFeatureDetector(head, channels=16).train()
     intrinsics, lidar2img = two_cameras(batch=2)
     batches = [{"img": torch.zeros(2, 2, 3, *PAD_HW), "intrinsics": intrinsics, "lidar2img": lidar2img}]

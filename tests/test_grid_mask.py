@@ -9,7 +9,7 @@ from streampetr_plugin.models.layers.grid_mask import GridMask, GridMaskParams
 
 def grid_mask(*, generator=None, **settings) -> GridMask:
     """A GridMask with the reference's settings except ``settings``."""
-    return GridMask(**dict(GridMaskParams(**settings)), generator=generator)
+    return GridMask(GridMaskParams(**settings), generator=generator)
 
 
 def _reference_mask(height, width, period, start_h, start_w, angle, ratio, use_h, use_w, mode):
@@ -84,5 +84,5 @@ def test_params_defaults_are_the_reference_detector():
     params = GridMaskParams()
     expected = dict(use_h=True, use_w=True, rotate=1, offset=False, ratio=0.5, mode=1, prob=0.7)
     assert params.model_dump() == expected
-    grid = GridMask(**dict(params))
+    grid = GridMask(params)
     assert {name: getattr(grid, name) for name in expected} == expected

@@ -45,7 +45,10 @@ def test_3d_matches_and_losses_reproduce_reference(fixture):
     stored_loss, frame = fixture["loss"], fixture["frames"][2]
     code_weights = fixture["constants"]["pts_bbox_head.code_weights"]
     match_costs = fixture["constants"]["pts_bbox_head.match_costs"]
-    criterion = StreamPETRCriterion(**StreamPETRCriterionParams().model_dump())
+    criterion = StreamPETRCriterion(  # the reference's settings
+        StreamPETRCriterionParams(), num_classes=10, match_with_velo=False, with_dn=True, dn_weight=1.0,
+        split=0.75,
+    )
     cls_scores = frame["all_cls_scores"][:, None]  # (6, B=1, 900, 10)
     bbox_preds = frame["all_bbox_preds"][:, None]
     gt_boxes, gt_labels = [stored_loss["gt_bboxes_3d_gravity"]], [stored_loss["gt_labels_3d"]]
@@ -69,7 +72,7 @@ def test_2d_matches_and_losses_reproduce_reference(fixture):
     stored_loss, roi = fixture["loss"], fixture["frames"][2]["roi"]
     gt = stored_loss["gt_2d"]
     pad_h, pad_w, _ = fixture["pad_shape"][0]
-    head = FocalHead(in_channels=256, **FocalHeadParams().model_dump())
+    head = FocalHead(FocalHeadParams(), in_channels=256, num_classes=10, stride=16)
 
     assignments = head.assigner.assign_batch(
         roi["enc_cls_scores"], roi["enc_bbox_preds"], roi["pred_centers2d"],

@@ -58,8 +58,11 @@ def _preds(generator, layers, batch, queries, requires_grad=False):
     return cls.requires_grad_(requires_grad), box.requires_grad_(requires_grad)
 
 
-def _criterion(**kwargs):
-    return StreamPETRCriterion(**dict(StreamPETRCriterionParams(num_classes=NUM_CLASSES, **kwargs)))
+def _criterion(with_dn=True, dn_weight=1.0, split=0.75):
+    return StreamPETRCriterion(
+        StreamPETRCriterionParams(), num_classes=NUM_CLASSES, match_with_velo=False, with_dn=with_dn,
+        dn_weight=dn_weight, split=split,
+    )
 
 
 def test_matching_losses_use_the_matched_count_as_normaliser():

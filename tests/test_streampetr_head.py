@@ -35,7 +35,9 @@ TINY = dict(
 
 def tiny_head(seed=0, **overrides):
     torch.manual_seed(seed)
-    return StreamPETRHead(**{**TINY, **overrides})
+    settings = {**TINY, **overrides}
+    in_channels, num_classes = settings.pop("in_channels"), settings.pop("num_classes")
+    return StreamPETRHead(StreamPETRHeadParams(**settings), in_channels=in_channels, num_classes=num_classes)
 
 
 def _pose(x, y, yaw):
@@ -103,7 +105,7 @@ def test_params_defaults_are_the_v2_99_recipe():
     assert queue == (644, 1024, 256, 256)
     denoising_and_depth = (params.scalar, params.noise_scale, params.split, params.LID, params.depth_num)
     assert denoising_and_depth == (10, 1.0, 0.75, True, 64)
-    head = StreamPETRHead(in_channels=256, **params.model_dump())
+    head = StreamPETRHead(params, in_channels=256, num_classes=10)
     assert sum(p.numel() for p in head.parameters()) == 11_188_736  # the spec's budget, shared branches once
     assert torch.allclose(head.coords_d[[0, 34, 63]], torch.tensor([1.0, 18.2207, 59.3477]), atol=1e-4)
     assert head.cls_branches[0] is head.cls_branches[5] and head.reg_branches[0] is head.reg_branches[5]
@@ -238,9 +240,12 @@ def test_denoising_queries_layout_and_relabelling():
         gt_bboxes_3d=boxes,
         gt_labels_3d=labels,
         reference_points=reference_points,
+        num_query=5,
         pc_range=pc_range,
         num_classes=num_classes,
         num_groups=groups,
+        noise_scale=1.0,
+        noise_trans=0.0,
         split=split,
         num_propagated=2,
         memory_len=6,

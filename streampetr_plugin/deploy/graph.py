@@ -90,11 +90,11 @@ def graph_signature(
     """The graph's inputs and outputs for ``detector`` at ``num_cameras`` padded ``image_hw`` images."""
     head = detector.pts_bbox_head
     height, width = image_hw
-    num_queries = head.num_query + head.num_propagated
+    num_queries = head.params.num_query + head.params.num_propagated
     top_k = min(head.bbox_coder.max_num, num_queries * head.num_classes)
-    rows = head.memory_len
+    rows = head.params.memory_len
     memory = {
-        "embedding": (1, rows, head.embed_dims),
+        "embedding": (1, rows, head.params.embed_dims),
         "reference_point": (1, rows, 3),
         "timestamp": (1, rows, 1),
         "egopose": (1, rows, 4, 4),
@@ -158,7 +158,7 @@ class StreamingFrameGraph(nn.Module):
         decoded = head.decode_fixed(outs)
         scores = torch.where(decoded["keep"], decoded["scores_3d"], DROPPED_SCORE)
         # The memory holds M + top-k rows now; the next frame keeps the newest M (see the module docstring).
-        memory_next = [getattr(stream.memory, field)[:, : head.memory_len] for field in MEMORY_FIELDS]
+        memory_next = [getattr(stream.memory, field)[:, : stream.memory.capacity] for field in MEMORY_FIELDS]
         return (
             decoded["boxes_3d"],
             scores,

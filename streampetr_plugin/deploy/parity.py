@@ -186,7 +186,7 @@ def measure_parity(
             )
             if prev_exists:
                 forced_memory = _relative_memory(
-                    eager_state, rows=head.memory_len, previous_time=previous_time
+                    eager_state, rows=head.params.memory_len, previous_time=previous_time
                 )
             else:
                 forced_memory = runner.zero_memory()

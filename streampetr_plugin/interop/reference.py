@@ -66,7 +66,7 @@ def _probe_hooks(model: StreamPETRDetector, probes: Dict[str, torch.Tensor], num
     def neck_hook(module: torch.nn.Module, args: Any, output: Any) -> None:
         for index, value in enumerate(output):
             probes[f"neck.{index}"] = value.detach().float().clone()
-        level = output[model.position_level].detach().float()
+        level = output[model.params.position_level].detach().float()
         probes["img_feats"] = level.reshape(-1, num_cams, *level.shape[1:]).clone()
 
     def transformer_hook(module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:

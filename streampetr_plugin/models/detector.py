@@ -72,44 +72,36 @@ class StreamPETRDetector(nn.Module):
     """StreamPETR (see the module docstring).
 
     Args:
+        params: the user settings (read from ``self.params`` afterwards; ``use_grid_mask`` and
+            ``head_autocast`` become attributes, which training switches at run time).
         img_backbone: image backbone, ``forward(images) -> dict`` of feature maps, fine to coarse.
         img_neck: neck, ``forward(features) -> list`` of levels.
         pts_bbox_head: the StreamPETR head.
-        img_roi_head: the 2D auxiliary head (FocalHead) or None.
-        use_grid_mask: GridMask the images in training.
-        grid_mask: the GridMask settings (None: the reference's, :class:`GridMaskParams`).
         stride: input pixels per cell of the neck level used by the heads (the model builder takes it from
             the neck's ``output_shape()``).
-        position_level: which neck level the heads read.
-        aux_2d_only: run the 2D head in training only (the reference's default).
-        head_autocast: let the heads run under the caller's autocast (the reference runs them in fp32).
+        img_roi_head: the 2D auxiliary head (FocalHead) or None.
     """
 
     def __init__(
         self,
+        params: StreamPETRDetectorParams,
         *,
         img_backbone: nn.Module,
         img_neck: nn.Module,
         pts_bbox_head: StreamPETRHead,
+        stride: int,
         img_roi_head: Optional[nn.Module] = None,
-        use_grid_mask: bool = True,
-        grid_mask: Optional[GridMaskParams] = None,
-        stride: int = 16,
-        position_level: int = 0,
-        aux_2d_only: bool = True,
-        head_autocast: bool = False,
     ) -> None:
         super().__init__()
+        self.params = params
         self.img_backbone = img_backbone
         self.img_neck = img_neck
         self.img_roi_head = img_roi_head
         self.pts_bbox_head = pts_bbox_head
-        self.grid_mask = GridMask(**dict(grid_mask if grid_mask is not None else GridMaskParams()))
-        self.use_grid_mask = use_grid_mask
+        self.grid_mask = GridMask(params.grid_mask)
+        self.use_grid_mask = params.use_grid_mask
+        self.head_autocast = params.head_autocast
         self.stride = stride
-        self.position_level = position_level
-        self.aux_2d_only = aux_2d_only
-        self.head_autocast = head_autocast
         # Not a module: what carries the streams from one call to the next stays out of the state dict.
         self.stream_state = pts_bbox_head.new_stream_state()
 
@@ -120,7 +112,7 @@ class StreamPETRDetector(nn.Module):
         if self.use_grid_mask and self.training:
             images = self.grid_mask(images)
         levels = self.img_neck(self.img_backbone(images))
-        features = levels[self.position_level].float()
+        features = levels[self.params.position_level].float()
         return features.view(batch, num_cams, *features.shape[1:])
 
     def _head_precision(self, device: torch.device) -> ContextManager[None]:
@@ -138,7 +130,7 @@ class StreamPETRDetector(nn.Module):
         location = location.unsqueeze(0).expand(batch_size * num_cams, -1, -1, -1)  # (B N, h, w, 2)
         with self._head_precision(img.device):
             outs_roi = None
-            if self.img_roi_head is not None and (self.training or not self.aux_2d_only):
+            if self.img_roi_head is not None and (self.training or not self.params.aux_2d_only):
                 outs_roi = self.img_roi_head(location, img_feats)
             outs = self.pts_bbox_head(
                 img_feats=img_feats,

@@ -7,7 +7,7 @@ reference checkpoints and torchvision's ImageNet weights load key for key.
 """
 from __future__ import annotations
 
-from typing import ClassVar, Dict, List, Literal, Optional, Sequence, Tuple
+from typing import ClassVar, Dict, List, Literal, Optional, Tuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -81,26 +81,11 @@ class ResNet(nn.Module):
 
     conv_bn_pairs: ClassVar[Tuple[Tuple[str, str], ...]] = (("conv1", "bn1"),)  # the stem
 
-    def __init__(
-        self,
-        *,
-        depth: Literal[50, 101] = 50,
-        out_indices: Sequence[int] = (2, 3),
-        frozen_stages: int = -1,
-        norm_eval: bool = True,
-        norm_requires_grad: bool = False,
-        with_cp: bool = True,
-    ) -> None:
+    def __init__(self, params: ResNetParams) -> None:
         super().__init__()
-        if depth not in BLOCKS_PER_STAGE:
-            raise ValueError(f"depth must be one of {sorted(BLOCKS_PER_STAGE)}, got {depth}")
-        if not out_indices or any(not 0 <= i <= 3 for i in out_indices):
-            raise ValueError(f"out_indices must be a non-empty subset of 0..3, got {out_indices}")
-        if not -1 <= frozen_stages <= 4:
-            raise ValueError(f"frozen_stages must be in [-1, 4], got {frozen_stages}")
-        self.out_indices: Tuple[int, ...] = tuple(sorted(set(out_indices)))
-        self.frozen_stages = frozen_stages
-        self.norm_eval = norm_eval
+        self.out_indices: Tuple[int, ...] = tuple(sorted(set(params.out_indices)))
+        self.frozen_stages = params.frozen_stages
+        self.norm_eval = params.norm_eval
 
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -108,7 +93,7 @@ class ResNet(nn.Module):
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         in_channels = 64
         self._shapes: Dict[str, ShapeSpec] = {}
-        for index, (num_blocks, width) in enumerate(zip(BLOCKS_PER_STAGE[depth], STAGE_WIDTHS)):
+        for index, (num_blocks, width) in enumerate(zip(BLOCKS_PER_STAGE[params.depth], STAGE_WIDTHS)):
             stride = 1 if index == 0 else 2
             blocks = []
             for block_index in range(num_blocks):
@@ -117,7 +102,7 @@ class ResNet(nn.Module):
                         in_channels=in_channels,
                         width=width,
                         stride=stride if block_index == 0 else 1,
-                        with_cp=with_cp,
+                        with_cp=params.with_cp,
                     )
                 )
                 in_channels = width * EXPANSION
@@ -128,8 +113,8 @@ class ResNet(nn.Module):
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(module, nn.BatchNorm2d):
-                module.weight.requires_grad_(norm_requires_grad)
-                module.bias.requires_grad_(norm_requires_grad)
+                module.weight.requires_grad_(params.norm_requires_grad)
+                module.bias.requires_grad_(params.norm_requires_grad)
         freeze(self._frozen_modules())
 
     def output_shape(self) -> Dict[str, ShapeSpec]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, List, Literal, Sequence, Tuple
+from typing import Dict, List, Literal, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -184,30 +184,13 @@ class VoVNet(nn.Module):
     affine parameters stay trainable). ``with_cp`` checkpoints each OSA block in training.
     """
 
-    def __init__(
-        self,
-        *,
-        spec_name: SpecName = "V-99-eSE",
-        out_features: Sequence[FeatureName] = ("stage4", "stage5"),
-        frozen_stages: int = -1,
-        norm_eval: bool = True,
-        with_cp: bool = True,
-    ) -> None:
+    def __init__(self, params: VoVNetParams) -> None:
         super().__init__()
-        if spec_name not in VOVNET_SPECS:
-            raise ValueError(f"unknown VoVNet spec {spec_name!r}; known: {sorted(VOVNET_SPECS)}")
-        unknown = set(out_features) - set(FEATURE_NAMES)
-        if unknown or not out_features:
-            raise ValueError(
-                f"out_features must be a non-empty subset of {FEATURE_NAMES}, got {out_features}"
-            )
-        if not -1 <= frozen_stages <= len(STAGE_NAMES):
-            raise ValueError(f"frozen_stages must be in [-1, {len(STAGE_NAMES)}], got {frozen_stages}")
-        spec = VOVNET_SPECS[spec_name]
+        spec = VOVNET_SPECS[params.spec_name]
         self.spec = spec
-        self.out_features: Tuple[str, ...] = tuple(n for n in FEATURE_NAMES if n in out_features)
-        self.frozen_stages = frozen_stages
-        self.norm_eval = norm_eval
+        self.out_features: Tuple[str, ...] = tuple(n for n in FEATURE_NAMES if n in params.out_features)
+        self.frozen_stages = params.frozen_stages
+        self.norm_eval = params.norm_eval
 
         stem_a, stem_b, stem_c = spec.stem_channels
         self.stem = nn.Sequential(
@@ -228,7 +211,7 @@ class VoVNet(nn.Module):
                 out_channels=spec.stage_out_channels[index],
                 num_blocks=spec.blocks_per_stage[index],
                 layers_per_block=spec.layers_per_block,
-                with_cp=with_cp,
+                with_cp=params.with_cp,
             )
             self.add_module(name, stage)
             in_channels = spec.stage_out_channels[index]

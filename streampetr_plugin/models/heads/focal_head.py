@@ -68,37 +68,31 @@ def _conv3x3_gn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
 
 
 class FocalHead(nn.Module):
-    """Per-token classification, centerness, box (ltrb) and projected-centre regression."""
+    """Per-token classification, centerness, box (ltrb) and projected-centre regression.
+
+    Args:
+        params: the user settings.
+        in_channels: channels of the neck level fed to the head.
+        num_classes: number of object classes.
+        stride: input pixels per cell of that neck level.
+    """
 
     def __init__(
         self,
+        params: FocalHeadParams,
         *,
         in_channels: int,
-        num_classes: int = 10,
-        embed_dims: int = 256,
-        stride: int = 16,
-        train_ratio: float = 1.0,
-        infer_ratio: float = 1.0,
-        use_hybrid_tokens: bool = False,
-        sync_cls_avg_factor: bool = False,
-        loss_cls_weight: float = 2.0,
-        loss_cls_beta: float = 2.0,
-        loss_bbox_weight: float = 5.0,
-        loss_iou_weight: float = 2.0,
-        loss_centers2d_weight: float = 10.0,
-        loss_centerness_weight: float = 1.0,
-        assigner_cls_weight: float = 2.0,
-        assigner_reg_weight: float = 5.0,
-        assigner_iou_weight: float = 2.0,
-        assigner_centers2d_weight: float = 10.0,
+        num_classes: int,
+        stride: int,
     ) -> None:
         super().__init__()
+        embed_dims = params.embed_dims
         self.num_classes = num_classes
         self.stride = stride
-        self.train_ratio = train_ratio
-        self.infer_ratio = infer_ratio
-        self.use_hybrid_tokens = use_hybrid_tokens
-        self.sync_cls_avg_factor = sync_cls_avg_factor
+        self.train_ratio = params.train_ratio
+        self.infer_ratio = params.infer_ratio
+        self.use_hybrid_tokens = params.use_hybrid_tokens
+        self.sync_cls_avg_factor = params.sync_cls_avg_factor
 
         self.cls = nn.Conv2d(embed_dims, num_classes, kernel_size=1)
         self.shared_reg = _conv3x3_gn_relu(in_channels, embed_dims)
@@ -111,16 +105,16 @@ class FocalHead(nn.Module):
         nn.init.constant_(self.centerness.bias, prior_bias)
 
         self.assigner = HungarianAssigner2D(
-            cls_weight=assigner_cls_weight,
-            reg_weight=assigner_reg_weight,
-            iou_weight=assigner_iou_weight,
-            centers2d_weight=assigner_centers2d_weight,
+            cls_weight=params.assigner_cls_weight,
+            reg_weight=params.assigner_reg_weight,
+            iou_weight=params.assigner_iou_weight,
+            centers2d_weight=params.assigner_centers2d_weight,
         )
-        self.loss_cls2d = QualityFocalLoss(beta=loss_cls_beta, loss_weight=loss_cls_weight)
-        self.loss_bbox2d = L1Loss(loss_weight=loss_bbox_weight)
-        self.loss_iou2d = GIoULoss(loss_weight=loss_iou_weight)
-        self.loss_centers2d = L1Loss(loss_weight=loss_centers2d_weight)
-        self.loss_centerness = GaussianFocalLoss(loss_weight=loss_centerness_weight)
+        self.loss_cls2d = QualityFocalLoss(beta=params.loss_cls_beta, loss_weight=params.loss_cls_weight)
+        self.loss_bbox2d = L1Loss(loss_weight=params.loss_bbox_weight)
+        self.loss_iou2d = GIoULoss(loss_weight=params.loss_iou_weight)
+        self.loss_centers2d = L1Loss(loss_weight=params.loss_centers2d_weight)
+        self.loss_centerness = GaussianFocalLoss(loss_weight=params.loss_centerness_weight)
 
     def forward(self, location: torch.Tensor, img_feats: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Predict per token of every camera.

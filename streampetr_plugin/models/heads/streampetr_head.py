@@ -106,164 +106,117 @@ class StreamPETRHeadOutputs:
 
 
 class StreamPETRHead(nn.Module):
-    """StreamPETR head (see the module docstring). Arguments are those of :class:`StreamPETRHeadParams`
-    plus ``in_channels`` (channels of the neck level fed to the head) and an optional ``criterion``
-    (default: :class:`StreamPETRCriterion` configured from these arguments)."""
+    """StreamPETR head (see the module docstring).
 
-    def __init__(
-        self,
-        *,
-        in_channels: int = 256,
-        num_classes: int = 10,
-        embed_dims: int = 256,
-        num_query: int = 644,
-        memory_len: int = 1024,
-        topk_proposals: int = 256,
-        num_propagated: int = 256,
-        num_reg_fcs: int = 2,
-        with_dn: bool = True,
-        with_ego_pos: bool = True,
-        match_with_velo: bool = False,
-        scalar: int = 10,
-        noise_scale: float = 1.0,
-        noise_trans: float = 0.0,
-        dn_weight: float = 1.0,
-        split: float = 0.75,
-        LID: bool = True,
-        depth_num: int = 64,
-        depth_start: float = 1.0,
-        position_range: Sequence[float] = tuple(POSITION_RANGE),
-        pc_range: Sequence[float] = tuple(PC_RANGE),
-        code_weights: Sequence[float] = tuple(CODE_WEIGHTS),
-        match_costs: Optional[Sequence[float]] = None,
-        num_layers: int = 6,
-        num_heads: int = 8,
-        feedforward_channels: int = 2048,
-        dropout: float = 0.1,
-        with_cp: bool = True,
-        attention_backend: str = "sdpa",
-        post_center_range: Sequence[float] = tuple(POSITION_RANGE),
-        max_num: int = 300,
-        score_threshold: Optional[float] = None,
-        nms_radius: Optional[float] = None,
-        per_camera_focal: bool = False,
-        query_pos_temperature: float = 10000.0,
-        geometric_guidance_weight: float = 0.0,
-        geometric_guidance_points: int = 64,
-        criterion: Optional[nn.Module] = None,
-    ) -> None:
+    Args:
+        params: the user settings (read from ``self.params`` afterwards).
+        in_channels: channels of the neck level fed to the head.
+        num_classes: number of object classes.
+    """
+
+    def __init__(self, params: StreamPETRHeadParams, *, in_channels: int, num_classes: int) -> None:
         super().__init__()
-        if num_propagated > memory_len or topk_proposals > num_query + num_propagated:
+        if params.num_propagated > params.memory_len or (
+            params.topk_proposals > params.num_query + params.num_propagated
+        ):
             raise ValueError(
                 "need num_propagated <= memory_len and topk_proposals <= num_query + num_propagated"
             )
-        if depth_num < CONE_BIN_FROM_END:
-            raise ValueError(f"depth_num must be >= {CONE_BIN_FROM_END} (the cone reads bin depth_num - 30)")
+        self.params = params
         self.num_classes = num_classes
-        self.embed_dims = embed_dims
-        self.num_query = num_query
-        self.memory_len = memory_len
-        self.topk_proposals = topk_proposals
-        self.num_propagated = num_propagated
-        self.with_dn = with_dn
-        self.with_ego_pos = with_ego_pos
-        self.scalar = scalar
-        self.noise_scale = noise_scale
-        self.noise_trans = noise_trans
-        self.split = split
-        self.per_camera_focal = per_camera_focal
-        self.query_pos_temperature = query_pos_temperature
-        self.geometric_guidance_weight = geometric_guidance_weight
-        self.geometric_guidance_points = geometric_guidance_points
+        embed_dims = params.embed_dims
 
         # Configuration kept as frozen parameters because the reference's state dict has them.
         self.code_weights = nn.Parameter(
-            torch.tensor(list(code_weights), dtype=torch.float32), requires_grad=False
+            torch.tensor(params.code_weights, dtype=torch.float32), requires_grad=False
         )
-        self.match_costs = nn.Parameter(
-            torch.tensor(list(match_costs if match_costs is not None else code_weights), dtype=torch.float32),
-            requires_grad=False,
-        )
-        self.pc_range = nn.Parameter(torch.tensor(list(pc_range), dtype=torch.float32), requires_grad=False)
+        match_costs = params.match_costs if params.match_costs is not None else params.code_weights
+        self.match_costs = nn.Parameter(torch.tensor(match_costs, dtype=torch.float32), requires_grad=False)
+        self.pc_range = nn.Parameter(torch.tensor(params.pc_range, dtype=torch.float32), requires_grad=False)
         self.position_range = nn.Parameter(
-            torch.tensor(list(position_range), dtype=torch.float32), requires_grad=False
+            torch.tensor(params.position_range, dtype=torch.float32), requires_grad=False
         )
         self.coords_d = nn.Parameter(
             lid_depth_bins(
-                depth_num=depth_num, depth_start=depth_start, depth_max=position_range[3], lid=LID
+                depth_num=params.depth_num,
+                depth_start=params.depth_start,
+                depth_max=params.position_range[3],
+                lid=params.LID,
             ),
             requires_grad=False,
         )
 
         cls_layers: List[nn.Module] = []
         reg_layers: List[nn.Module] = []
-        for _ in range(num_reg_fcs):
+        for _ in range(params.num_reg_fcs):
             cls_layers += [nn.Linear(embed_dims, embed_dims), nn.LayerNorm(embed_dims), nn.ReLU(inplace=True)]
             reg_layers += [nn.Linear(embed_dims, embed_dims), nn.ReLU()]
         cls_branch = nn.Sequential(*cls_layers, nn.Linear(embed_dims, num_classes))
         reg_branch = nn.Sequential(*reg_layers, nn.Linear(embed_dims, CODE_SIZE))
         # One module in every slot: all decoder layers share their prediction branches (reference).
-        self.cls_branches = nn.ModuleList([cls_branch] * num_layers)
-        self.reg_branches = nn.ModuleList([reg_branch] * num_layers)
+        self.cls_branches = nn.ModuleList([cls_branch] * params.num_layers)
+        self.reg_branches = nn.ModuleList([reg_branch] * params.num_layers)
 
         self.position_encoder = nn.Sequential(
-            nn.Linear(depth_num * 3, embed_dims * 4), nn.ReLU(), nn.Linear(embed_dims * 4, embed_dims)
+            nn.Linear(params.depth_num * 3, embed_dims * 4), nn.ReLU(), nn.Linear(embed_dims * 4, embed_dims)
         )
         self.memory_embed = nn.Sequential(
             nn.Linear(in_channels, embed_dims), nn.ReLU(), nn.Linear(embed_dims, embed_dims)
         )
         self.featurized_pe = SELayerLinear(channels=embed_dims)
-        self.reference_points = nn.Embedding(num_query, 3)
-        if num_propagated > 0:
-            self.pseudo_reference_points = nn.Embedding(num_propagated, 3)
+        self.reference_points = nn.Embedding(params.num_query, 3)
+        if params.num_propagated > 0:
+            self.pseudo_reference_points = nn.Embedding(params.num_propagated, 3)
         self.query_embedding = nn.Sequential(
             nn.Linear(embed_dims * 3 // 2, embed_dims), nn.ReLU(), nn.Linear(embed_dims, embed_dims)
         )
         self.spatial_alignment = MLN(c_dim=8, f_dim=embed_dims)
         self.time_embedding = nn.Sequential(nn.Linear(embed_dims, embed_dims), nn.LayerNorm(embed_dims))
-        if with_ego_pos:
+        if params.with_ego_pos:
             nerf_size = NERF_OCTAVES * 2 * EGO_MOTION_CODE_SIZE
             self.ego_pose_pe = MLN(c_dim=nerf_size, f_dim=embed_dims)
             self.ego_pose_memory = MLN(c_dim=nerf_size, f_dim=embed_dims)
         self.transformer = PETRTemporalTransformer(
-            num_layers=num_layers,
+            num_layers=params.num_layers,
             embed_dims=embed_dims,
-            num_heads=num_heads,
-            feedforward_channels=feedforward_channels,
-            dropout=dropout,
-            attention_backend=attention_backend,
-            with_cp=with_cp,
+            num_heads=params.num_heads,
+            feedforward_channels=params.feedforward_channels,
+            dropout=params.dropout,
+            attention_backend=params.attention_backend,
+            with_cp=params.with_cp,
         )
         self._init_weights()
 
         # Not modules: no parameters or buffers, so nothing outside the reference's keys.
         self.bbox_coder = NMSFreeCoder(
-            pc_range=list(pc_range),
-            post_center_range=list(post_center_range),
-            max_num=max_num,
-            score_threshold=score_threshold,
+            pc_range=params.pc_range,
+            post_center_range=params.post_center_range,
+            max_num=params.max_num,
+            score_threshold=params.score_threshold,
             num_classes=num_classes,
-            nms_radius=nms_radius,
+            nms_radius=params.nms_radius,
         )
-        self.criterion = criterion if criterion is not None else StreamPETRCriterion(**dict(
-            StreamPETRCriterionParams(
-                num_classes=num_classes, match_with_velo=match_with_velo, dn_weight=dn_weight, split=split,
-                with_dn=with_dn,
-            )
-        ))
+        self.criterion = StreamPETRCriterion(
+            params.criterion,
+            num_classes=num_classes,
+            match_with_velo=params.match_with_velo,
+            with_dn=params.with_dn,
+            dn_weight=params.dn_weight,
+            split=params.split,
+        )
 
     def _init_weights(self) -> None:
         nn.init.uniform_(self.reference_points.weight, 0, 1)
-        if self.num_propagated > 0:
+        if self.params.num_propagated > 0:
             nn.init.uniform_(self.pseudo_reference_points.weight, 0, 1)
             self.pseudo_reference_points.weight.requires_grad_(False)
         nn.init.constant_(self.cls_branches[0][-1].bias, bias_init_with_prob(0.01))
 
     def new_stream_state(self, *, relative_time: bool = False) -> StreamState:
-        """An empty stream state of this head's memory size (``relative_time``: see
+        """An empty stream state of this head's ``memory_len`` (``relative_time``: see
         :class:`StreamingMemory`)."""
         return StreamState(
-            memory_len=self.memory_len, embed_dims=self.embed_dims, relative_time=relative_time
+            memory_len=self.params.memory_len, embed_dims=self.params.embed_dims, relative_time=relative_time
         )
 
     # ------------------------------------------------------------------ geometry
@@ -283,7 +236,7 @@ class StreamPETRHead(nn.Module):
         pad_h, pad_w = pad_shape
         with full_precision(location.device):
             focal = torch.stack([intrinsics[..., 0, 0], intrinsics[..., 1, 1]], dim=-1).float().abs() / 1e3
-            if self.per_camera_focal:
+            if self.params.per_camera_focal:
                 focal = focal.repeat_interleave(tokens_per_cam, dim=1)  # (B, L, 2), token's own camera
             else:
                 # Reference quirk: tiling the camera axis gives token t the focal lengths of camera t mod N.
@@ -344,18 +297,20 @@ class StreamPETRHead(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Ego-motion MLN (zero velocity and age, identity pose: one code for all) and the time
         embedding of age 0, applied to the current frame's queries."""
-        if self.with_ego_pos:
+        if self.params.with_ego_pos:
             identity_pose = torch.eye(4, device=query_pos.device)[:3, :].flatten()
             current_code = torch.cat([query_pos.new_zeros(3), identity_pose]).view(1, 1, EGO_MOTION_CODE_SIZE)
             current_code = nerf_positional_encoding(current_code)  # (1, 1, 180)
             tgt = self.ego_pose_memory(tgt, current_code)
             query_pos = self.ego_pose_pe(query_pos, current_code)
         zero_age = query_pos.new_zeros(1, 1, 1)
-        return tgt, query_pos + self.time_embedding(pos2posemb1d(zero_age, self.embed_dims))
+        return tgt, query_pos + self.time_embedding(pos2posemb1d(zero_age, self.params.embed_dims))
 
     def _sine_embedding(self, points: torch.Tensor) -> torch.Tensor:
         """Sine embedding (..., 3 C / 2) of normalised reference points (..., 3), for ``query_embedding``."""
-        return pos2posemb3d(points, self.embed_dims // 2, temperature=self.query_pos_temperature)
+        return pos2posemb3d(
+            points, self.params.embed_dims // 2, temperature=self.params.query_pos_temperature
+        )
 
     def _temporal_alignment(
         self,
@@ -374,12 +329,12 @@ class StreamPETRHead(nn.Module):
         with full_precision(query_pos.device):
             temp_reference_point = (memory.reference_point - low) / (high - low)  # (B, M, 3)
             memory_age = memory.timestamp  # (B, M, 1) float64
-            memory_time_feats = pos2posemb1d(memory_age, self.embed_dims).float()  # (B, M, C)
+            memory_time_feats = pos2posemb1d(memory_age, self.params.embed_dims).float()  # (B, M, C)
         temp_pos = self.query_embedding(self._sine_embedding(temp_reference_point))
         temp_memory = memory.embedding
 
         tgt, query_pos = self._current_query_alignment(tgt, query_pos)
-        if self.with_ego_pos:
+        if self.params.with_ego_pos:
             memory_code = torch.cat(
                 [memory.velo, memory_age.float(), memory.egopose[..., :3, :].flatten(-2)], dim=-1
             )  # (B, M, 15)
@@ -388,8 +343,8 @@ class StreamPETRHead(nn.Module):
             temp_memory = self.ego_pose_memory(temp_memory, memory_code)
         temp_pos = temp_pos + self.time_embedding(memory_time_feats)
 
-        if self.num_propagated > 0:
-            propagated = self.num_propagated
+        if self.params.num_propagated > 0:
+            propagated = self.params.num_propagated
             tgt = torch.cat([tgt, temp_memory[:, :propagated]], dim=1)
             query_pos = torch.cat([query_pos, temp_pos[:, :propagated]], dim=1)
             reference_points = torch.cat(
@@ -447,7 +402,7 @@ class StreamPETRHead(nn.Module):
         pc_low, pc_high = self.pc_range[0:3], self.pc_range[3:6]
         with full_precision(device):
             pseudo_points = None
-            if self.num_propagated > 0:
+            if self.params.num_propagated > 0:
                 pseudo_points = self.pseudo_reference_points.weight * (pc_high - pc_low) + pc_low
             queue.pre_update(
                 prev_exists=prev_exists.float(),
@@ -456,7 +411,9 @@ class StreamPETRHead(nn.Module):
                 pseudo_reference_points=pseudo_points,
             )
         query_ids = stream.query_identities.query_ids(
-            prev_exists=prev_exists, num_fresh=self.num_query, num_propagated=self.num_propagated
+            prev_exists=prev_exists,
+            num_fresh=self.params.num_query,
+            num_propagated=self.params.num_propagated,
         )
 
         memory, pos_embed = self.image_keys(
@@ -465,26 +422,27 @@ class StreamPETRHead(nn.Module):
         )
 
         guidance = None
-        if self.training and self.geometric_guidance_weight > 0:
+        if self.training and self.params.geometric_guidance_weight > 0:
             guidance = self._geometric_guidance(
                 keys=memory + pos_embed, lidar2img=lidar2img, pad_shape=pad_shape,
                 feature_hw=(int(img_feats.shape[-2]), int(img_feats.shape[-1])), topk_indexes=topk_indexes,
             )
 
         attn_mask, mask_dict = None, None
-        if self.training and self.with_dn and gt_bboxes_3d is not None and gt_labels_3d is not None:
+        if self.training and self.params.with_dn and gt_bboxes_3d is not None and gt_labels_3d is not None:
             dn = build_denoising_queries(
                 gt_bboxes_3d=[boxes[:, :9] for boxes in gt_bboxes_3d],
                 gt_labels_3d=gt_labels_3d,
                 reference_points=self.reference_points.weight,
+                num_query=self.params.num_query,
                 pc_range=self.pc_range,
                 num_classes=self.num_classes,
-                num_groups=self.scalar,
-                noise_scale=self.noise_scale,
-                noise_trans=self.noise_trans,
-                split=self.split,
-                num_propagated=self.num_propagated,
-                memory_len=self.memory_len,
+                num_groups=self.params.scalar,
+                noise_scale=self.params.noise_scale,
+                noise_trans=self.params.noise_trans,
+                split=self.params.split,
+                num_propagated=self.params.num_propagated,
+                memory_len=queue.capacity,
             )
             reference_points, attn_mask, mask_dict = dn.reference_points, dn.attn_mask, dn.mask_dict
         else:
@@ -520,7 +478,7 @@ class StreamPETRHead(nn.Module):
                 reference_point=matching_boxes[-1, ..., 0:3],
                 velo=matching_boxes[-1, ..., -2:],
                 scores=matching_cls[-1].sigmoid().max(dim=-1).values,
-                topk=self.topk_proposals,
+                topk=self.params.topk_proposals,
                 timestamp=timestamp,
                 ego_pose=ego_pose.float(),
             )
@@ -553,7 +511,7 @@ class StreamPETRHead(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """The warm start's alignment loss and attention share on this frame's keys (B, L, C), at
         ``geometric_guidance_points`` random points per sample."""
-        points = torch.rand(keys.shape[0], self.geometric_guidance_points, 3, device=keys.device)
+        points = torch.rand(keys.shape[0], self.params.geometric_guidance_points, 3, device=keys.device)
         return alignment_loss(
             self, keys=keys, lidar2img=lidar2img, pad_shape=pad_shape, feature_hw=feature_hw,
             stride=pad_shape[1] // feature_hw[1], reference_points=points,
@@ -599,7 +557,7 @@ class StreamPETRHead(nn.Module):
         )
         if preds.geometric_guidance is not None:
             loss, share = preds.geometric_guidance
-            losses["loss_geometric_guidance"] = self.geometric_guidance_weight * loss
+            losses["loss_geometric_guidance"] = self.params.geometric_guidance_weight * loss
             losses["geometric_guidance_share"] = share
         return losses
 
@@ -648,7 +606,8 @@ def _gather_tokens(values: torch.Tensor, topk_indexes: torch.Tensor) -> torch.Te
 
 class StreamPETRHeadParams(BaseModel):
     """User settings of :class:`StreamPETRHead`; defaults are the V2-99 recipe
-    (stream_petr_vov_flash_800_bs2_seq_24e.py). ``in_channels`` comes from the neck."""
+    (stream_petr_vov_flash_800_bs2_seq_24e.py). ``in_channels`` comes from the neck, ``num_classes`` from
+    the dataset."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -670,10 +629,12 @@ class StreamPETRHeadParams(BaseModel):
     noise_trans: float = Field(default=0.0, ge=0, description="Added to the half box size of the jitter.")
     dn_weight: float = Field(default=1.0, ge=0, description="Weight of the denoising losses.")
     split: float = Field(
-        default=0.75, ge=0, description="Denoising copies with jitter norm above this get background targets."
+        default=0.75, gt=0, description="Denoising copies with jitter norm above this get background targets."
     )
     LID: bool = Field(default=True, description="Linear-increasing depth bins (else uniform).")
-    depth_num: int = Field(default=64, ge=30, description="Depth bins of the 3D position embedding.")
+    depth_num: int = Field(
+        default=64, ge=CONE_BIN_FROM_END, description="Depth bins of the 3D position embedding."
+    )
     depth_start: float = Field(default=1.0, gt=0, description="Depth of the first bin, metres.")
     position_range: List[float] = Field(
         default=list(POSITION_RANGE),
@@ -738,4 +699,8 @@ class StreamPETRHeadParams(BaseModel):
     )
     geometric_guidance_points: int = Field(
         default=64, gt=0, description="Random points per sample for the geometric guidance loss."
+    )
+    criterion: StreamPETRCriterionParams = Field(
+        default_factory=StreamPETRCriterionParams,
+        description="Loss and matching weights of the 3D loss (the reference's by default).",
     )

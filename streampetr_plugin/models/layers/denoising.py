@@ -67,14 +67,15 @@ def build_denoising_queries(
     gt_bboxes_3d: Sequence[torch.Tensor],
     gt_labels_3d: Sequence[torch.Tensor],
     reference_points: torch.Tensor,
+    num_query: int,
     pc_range: torch.Tensor,
     num_classes: int,
-    num_groups: int = 10,
-    noise_scale: float = 1.0,
-    noise_trans: float = 0.0,
-    split: float = 0.75,
-    num_propagated: int = 256,
-    memory_len: int = 1024,
+    num_groups: int,
+    noise_scale: float,
+    noise_trans: float,
+    split: float,
+    num_propagated: int,
+    memory_len: int,
     generator: Optional[torch.Generator] = None,
 ) -> DenoisingQueries:
     """Denoising queries for a batch.
@@ -83,6 +84,7 @@ def build_denoising_queries(
         gt_bboxes_3d: per sample (n_b, 9+) boxes, gravity-centre z: (x, y, z, dx, dy, dz, yaw, vx, vy).
         gt_labels_3d: per sample (n_b,) class indices.
         reference_points: (Q, 3) learnable reference points, normalised.
+        num_query: Q.
         pc_range: (6,) [x_min, y_min, z_min, x_max, y_max, z_max].
         num_classes: index used for background targets.
         num_groups: number of noised copies of every GT (reference ``scalar``).
@@ -94,7 +96,6 @@ def build_denoising_queries(
     """
     device = reference_points.device
     batch_size = len(gt_bboxes_3d)
-    num_query = reference_points.size(0)
     known_num = [int(boxes.size(0)) for boxes in gt_bboxes_3d]
     boxes = torch.cat([b.to(device=device, dtype=reference_points.dtype) for b in gt_bboxes_3d])  # (T, 9)
     labels = torch.cat([lbl.to(device) for lbl in gt_labels_3d]).long()  # (T,)

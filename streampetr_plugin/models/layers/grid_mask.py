@@ -32,30 +32,18 @@ class GridMask(nn.Module):
     random phases in a (1.5 H, 1.5 W) canvas (rows and/or columns), the canvas is rotated by
     ``randint(rotate)`` degrees (PIL, nearest) and its centre H x W crop multiplies the images (``mode=1``
     inverts it first, keeping the stripes).
-    Random numbers come from ``generator`` (the global torch RNG when None). The settings and their
-    defaults are :class:`GridMaskParams` (``GridMask(**dict(params))``).
+    Random numbers come from ``generator`` (the global torch RNG when None). ``params``: the settings.
     """
 
-    def __init__(
-        self,
-        *,
-        use_h: bool,
-        use_w: bool,
-        rotate: int,
-        offset: bool,
-        ratio: float,
-        mode: int,
-        prob: float,
-        generator: Optional[torch.Generator] = None,
-    ) -> None:
+    def __init__(self, params: GridMaskParams, *, generator: Optional[torch.Generator] = None) -> None:
         super().__init__()
-        self.use_h = use_h
-        self.use_w = use_w
-        self.rotate = rotate
-        self.offset = offset
-        self.ratio = ratio
-        self.mode = mode
-        self.prob = prob
+        self.use_h = params.use_h
+        self.use_w = params.use_w
+        self.rotate = params.rotate
+        self.offset = params.offset
+        self.ratio = params.ratio
+        self.mode = params.mode
+        self.prob = params.prob
         self.generator = generator
 
     def _randint(self, low: int, high: int) -> int:

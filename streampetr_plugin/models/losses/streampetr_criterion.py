@@ -32,44 +32,40 @@ from streampetr_plugin.models.losses.l1_loss import L1Loss
 
 
 class StreamPETRCriterionParams(BaseModel):
-    """User-settable options of :class:`StreamPETRCriterion` (defaults: the V2-99 recipe)."""
+    """Loss and matching weights of :class:`StreamPETRCriterion` (defaults: the V2-99 recipe); the settings it
+    shares with the head's denoising queries are the head's (:class:`StreamPETRHeadParams`)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    num_classes: int = Field(default=10, gt=0, description="Number of classes (this label = background).")
     cls_gamma: float = Field(default=2.0, ge=0, description="Focal loss gamma of the classification loss.")
     cls_alpha: float = Field(default=0.25, ge=0, le=1, description="Focal loss alpha (classification).")
     cls_loss_weight: float = Field(default=2.0, ge=0, description="Weight of the focal classification loss.")
     bbox_loss_weight: float = Field(default=0.25, ge=0, description="Weight of the L1 box-code loss.")
     assigner_cls_weight: float = Field(default=2.0, ge=0, description="Focal cost weight of the 3D matching.")
     assigner_reg_weight: float = Field(default=0.25, ge=0, description="L1 box cost weight, 3D matching.")
-    match_with_velo: bool = Field(default=False, description="Include velocity in the matching L1 cost.")
     sync_cls_avg_factor: bool = Field(
         default=False, description="All-reduce the classification normaliser across ranks (reference: off)."
-    )
-    with_dn: bool = Field(default=True, description="Report denoising losses (query denoising enabled).")
-    dn_weight: float = Field(default=1.0, ge=0, description="Weight of the denoising losses.")
-    split: float = Field(
-        default=0.75, gt=0, description="Denoising jitter norm beyond which a copy's target is background."
     )
 
 
 class StreamPETRCriterion(nn.Module):
-    """Loss of the StreamPETR 3D head over all decoder layers (no parameters, no state); its settings and
-    their defaults are :class:`StreamPETRCriterionParams` (``StreamPETRCriterion(**dict(params))``)."""
+    """Loss of the StreamPETR 3D head over all decoder layers (no parameters, no state).
+
+    Args:
+        params: the loss and matching weights.
+        num_classes: number of classes (this label = background).
+        match_with_velo: include velocity in the matching L1 cost.
+        with_dn: report denoising losses (query denoising enabled).
+        dn_weight: weight of the denoising losses.
+        split: denoising jitter norm beyond which a copy's target is background.
+    """
 
     def __init__(
         self,
+        params: StreamPETRCriterionParams,
         *,
         num_classes: int,
-        cls_gamma: float,
-        cls_alpha: float,
-        cls_loss_weight: float,
-        bbox_loss_weight: float,
-        assigner_cls_weight: float,
-        assigner_reg_weight: float,
         match_with_velo: bool,
-        sync_cls_avg_factor: bool,
         with_dn: bool,
         dn_weight: float,
         split: float,
@@ -77,15 +73,20 @@ class StreamPETRCriterion(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.match_with_velo = match_with_velo
-        self.sync_cls_avg_factor = sync_cls_avg_factor
+        self.sync_cls_avg_factor = params.sync_cls_avg_factor
         self.with_dn = with_dn
         self.dn_weight = dn_weight
         self.split = split
         self.assigner = HungarianAssigner3D(
-            cls_weight=assigner_cls_weight, reg_weight=assigner_reg_weight, alpha=cls_alpha, gamma=cls_gamma
+            cls_weight=params.assigner_cls_weight,
+            reg_weight=params.assigner_reg_weight,
+            alpha=params.cls_alpha,
+            gamma=params.cls_gamma,
         )
-        self.loss_cls = FocalLoss(gamma=cls_gamma, alpha=cls_alpha, loss_weight=cls_loss_weight)
-        self.loss_bbox = L1Loss(loss_weight=bbox_loss_weight)
+        self.loss_cls = FocalLoss(
+            gamma=params.cls_gamma, alpha=params.cls_alpha, loss_weight=params.cls_loss_weight
+        )
+        self.loss_bbox = L1Loss(loss_weight=params.bbox_loss_weight)
 
     def matching_problem(
         self,

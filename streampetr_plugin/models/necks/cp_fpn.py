@@ -41,15 +41,18 @@ class CPFPN(nn.Module):
     ``auto_fp16(out_fp32=True)``, so the head receives fp32 features under mixed precision.
     """
 
-    def __init__(self, *, in_channels: Sequence[int], out_channels: int = 256, num_outs: int = 2) -> None:
+    def __init__(self, params: CPFPNParams, *, in_channels: Sequence[int]) -> None:
         super().__init__()
         if not in_channels:
             raise ValueError("in_channels must name at least one input level")
-        if num_outs < len(in_channels):
-            raise ValueError(f"num_outs ({num_outs}) must be >= the number of inputs ({len(in_channels)})")
+        if params.num_outs < len(in_channels):
+            raise ValueError(
+                f"num_outs ({params.num_outs}) must be >= the number of inputs ({len(in_channels)})"
+            )
+        out_channels = params.out_channels
         self.in_channels = tuple(int(c) for c in in_channels)
         self.out_channels = out_channels
-        self.num_outs = num_outs
+        self.num_outs = params.num_outs
         self.lateral_convs = nn.ModuleList(
             ConvLayer(in_channels=c, out_channels=out_channels, kernel_size=1) for c in self.in_channels
         )
