@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from streampetr_plugin.models.box_ops import circle_suppression
+from streampetr_plugin.models.box_ops import suppress_among_kept
 from streampetr_plugin.models.detector import StreamPETRDetector
 from streampetr_plugin.models.layers.memory import MEMORY_FIELDS
 
@@ -177,10 +177,9 @@ def kept_detections(
     (the decoder's class-wise suppression, which the graph leaves out: it is greedy and data-dependent)."""
     keep = outputs["scores_3d"][0] >= 0  # (K,), scores in descending order
     if nms_radius is not None:
-        kept = np.flatnonzero(keep)
-        centres = torch.from_numpy(outputs["boxes_3d"][0][kept, :2])
-        labels = torch.from_numpy(outputs["labels_3d"][0][kept])
-        keep[kept] = circle_suppression(centres, labels, nms_radius).numpy()
+        centres = torch.from_numpy(outputs["boxes_3d"][0][:, :2])
+        labels = torch.from_numpy(outputs["labels_3d"][0])
+        keep = suppress_among_kept(centres, labels, torch.from_numpy(keep), nms_radius).numpy()
     return {name: outputs[name][0][keep] for name in DETECTION_OUTPUTS}
 
 

@@ -53,6 +53,19 @@ def circle_suppression(centres: torch.Tensor, labels: torch.Tensor, radius: floa
     return keep
 
 
+def suppress_among_kept(
+    centres: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, radius: float
+) -> torch.Tensor:
+    """:func:`circle_suppression` among the boxes ``keep`` (K,) already keeps; returns the new (K,) mask.
+
+    ``centres`` (K, 2) and ``labels`` (K,) in descending order of score, the dropped boxes included.
+    """
+    kept = keep.nonzero().squeeze(1)  # (K',) in descending score order
+    keep = keep.clone()
+    keep[kept] = circle_suppression(centres[kept], labels[kept], radius)
+    return keep
+
+
 def bbox_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
     """(..., 4) (cx, cy, w, h) -> (x1, y1, x2, y2)."""
     cx, cy, w, h = boxes.unbind(-1)

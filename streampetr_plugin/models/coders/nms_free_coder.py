@@ -7,7 +7,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from streampetr_plugin.models.box_ops import circle_suppression, denormalize_bbox
+from streampetr_plugin.models.box_ops import denormalize_bbox, suppress_among_kept
 from streampetr_plugin.models.layers.functional import device_constant
 
 
@@ -92,7 +92,9 @@ class NMSFreeCoder:
         return DenseDecoding(bboxes=boxes, scores=scores, labels=labels, query_index=query_index, keep=keep)
 
     @torch.no_grad()
-    def suppress_duplicates(self, boxes: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def suppress_duplicates(
+        self, boxes: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor
+    ) -> torch.Tensor:
         """``keep`` (B, K) without the boxes ``nms_radius`` suppresses (unchanged when it is None).
 
         ``boxes`` (B, K, >= 2) and ``labels`` (B, K) in descending order of score, as :meth:`decode_dense`
@@ -101,8 +103,6 @@ class NMSFreeCoder:
         """
         if self.nms_radius is None:
             return keep
-        keep = keep.clone()
-        for row in range(keep.size(0)):
-            kept = keep[row].nonzero().squeeze(1)  # (K',) in descending score order
-            keep[row, kept] = circle_suppression(boxes[row, kept, :2], labels[row, kept], self.nms_radius)
-        return keep
+        rows = [suppress_among_kept(boxes[row, :, :2], labels[row], keep[row], self.nms_radius)
+                for row in range(keep.size(0))]
+        return torch.stack(rows)
