@@ -9,7 +9,8 @@ a change in the machine's load falls on all of them alike. onnxruntime gets as m
 ``--backend torch-cpu-levers`` compares, the same way, the PyTorch eval path as built with its CPU
 levers (:data:`CPU_LEVERS`): BatchNorm folded into the convolutions, the image backbone in channels-last
 layout, both, and folded with the image backbone and neck compiled by inductor with frozen weights (the
-``inference_graph_capture`` adapter; left out where inductor finds no C++ compiler). The warm-up frames
+``inference_graph_capture`` adapter), without and with channels-last (left out where inductor finds no
+C++ compiler). The warm-up frames
 take the compilation.
 """
 from __future__ import annotations
@@ -44,6 +45,7 @@ CPU_LEVERS = (
     ("torch channels-last", False, True, False),
     ("torch BN folded + channels-last", True, True, False),
     ("torch BN folded + inductor, frozen", True, False, True),
+    ("torch BN folded + channels-last + inductor, frozen", True, True, True),
 )
 
 
