@@ -165,6 +165,19 @@ class GeometricWarmStartConfig(Section):
     frames: int = Field(8, ge=1, description="Training frames, spread over the training set, whose cameras it uses.")
 
 
+class EmaConfig(Section):
+    enabled: bool = Field(
+        False,
+        description="Keep an exponential moving average of the weights (training/ema.py) and evaluate and save "
+        "it as the run's weights (checkpoint 'state_dict'; the trained ones under 'trained_state_dict'); off, "
+        "as the reference.",
+    )
+    decay: float = Field(
+        0.999, gt=0, lt=1,
+        description="Long-run decay per optimiser step; the first steps use min(decay, (1 + n) / (10 + n)).",
+    )
+
+
 class OptimizationConfig(Section):
     optimizer: ComponentSpec = Field(description="Optimiser (registry: optimizers), e.g. adamw with lr, weight_decay.")
     lr_multipliers: Dict[str, float] = Field(
@@ -177,6 +190,7 @@ class OptimizationConfig(Section):
     geometric_warm_start: GeometricWarmStartConfig = Field(
         default_factory=GeometricWarmStartConfig, description="Geometric warm start of the head; off by default."
     )
+    ema: EmaConfig = Field(default_factory=EmaConfig, description="Moving average of the weights; off by default.")
 
 
 class RuntimeConfig(Section):

@@ -2,7 +2,10 @@
 
 A checkpoint is ``<work_dir>/checkpoints/iter_<iteration>.pth``, one ``torch.save`` of a dict::
 
-    state_dict       the model's weights (reference key names; also what ``load_from`` reads)
+    state_dict       the model's weights (reference key names; also what ``load_from``, ``streampetr eval``
+                     and export read): with ``optimization.ema`` on, the moving average of the weights
+    trained_state_dict   only with ``optimization.ema`` on: the weights the optimiser steps (resume reads them)
+    ema              only with ``optimization.ema`` on: {"decay", "updates"}
     optimizer        optimiser state;       optimizer_class   its qualified class name
     scheduler        {"type", "iteration"}  (the schedule is a function of the iteration)
     scaler           loss-scaler state or None
@@ -57,6 +60,7 @@ from streampetr_plugin.training.distributed import (
     all_reduce_sum,
     broadcast_buffers,
 )
+from streampetr_plugin.training.ema import WeightEMA
 
 logger = logging.getLogger(__name__)
 
@@ -307,7 +311,8 @@ def find_resume_checkpoint(
 class TrainingState:
     """What a checkpoint holds of a run and a resume restores: the model (unwrapped), the optimiser, the
     loss scaler, the training data position (``sampler``: anything with ``state_dict`` /
-    ``load_state_dict``, or None), the streams, the RNG states and the iteration."""
+    ``load_state_dict``, or None), the moving average of the weights (``ema``, None when off), the
+    streams, the RNG states and the iteration."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -315,14 +320,21 @@ class TrainingState:
     sampler: Optional[Any]
     device: DeviceHandle
     dist_env: DistributedEnv
+    ema: Optional[WeightEMA] = None
     iteration: int = 0
 
     def load(self, state: Dict[str, Any], path: Path) -> Optional[Dict[str, Any]]:
         """Restore ``state`` (read from ``path``); returns this rank's RNG states, to restore once the
         training loader's iterator exists (None when the checkpoint was written by another number of
         processes: data order, streams and RNG then start afresh)."""
-        check_model_fits(path, state["state_dict"], self.model)
-        self.model.load_state_dict(state["state_dict"])
+        trained = state.get("trained_state_dict", state["state_dict"])
+        check_model_fits(path, trained, self.model)
+        self.model.load_state_dict(trained)
+        if self.ema is not None:
+            if "ema" in state:
+                self.ema.load(state["state_dict"], updates=int(state["ema"]["updates"]), model=self.model)
+            elif self.dist_env.is_main:
+                logger.warning("%s holds no moving average of the weights: it starts from the resumed ones", path)
         current = qualified_name(type(self.optimizer))
         if state.get("optimizer_class", current) == current:
             try:
@@ -359,9 +371,10 @@ class TrainingState:
         """:class:`NonFiniteLossError` when the weights, buffers or optimiser state hold a NaN or an
         infinity (e.g. a damaged optimiser moment turned finite-loss steps into NaN weights); the
         decision is summed over ranks so that all of them stop together. Collective."""
-        bad = nonfinite_entries(
-            {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()["state"]}
-        )
+        watched = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()["state"]}
+        if self.ema is not None:
+            watched["ema"] = self.ema.averaged_state_dict(self.model)
+        bad = nonfinite_entries(watched)
         count = torch.tensor([float(len(bad))], device=self.device.torch_device)
         if all_reduce_sum(count).item() == 0:
             return
@@ -410,6 +423,10 @@ class TrainingState:
                 "recipe": run_facts["recipe"],
                 "plugin_versions": run_facts["plugin_versions"],
             }
+            if self.ema is not None:
+                # What users load (eval, export, load_from) is the average; a resume reads the trained weights.
+                state.update(trained_state_dict=state["state_dict"], ema=self.ema.state(),
+                             state_dict=to_cpu(self.ema.averaged_state_dict(self.model)))
             try:
                 write_checkpoint(state, path)
             except CheckpointWriteError as error:

@@ -100,6 +100,9 @@ class RunLog:
             recipe.name, iteration, max_iters, iters_per_epoch, recipe.data.batch_size_per_device,
             self.world_size, checkpoint_interval, precision, self.work_dir,
         )
+        ema = recipe.optimization.ema
+        if ema.enabled:
+            logger.info("evaluating and saving the moving average of the weights (EMA, decay %g)", ema.decay)
 
     def progress_bar(self, *, total: int, initial: int) -> Optional[ProgressBar]:
         """The bar ``runtime.progress_bar`` asks for (``auto``: on a terminal), on rank 0; else None."""

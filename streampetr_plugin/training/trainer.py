@@ -12,13 +12,16 @@ recipe asks for it. :meth:`Trainer.train` then calls ``streampetr_pre_train``, i
 ``streampetr_post_train`` (also after an error).
 
 One iteration is :class:`~streampetr_plugin.training.step.TrainStep` after the lr of every group is set
-for it (the schedule is per iteration). A non-finite loss or gradient skips the step;
+for it (the schedule is per iteration), then, with ``optimization.ema`` on, an update of the moving
+average of the weights (:mod:`~streampetr_plugin.training.ema`), which evaluations use and checkpoints
+save as the run's weights. A non-finite loss or gradient skips the step;
 ``runtime.max_nonfinite_steps`` skipped steps in a row stop the run
 (:class:`~streampetr_plugin.training.nonfinite.NonFiniteStreak`), and so does a checkpoint due while the
 weights, buffers or optimiser state hold a NaN or an infinity: such a checkpoint is never written.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -47,6 +50,7 @@ from streampetr_plugin.training.checkpointing import (
     restore_rng_state,
 )
 from streampetr_plugin.training.distributed import DistributedEnv
+from streampetr_plugin.training.ema import WeightEMA
 from streampetr_plugin.training.evaluation import (
     EvaluationOutputs,
     Evaluator,
@@ -179,8 +183,10 @@ class Trainer:
                                               training=True)
         self.evaluation = RunEvaluation(recipe, host.registries, make_loader=self._make_loader,
                                         evaluator=self._evaluator, dist_env=env, work_dir=self.work_dir)
+        ema = recipe.optimization.ema
+        self.ema = WeightEMA(decay=ema.decay) if ema.enabled else None
         self.state = TrainingState(self.model, self.optimizer, self.precision.scaler,
-                                   data_position_of(self.train_loader), self.device, env)
+                                   data_position_of(self.train_loader), self.device, env, ema=self.ema)
         if resume_from is not None:
             self._resume_rng = self.state.load(*resume_from)
             self._last_checkpoint = resume_from[1]
@@ -271,6 +277,8 @@ class Trainer:
             batch = next(batches)
             data_time = time.perf_counter() - tick
             result = self._step(move_to_device(batch, device))
+            if self.ema is not None and not result.skipped:
+                self.ema.update(self.model)
             self.iteration += 1
             self.context.iteration = self.iteration
             step_time = time.perf_counter() - tick
@@ -304,10 +312,12 @@ class Trainer:
         return self._last_checkpoint
 
     def evaluate(self) -> Dict[str, Any]:
-        """Score the val set at this iteration (collective: call it on every rank); the metrics on rank 0,
-        an empty dict elsewhere."""
-        metrics = self.evaluation(self.model, iteration=self.iteration, device=self.device.torch_device,
-                                  autocast=self.precision.autocast())
+        """Score the val set at this iteration (collective: call it on every rank), with the moving average
+        of the weights when the recipe keeps one; the metrics on rank 0, an empty dict elsewhere."""
+        averaged = self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext()
+        with averaged:
+            metrics = self.evaluation(self.model, iteration=self.iteration, device=self.device.torch_device,
+                                      autocast=self.precision.autocast())
         self.log.evaluation(self.iteration, metrics)
         return metrics
 

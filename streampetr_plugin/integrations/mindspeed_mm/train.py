@@ -117,6 +117,9 @@ def trainer_class() -> type:
                     logger.warning(
                         "training.%s is %r; recipe %s implies %r", key, host, self.recipe.name, recipe
                     )
+            if self.recipe.optimization.ema.enabled and int(os.environ.get("RANK", "0")) == 0:
+                logger.warning("optimization.ema is not applied under the host's trainer: its checkpoints and "
+                               "evaluations use the trained weights")
 
         def get_scheduler(self) -> Any:
             if self.settings.lr_schedule == "host":
