@@ -144,6 +144,7 @@ def streampetr_register_adapters(register: Register) -> None:
         (cpu.CpuGlibcMalloc, cpu.CpuGlibcMallocParams),
         (cpu.CpuChannelsLast, NoOptions),
         (capture.GraphCapture, capture.GraphCaptureParams),
+        (capture.InferenceGraphCapture, capture.InferenceGraphCaptureParams),
         (capture.NpuGraphCapture, capture.NpuGraphCaptureParams),
         (common.DdpStaticGraph, NoOptions),
         (common.FoldBatchNorm, NoOptions),

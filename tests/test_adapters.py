@@ -630,7 +630,10 @@ def test_inference_adapters_fold_batchnorm_by_default_and_never_touch_a_training
     served = tiny_detector().eval()
     runner = AdapterRunner.from_recipe(recipe, "cpu", HOST.registries)
     runner.run(Phase.INFERENCE, _context("cpu", recipe, served))
-    assert [r.status for r in runner.records] == [Status.APPLIED, Status.APPLIED]  # channels-last, fold
+    assert [(r.name, r.status) for r in runner.records] == [
+        ("cpu_channels_last", Status.APPLIED), ("fold_batchnorm", Status.APPLIED),
+        ("inference_graph_capture", Status.SKIPPED),  # off by default
+    ]
     assert not any(isinstance(m, nn.BatchNorm2d) for m in served.modules())
     assert served.img_backbone.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():

@@ -146,6 +146,19 @@ def test_table_output_names_device_baseline_and_winners(capsys):
     assert "0.615 s/step" in text
 
 
+def test_graph_capture_variant_runs_the_adapter_against_eager():
+    # aot_eager: the same Dynamo graphs without code generation (no compiler, no minutes of compiling).
+    capture = ["accelerator.adapters.graph_capture.backend=aot_eager", "accelerator.adapters.graph_capture.enabled=false"]
+    returned = bench_command(RECIPE, [*TINY, *capture], steps=1, warmup=1, device="cpu", variants=["graph_capture"],
+                             as_json=True)
+    assert returned["baseline"]["settings"]["graph_capture"] == "off"
+    outcomes = {v["option"]: v for v in returned["variants"]}
+    assert outcomes["off"]["status"] == "baseline"
+    captured = outcomes["on"]
+    assert captured["status"] == "measured" and captured["result"]["settings"]["graph_capture"] == "on"
+    assert captured["result"]["inference"] is None  # the bench ran no inference here
+
+
 # ------------------------------------------------------------------------------------- synthetic data
 
 

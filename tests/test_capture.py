@@ -17,7 +17,8 @@ import torch
 
 from streampetr_plugin.adapters import capture
 from streampetr_plugin.adapters.base import AdapterContext, AdapterRunner, Phase, Status
-from streampetr_plugin.adapters.capture import GraphCapture, NpuGraphCapture, capture_modules
+from streampetr_plugin.adapters.capture import GraphCapture, InferenceGraphCapture, NpuGraphCapture, capture_modules
+from streampetr_plugin.adapters.common import FoldBatchNorm
 from tests.test_adapters import TORCH_NPU_GRAPH_API, SimulatedAscend, simulate_ascend  # noqa: F401
 from tests.test_detector import tiny_batch, tiny_detector
 
@@ -130,6 +131,74 @@ def test_graph_capture_is_off_by_default_and_skips_what_it_cannot_capture(monkey
     assert result.status is Status.APPLIED and "img_backbone, img_neck compiled" in result.reason
     images = torch.randn(1, 3, 8, 8)
     torch.testing.assert_close(model(images), _StandIn()(images))
+
+
+class _ConvBatchNormRelu(torch.nn.Module):
+    conv_bn_pairs = (("conv", "bn"),)  # what BatchNorm folding reads
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class _EvalStandIn(torch.nn.Module):
+    """Backbone and neck with BatchNorms holding non-trivial statistics, in eval mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.img_backbone = _ConvBatchNormRelu(3, 8)
+        self.img_neck = _ConvBatchNormRelu(8, 4)
+        for bn in (self.img_backbone.bn, self.img_neck.bn):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.data.uniform_(0.5, 1.5)
+            bn.bias.data.uniform_(-0.2, 0.2)
+        self.eval()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.img_neck(self.img_backbone(images))
+
+
+def _inference_context(model, **settings) -> AdapterContext:
+    return AdapterContext(device="cpu", environ={}, model=model, **settings)
+
+
+def test_inference_capture_runs_after_folding_and_never_in_training_or_export():
+    model = _EvalStandIn()
+    expected = model(torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
+    runner = AdapterRunner([InferenceGraphCapture(backend="aot_eager"), FoldBatchNorm()], device="cpu",
+                           enabled={"inference_graph_capture": True})
+    runner.run(Phase.INFERENCE, _inference_context(model))
+    assert [record.name for record in runner.records] == ["fold_batchnorm", "inference_graph_capture"]
+    assert all(record.status is Status.APPLIED for record in runner.records)
+    assert "img_backbone, img_neck compiled" in runner.records[1].reason
+    actual = model(torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+    ok, reason = InferenceGraphCapture().precheck(_inference_context(_EvalStandIn(), exporting=True))
+    assert not ok and "export" in reason
+    ok, reason = InferenceGraphCapture().precheck(_inference_context(_EvalStandIn().train()))
+    assert not ok and "training mode" in reason
+    assert not InferenceGraphCapture.enabled_by_default
+
+
+@pytest.mark.skipif(capture.cpp_compiler()[0] is None, reason="inductor needs a C++ compiler on the CPU")
+def test_frozen_inductor_graph_matches_the_folded_eager_modules():
+    eager = _EvalStandIn()
+    FoldBatchNorm().apply(_inference_context(eager))
+    frozen = copy.deepcopy(eager)
+    result = InferenceGraphCapture().apply(_inference_context(frozen))
+    assert "freezing on" in result.reason
+    images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():  # freezing applies where no gradient is recorded, as in evaluation
+        torch.testing.assert_close(frozen(images), eager(images), rtol=1e-5, atol=1e-5)
+        # The frozen graph holds the weights it was compiled with: evaluation weights, loaded before.
+        assert frozen.img_backbone._compiled_call_impl is not None
 
 
 def test_simulated_torchair_has_the_real_wheels_signatures():

@@ -95,8 +95,9 @@ class AdapterContext:
     """What adapters read and write. The trainer fills the inputs and uses the outputs.
 
     Inputs: ``device`` (selected kind), ``environ`` (the process environment), ranks, the ``recipe``,
-    the component ``registries`` (an adapter may select a registered kernel) and, from the MODEL phase
-    on, ``model`` (unwrapped, on its device).
+    the component ``registries`` (an adapter may select a registered kernel), from the MODEL phase
+    on, ``model`` (unwrapped, on its device), and ``exporting`` (the INFERENCE phase of an export, which
+    traces the model: nothing may replace its modules' eager forward).
     Outputs: ``ddp_options`` (extra ``DistributedDataParallel`` keyword arguments),
     ``optimizer_class`` (passed to the optimiser factory as ``optimizer_class``) and
     ``optimizer_options`` (override the recipe's optimiser options, e.g. ``implementation``).
@@ -111,6 +112,7 @@ class AdapterContext:
     recipe: Optional["Recipe"] = None
     registries: Optional["Registries"] = None
     model: Optional["nn.Module"] = None
+    exporting: bool = False
     ddp_options: Dict[str, Any] = field(default_factory=dict)
     optimizer_class: Optional[type] = None
     optimizer_options: Dict[str, Any] = field(default_factory=dict)

@@ -5,6 +5,11 @@ until a measurement says otherwise).
   ``reduce-overhead`` (on CUDA: the compiled graph replayed as CUDA graphs, one launch for all its
   kernels) or ``max-autotune-no-cudagraphs``; ``backend: aot_eager`` traces the same graphs but runs
   them with the eager kernels (no code generation, so no C++ compiler needed: numerics checks);
+* ``inference_graph_capture`` (CUDA, CPU; evaluation, inference and benchmarks, never training or
+  export): ``torch.compile`` with inductor after the weights are loaded and BatchNorms folded, with
+  ``freezing`` (the eval weights become constants of the graph: constant folding, and on the CPU
+  convolution weights pre-packed for oneDNN once instead of at every call). Measured on a 2-core CPU
+  (docs/benchmarks.md) it takes a third off a ResNet-50 frame; the first frame pays the compilation;
 * ``npu_graph_capture`` (NPU): the same modules through torch_npu's graph mode, torchair (bundled with
   torch_npu as ``torch_npu.dynamo.torchair``; ``import torch_npu`` makes it importable as ``torchair``):
   ``torchair.get_npu_backend(compiler_config=config)`` with ``config.mode`` ``npugraph_ex`` (captured
@@ -130,6 +135,50 @@ class GraphCapture(_GraphCaptureAdapter):
             if self.mode == "reduce-overhead":
                 described += ", CUDA graphs" if context.device == "cuda" else ", no CUDA graphs on the CPU"
         return self._capture(context, described, **options)
+
+
+class InferenceGraphCaptureParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    freezing: bool = Field(
+        True,
+        description="Compile the eval weights in as constants (inductor freezing: constant folding, oneDNN "
+        "weight pre-packing on the CPU).",
+    )
+    backend: Literal["inductor", "aot_eager"] = Field(
+        "inductor", description="inductor generates kernels; aot_eager traces the same graphs and runs eager kernels."
+    )
+    targets: List[CaptureTarget] = Field(
+        default_factory=lambda: list(DEFAULT_TARGETS),
+        description="Detector modules to compile (static input shapes; the 3D head is never captured).",
+    )
+
+
+class InferenceGraphCapture(GraphCapture):
+    """``torch.compile`` of the static-shape modules of a model in eval mode with its final weights
+    (evaluation, ``streampetr infer``, benchmarks), after BatchNorm folding; never where the model is
+    traced for export, whose graph must come from the eager modules."""
+
+    name: ClassVar[str] = "inference_graph_capture"
+    phase: ClassVar[Phase] = Phase.INFERENCE
+    priority: ClassVar[int] = 200  # after the other inference adapters (BatchNorm folding): it compiles their result
+
+    def __init__(self, *, freezing: bool = True, backend: str = "inductor", targets: Optional[List[str]] = None) -> None:
+        super().__init__(backend=backend, targets=targets)
+        self.freezing = freezing
+
+    def precheck(self, context: AdapterContext) -> Tuple[bool, str]:
+        if context.exporting:
+            return False, "the export traces the eager modules"
+        if context.model is not None and context.model.training:
+            return False, "the model is in training mode"
+        return super().precheck(context)
+
+    def apply(self, context: AdapterContext) -> AdapterResult:
+        if self.backend != "inductor":
+            return self._capture(context, f"torch.compile backend={self.backend}", backend=self.backend)
+        # torch.compile takes either a mode or inductor options; freezing is an option.
+        described = f"torch.compile backend=inductor, freezing {'on' if self.freezing else 'off'}"
+        return self._capture(context, described, backend="inductor", options={"freezing": self.freezing})
 
 
 class NpuGraphCaptureParams(BaseModel):

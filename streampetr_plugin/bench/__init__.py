@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Tuple
 
-VARIANT_GROUPS: Tuple[str, ...] = ("attention", "checkpointing", "amp", "channels_last", "fused_optimizer")
+VARIANT_GROUPS: Tuple[str, ...] = (
+    "attention", "checkpointing", "amp", "channels_last", "fused_optimizer", "graph_capture",
+)
 
 __all__ = ["VARIANT_GROUPS"]

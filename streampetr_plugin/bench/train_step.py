@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 from torch import nn
 
-from streampetr_plugin.adapters.base import AdapterRecord
+from streampetr_plugin.adapters.base import AdapterRecord, Status
 from streampetr_plugin.adapters.device import DeviceHandle
 from streampetr_plugin.config.schema import Recipe
 from streampetr_plugin.models.layers.multihead_attention import MultiheadAttentionCore
@@ -70,7 +70,8 @@ class BenchRun:
     """A model, optimiser and precision set up for ``recipe`` on ``device`` (see the module docstring).
 
     ``settings`` says what is in effect, one entry per variant group (``attention``, ``checkpointing``,
-    ``amp``, ``channels_last``, ``fused_optimizer``), in the same words as the variant options.
+    ``amp``, ``channels_last``, ``fused_optimizer``, ``graph_capture``), in the same words as the variant
+    options.
     """
 
     recipe: Recipe
@@ -127,6 +128,7 @@ class BenchRun:
             "amp": amp,
             "channels_last": "n/a" if channels_last is None else _on_off(channels_last),
             "fused_optimizer": _on_off(self.optimizer_is_fused()),
+            "graph_capture": _on_off(self.adapters.status("graph_capture") is Status.APPLIED),
             "optimizer": self.describe_optimizer(),
         }
 

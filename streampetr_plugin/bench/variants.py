@@ -10,7 +10,9 @@ Groups and their options:
 * ``channels_last``: ``on`` / ``off``, the image backbone's weights (and so its activations) in
   channels-last layout;
 * ``fused_optimizer``: ``on`` / ``off``, AdamW as one fused kernel or as torch's multi-tensor
-  ``foreach`` update (on NPU, ``on`` is the ``npu_fused_adamw`` adapter's optimiser).
+  ``foreach`` update (on NPU, ``on`` is the ``npu_fused_adamw`` adapter's optimiser);
+* ``graph_capture``: ``on`` / ``off``, the ``graph_capture`` adapter (``torch.compile`` of the image
+  backbone and neck with the recipe's capture options; the warm-up steps take the compilation).
 
 An option equal to what the baseline runs is the baseline itself (not measured twice). An option that
 cannot run on this device is reported as skipped, with the reason.
@@ -23,6 +25,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from streampetr_plugin.adapters.ascend import NPU_ATTENTION_BACKEND
+from streampetr_plugin.adapters.capture import GraphCapture, cpp_compiler
 from streampetr_plugin.adapters.device import DeviceHandle, torch_npu_installed
 from streampetr_plugin.bench import VARIANT_GROUPS
 from streampetr_plugin.bench.train_step import ModelSettings
@@ -31,7 +34,7 @@ from streampetr_plugin.registry import Registry
 
 BUILTIN_ATTENTION_BACKENDS: Tuple[str, ...] = ("sdpa", "math", NPU_ATTENTION_BACKEND)
 AFFECTS_INFERENCE = {"attention": True, "checkpointing": False, "amp": True, "channels_last": True,
-                     "fused_optimizer": False}
+                     "fused_optimizer": False, "graph_capture": True}
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,8 @@ class Variant:
             # On NPU the adapter supplies the fused optimiser when the implementation is left to it.
             implementation = "auto" if device_kind == "npu" else "fused"
             return [f"optimization.optimizer.implementation={implementation}"]
+        if self.group == "graph_capture":
+            return [f"accelerator.adapters.graph_capture.enabled={'true' if self.option == 'on' else 'false'}"]
         return []
 
     def model_settings(self) -> ModelSettings:
@@ -97,6 +102,11 @@ class Variant:
                 return f"the recipe's optimizer is {optimizer!r}; fused/foreach are AdamW implementations"
             if self.option == "on" and device.kind != "npu":
                 return _fused_adamw_unavailable(device)
+        if self.group == "graph_capture" and self.option == "on":
+            if device.kind not in GraphCapture.devices:
+                return f"the graph_capture adapter runs on {', '.join(GraphCapture.devices)}"
+            if device.kind == "cpu" and cpp_compiler()[0] is None:
+                return "inductor on the CPU needs a C++ compiler"
         return None
 
 
@@ -123,6 +133,7 @@ def group_options(group: str, attention_backends: Registry) -> Tuple[str, ...]:
         "amp": ("fp32", "fp16", "bf16"),
         "channels_last": ("on", "off"),
         "fused_optimizer": ("on", "off"),
+        "graph_capture": ("on", "off"),
     }[group]
 
 

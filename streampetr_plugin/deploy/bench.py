@@ -8,7 +8,10 @@ a change in the machine's load falls on all of them alike. onnxruntime gets as m
 
 ``--backend torch-cpu-levers`` compares, the same way, the PyTorch eval path as built with its CPU
 levers (:data:`CPU_LEVERS`): BatchNorm folded into the convolutions, the image backbone in channels-last
-layout, and both.
+layout, both, and folded with the image backbone and neck compiled by inductor with frozen weights (the
+``inference_graph_capture`` adapter), without and with channels-last (left out where inductor finds no
+C++ compiler). The warm-up frames
+take the compilation.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
+from streampetr_plugin.adapters.capture import DEFAULT_TARGETS, capture_modules, cpp_compiler
 from streampetr_plugin.bench.report import StepTimes
 from streampetr_plugin.bench.synthetic_batch import SyntheticStreams, stream_shape
 from streampetr_plugin.config.schema import Recipe
@@ -33,12 +37,15 @@ from streampetr_plugin.models.detector import StreamPETRDetector
 from streampetr_plugin.plugins import PluginHost
 
 DEFAULT_LEVELS = ("disable", "basic", "all")
-# (name, BatchNorm folded, image backbone in channels-last layout) of the configurations compared with
-# the detector as built by ``streampetr bench --inference --backend torch-cpu-levers``.
+# (name, BatchNorm folded, image backbone in channels-last layout, backbone and neck compiled with frozen
+# weights) of the configurations compared with the detector as built by
+# ``streampetr bench --inference --backend torch-cpu-levers``.
 CPU_LEVERS = (
-    ("torch BN folded", True, False),
-    ("torch channels-last", False, True),
-    ("torch BN folded + channels-last", True, True),
+    ("torch BN folded", True, False, False),
+    ("torch channels-last", False, True, False),
+    ("torch BN folded + channels-last", True, True, False),
+    ("torch BN folded + inductor, frozen", True, False, True),
+    ("torch BN folded + channels-last + inductor, frozen", True, True, True),
 )
 
 
@@ -70,7 +77,7 @@ def bench_backends(
     recipe: Recipe, host: PluginHost, *, steps: int, warmup: int, levels: Sequence[str] = DEFAULT_LEVELS
 ) -> BackendComparison:
     """Export the recipe's detector (initial weights) to a temporary graph and :func:`time_backends`."""
-    detector = load_detector(recipe, host, None)
+    detector = load_detector(recipe, host, None, exporting=True)
     num_cameras, image_hw = recipe_test_shape(recipe)
     with tempfile.TemporaryDirectory() as directory:
         start = time.perf_counter()
@@ -105,16 +112,21 @@ def time_backends(
 
 
 def bench_cpu_levers(recipe: Recipe, host: PluginHost, *, steps: int, warmup: int) -> BackendComparison:
-    """The PyTorch eval path of the recipe's detector (initial weights) as built, with its BatchNorms
-    folded into the convolutions, with its image backbone in channels-last layout, and with both."""
+    """The PyTorch eval path of the recipe's detector (initial weights) as built and with the levers of
+    :data:`CPU_LEVERS`."""
     built = load_detector(recipe, host, None, inference_adapters=False)
     configurations: Dict[str, Callable[[Mapping[str, Any]], Any]] = {"torch as built": built.infer}
-    for name, fold, channels_last in CPU_LEVERS:
+    compiler, _ = cpp_compiler()
+    for name, fold, channels_last, capture in CPU_LEVERS:
+        if capture and compiler is None:
+            continue
         detector = copy.deepcopy(built)
         if fold:
             fold_batchnorm(detector)
         if channels_last:
             detector.img_backbone.to(memory_format=torch.channels_last)
+        if capture:
+            capture_modules(detector, DEFAULT_TARGETS, backend="inductor", options={"freezing": True})
         configurations[name] = detector.infer
     timings = alternate(configurations, synthetic_test_frames(recipe, warmup + steps), warmup=warmup)
     return BackendComparison(threads=torch.get_num_threads(), export_s=None, timings=timings)

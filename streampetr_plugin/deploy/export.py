@@ -62,11 +62,13 @@ class ExportResult:
 
 
 def load_detector(
-    recipe: Recipe, host: PluginHost, checkpoint: Optional[Path], *, inference_adapters: bool = True
+    recipe: Recipe, host: PluginHost, checkpoint: Optional[Path], *, inference_adapters: bool = True,
+    exporting: bool = False,
 ) -> StreamPETRDetector:
     """The recipe's detector (components of ``host``) in eval mode with ``checkpoint``'s weights (ours or a
     reference ``.pth``; None keeps the initialisation), on the CPU, after the recipe's CPU adapters of the
-    inference phase (BatchNorm folding, ...) unless ``inference_adapters`` is False."""
+    inference phase (BatchNorm folding, ...) unless ``inference_adapters`` is False; ``exporting``: the
+    detector will be traced (adapters that replace the eager forward skip)."""
     from streampetr_plugin.adapters.base import AdapterContext, AdapterRunner, Phase
     from streampetr_plugin.interop.checkpoint import load_reference_checkpoint
     from streampetr_plugin.models.build import build_model
@@ -96,7 +98,7 @@ def load_detector(
     model.eval()
     if inference_adapters:
         adapters = AdapterRunner.from_recipe(recipe, "cpu", host.registries)
-        adapters.run(Phase.INFERENCE, AdapterContext(device="cpu", recipe=recipe, model=model))
+        adapters.run(Phase.INFERENCE, AdapterContext(device="cpu", recipe=recipe, model=model, exporting=exporting))
         logger.info("%s", adapters.summary_table("inference adapters:"))
     return model
 
@@ -222,7 +224,7 @@ def export_command(
     parity_frames: int = DEFAULT_PARITY_FRAMES,
 ) -> ExportResult:
     """Export ``recipe``'s detector with ``checkpoint``'s weights to ``out_dir`` (module docstring)."""
-    detector = load_detector(recipe, host, checkpoint)
+    detector = load_detector(recipe, host, checkpoint, exporting=True)
     num_cameras, image_hw = recipe_test_shape(recipe)
     onnx_path = Path(out_dir) / ONNX_FILE
     logger.info("exporting %s at %d cameras x %dx%d to %s", recipe.name, num_cameras, *image_hw, onnx_path)
