@@ -165,15 +165,7 @@ def test_resume_restores_the_average_exactly(standin_recipe, tmp_path):
     recipe = _recipe(standin_recipe, tmp_path / "crashed", *overrides)
     crashing = Trainer(recipe, host=HOST)
     crashing.setup()
-    steps = []
-
-    def crash_on_fifth_step(module, args):
-        if module.training:
-            steps.append(1)
-            if len(steps) == 5:
-                raise RuntimeError("simulated crash")
-
-    crashing.model.register_forward_pre_hook(crash_on_fifth_step)
+    trainer_helpers.crash_on_training_forward(crashing.model, 5)
     with pytest.raises(RuntimeError, match="simulated crash"):
         crashing.train()
     resumed = Trainer(recipe, host=HOST)

@@ -168,15 +168,7 @@ def test_resume_after_a_crash_continues_exactly(synthetic_nuscenes, tmp_path):
     recipe = load_recipe(demo, [*overrides, f"runtime.work_dir={tmp_path / 'crashed'}"], host=HOST)
     crashing = Trainer(recipe, host=HOST)
     crashing.setup()
-    calls = []
-
-    def crash_on_third_step(module, args):
-        if module.training:
-            calls.append(1)
-            if len(calls) == 3:
-                raise RuntimeError("simulated crash")
-
-    crashing.model.register_forward_pre_hook(crash_on_third_step)
+    trainer_helpers.crash_on_training_forward(crashing.model, 3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         crashing.train()
     assert [i for i, _ in list_checkpoints(tmp_path / "crashed" / "checkpoints")] == [2]

@@ -310,6 +310,19 @@ def demo_overrides(root: Path, version: str) -> List[str]:
                         "optimization.geometric_warm_start.points=16"]
 
 
+def crash_on_training_forward(model: nn.Module, number: int) -> None:
+    """Make the ``number``-th training forward of ``model`` raise ``RuntimeError("simulated crash")``."""
+    calls = []
+
+    def crash(module: nn.Module, args: tuple) -> None:
+        if module.training:
+            calls.append(1)
+            if len(calls) == number:
+                raise RuntimeError("simulated crash")
+
+    model.register_forward_pre_hook(crash)
+
+
 def standin_host() -> PluginHost:
     """A plugin host (built-in plugin, installed entry points) with this module registered as well."""
     host = create_plugin_host()

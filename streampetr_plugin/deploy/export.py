@@ -232,8 +232,7 @@ def export_command(
     parity, parity_source = None, None
     if parity_frames > 0:
         parity_source, batches = _parity_batches(recipe, host.registries, parity_frames)
-        nms_radius = detector.pts_bbox_head.bbox_coder.nms_radius
-        runner = OnnxStreamRunner(onnx_path, threads=torch.get_num_threads(), nms_radius=nms_radius)
+        runner = OnnxStreamRunner(onnx_path, threads=torch.get_num_threads(), nms_radius=recipe_nms_radius(recipe))
         parity = measure_parity(detector, runner, batches)
     summary = export_summary(
         recipe=recipe,
