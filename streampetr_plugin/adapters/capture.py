@@ -88,6 +88,22 @@ def cpp_compiler() -> Tuple[Optional[str], str]:
         return None, f"{type(error).__name__}: {error}"
 
 
+def _targets_field() -> Any:
+    """The ``targets`` option every capture adapter has."""
+    return Field(
+        default_factory=lambda: list(DEFAULT_TARGETS),
+        description="Detector modules to compile (static input shapes; the 3D head is never captured).",
+    )
+
+
+def _backend_field() -> Any:
+    """The ``backend`` option of the ``torch.compile`` adapters."""
+    return Field(
+        "inductor",
+        description="inductor generates kernels; aot_eager traces the same graphs and runs eager kernels.",
+    )
+
+
 class GraphCaptureParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -95,14 +111,8 @@ class GraphCaptureParams(BaseModel):
         "default",
         description="torch.compile mode (inductor); reduce-overhead replays CUDA graphs on CUDA.",
     )
-    backend: Literal["inductor", "aot_eager"] = Field(
-        "inductor",
-        description="inductor generates kernels; aot_eager traces the same graphs and runs eager kernels.",
-    )
-    targets: List[CaptureTarget] = Field(
-        default_factory=lambda: list(DEFAULT_TARGETS),
-        description="Detector modules to compile (static input shapes; the 3D head is never captured).",
-    )
+    backend: Literal["inductor", "aot_eager"] = _backend_field()
+    targets: List[CaptureTarget] = _targets_field()
 
 
 class GraphCapture(_GraphCaptureAdapter):
@@ -145,13 +155,8 @@ class InferenceGraphCaptureParams(BaseModel):
         description="Compile the eval weights in as constants (inductor freezing: constant folding, oneDNN "
         "weight pre-packing on the CPU).",
     )
-    backend: Literal["inductor", "aot_eager"] = Field(
-        "inductor", description="inductor generates kernels; aot_eager traces the same graphs and runs eager kernels."
-    )
-    targets: List[CaptureTarget] = Field(
-        default_factory=lambda: list(DEFAULT_TARGETS),
-        description="Detector modules to compile (static input shapes; the 3D head is never captured).",
-    )
+    backend: Literal["inductor", "aot_eager"] = _backend_field()
+    targets: List[CaptureTarget] = _targets_field()
 
 
 class InferenceGraphCapture(GraphCapture):
@@ -190,10 +195,7 @@ class NpuGraphCaptureParams(BaseModel):
         description="torchair CompilerConfig.mode: npugraph_ex captures NPU graphs (reduce-overhead: its "
         "older, deprecated name), max-autotune compiles with the graph engine.",
     )
-    targets: List[CaptureTarget] = Field(
-        default_factory=lambda: list(DEFAULT_TARGETS),
-        description="Detector modules to compile (static input shapes; the 3D head is never captured).",
-    )
+    targets: List[CaptureTarget] = _targets_field()
 
 
 class NpuGraphCapture(_GraphCaptureAdapter):

@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional, Sequence
 
 from streampetr_plugin.bench import VARIANT_GROUPS
 from streampetr_plugin.bench.command import DEVICE_CHOICES
-from streampetr_plugin.cli.common import exit_on_recipe_error, setup_logging
+from streampetr_plugin.cli.common import add_recipe_arguments, exit_on_recipe_error, setup_logging
 from streampetr_plugin.plugins import PluginHost
 
 
@@ -21,8 +21,7 @@ def _time_backends(recipe: Any, host: PluginHost, *, backend: str, steps: int, w
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``streampetr bench``'s arguments to ``parser`` and set ``run`` to :func:`run_bench`."""
-    parser.add_argument("recipe", help="recipe file or shipped recipe name")
-    parser.add_argument("overrides", nargs="*", help="a.b=value to set, ~a.b to delete")
+    add_recipe_arguments(parser)
     parser.add_argument("--steps", type=int, default=10, help="timed steps (batches with --data); default 10")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first; default 2")
     parser.add_argument("--inference", action="store_true", help="also time streaming inference")
@@ -41,7 +40,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument(
         "--backend", choices=("torch", "onnxruntime", "torch-cpu-levers"), default="torch",
         help="with --inference: onnxruntime times the exported graph against PyTorch, torch-cpu-levers "
-        "PyTorch with BatchNorm folding and a channels-last backbone (CPU, inference only)",
+        "PyTorch with BatchNorm folding, a channels-last backbone and inductor with frozen weights (CPU, "
+        "inference only)",
     )
     parser.set_defaults(run=run_bench)
     return parser

@@ -75,6 +75,12 @@ class CommandParser(argparse.ArgumentParser):
         raise SystemExit(EXIT_BAD_INPUT)
 
 
+def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    """The recipe (a file or a shipped name) and its ``a.b=value`` overrides, as every command takes them."""
+    parser.add_argument("recipe", help="recipe file or shipped recipe name (see `streampetr recipes`)")
+    parser.add_argument("overrides", nargs="*", help="a.b=value to set, ~a.b to delete")
+
+
 def add_version_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from streampetr_plugin.cli.common import exit_on_recipe_error
+from streampetr_plugin.cli.common import add_recipe_arguments, exit_on_recipe_error
 from streampetr_plugin.config.loader import load_recipe
 from streampetr_plugin.deploy.options import BACKENDS, DEFAULT_OPSET, DEFAULT_PARITY_FRAMES, MIN_OPSET, SPLITS
 from streampetr_plugin.plugins import PluginHost
@@ -14,8 +14,7 @@ from streampetr_plugin.plugins import PluginHost
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``streampetr export``'s arguments to ``parser`` and set ``handler`` to :func:`run_export`."""
-    parser.add_argument("recipe", help="recipe file or shipped recipe name")
-    parser.add_argument("overrides", nargs="*", help="a.b=value to set, ~a.b to delete")
+    add_recipe_arguments(parser)
     parser.add_argument(
         "--checkpoint", required=True, type=Path, help="trained checkpoint (ours or a reference .pth)"
     )
@@ -65,8 +64,7 @@ def run_export(args: argparse.Namespace, host: PluginHost) -> int:
 
 def add_infer_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``streampetr infer``'s arguments to ``parser`` and set ``handler`` to :func:`run_infer`."""
-    parser.add_argument("recipe", help="recipe file or shipped recipe name")
-    parser.add_argument("overrides", nargs="*", help="a.b=value to set, ~a.b to delete")
+    add_recipe_arguments(parser)
     parser.add_argument(
         "--checkpoint",
         type=Path,

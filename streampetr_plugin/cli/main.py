@@ -11,17 +11,13 @@ from typing import List, Optional
 from streampetr_plugin.cli.common import (
     CommandParser,
     add_output_arguments,
+    add_recipe_arguments,
     add_version_argument,
     run_command,
     setup_logging,
 )
 from streampetr_plugin.errors import InputError, describe
 from streampetr_plugin.plugins import PluginHost
-
-
-def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="recipe file or shipped recipe name (see `streampetr recipes`)")
-    parser.add_argument("overrides", nargs="*", help="a.b=value to set, ~a.b to delete")
 
 
 def _cmd_validate(args: argparse.Namespace, host: PluginHost) -> int:
@@ -150,11 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     validate = commands.add_parser("validate", help="check a recipe (exit 2 with one line per problem)")
-    _add_recipe_arguments(validate)
+    add_recipe_arguments(validate)
     validate.set_defaults(handler=_cmd_validate)
 
     show = commands.add_parser("show", help="print the resolved recipe as YAML")
-    _add_recipe_arguments(show)
+    add_recipe_arguments(show)
     show.set_defaults(handler=_cmd_show)
 
     schema = commands.add_parser("schema", help="print the recipe JSON schema (for editors)")
@@ -191,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.set_defaults(handler=_cmd_create_data)
 
     evaluate = commands.add_parser("eval", help="score a checkpoint on the recipe's val set (nuScenes metric)")
-    _add_recipe_arguments(evaluate)
+    add_recipe_arguments(evaluate)
     evaluate.add_argument("--checkpoint", required=True, help="our checkpoint or a reference .pth")
     evaluate.add_argument(
         "--out", default=None,

@@ -24,6 +24,7 @@ from typing import List, Optional
 from streampetr_plugin.cli.common import (
     CommandParser,
     add_output_arguments,
+    add_recipe_arguments,
     add_version_argument,
     run_command,
     setup_logging,
@@ -40,8 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Validate, build and train a recipe, in one process or in each of a torchrun job.",
         epilog="Under torchrun: torchrun --nproc-per-node N -m streampetr_plugin.cli.run RECIPE [overrides]",
     )
-    parser.add_argument("recipe", help="recipe file or shipped recipe name")
-    parser.add_argument("overrides", nargs="*", help="a.b=value to set, ~a.b to delete")
+    add_recipe_arguments(parser)
     parser.add_argument("--build-only", action="store_true", help="build the model, report its size and stop")
     add_version_argument(parser)
     add_output_arguments(parser)
