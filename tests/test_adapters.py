@@ -617,6 +617,40 @@ def test_cpu_glibc_malloc_is_skipped_without_glibc_or_when_tuned_by_the_environm
 # --------------------------------------------------------------------------------- inference phase
 
 
+def test_cpu_channels_last_trains_the_same_model(standin):
+    """The adapter changes the backbone's memory layout, not what it computes: two training steps of a
+    channels-last model give the losses and gradients of the contiguous one (oneDNN sums in another
+    order: float32 rounding only), and its backbone's activations are channels-last."""
+    recipe = load_recipe(standin, ["accelerator.adapters.cpu_channels_last.enabled=true"], host=HOST)
+    contiguous, channels_last = tiny_detector().train(), tiny_detector().train()
+    runner = AdapterRunner.from_recipe(recipe, "cpu", HOST.registries)
+    runner.run(Phase.MODEL, _context("cpu", recipe, channels_last))
+    assert ("cpu_channels_last", Status.APPLIED) in [(r.name, r.status) for r in runner.records]
+    activations = []
+    channels_last.img_backbone.stem.register_forward_hook(lambda module, args, out: activations.append(out))
+
+    for step in range(2):  # the second step reads the streaming memory the first one wrote
+        batch = tiny_batch(step)
+        results = []
+        for model in (contiguous, channels_last):
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(step)  # the same denoising noise in both
+            losses = model(batch).losses
+            sum(value for name, value in losses.items() if "loss" in name).backward()
+            results.append((losses, {name: p.grad for name, p in model.named_parameters() if p.grad is not None}))
+        (expected_losses, expected_grads), (losses, grads) = results
+        for name, value in expected_losses.items():
+            torch.testing.assert_close(losses[name], value, rtol=1e-4, atol=1e-5, msg=name)
+        assert grads.keys() == expected_grads.keys()
+        # Each gradient sums many terms in another order: compare at the scale of all the gradients.
+        scale = max(grad.abs().max().item() for grad in expected_grads.values())
+        for name, grad in expected_grads.items():
+            error = (grads[name] - grad).abs().max().item()
+            assert error <= 1e-4 * scale, (name, error, scale)
+    assert activations[-1].is_contiguous(memory_format=torch.channels_last)
+    assert not activations[-1].is_contiguous()
+
+
 def test_inference_adapters_fold_batchnorm_by_default_and_never_touch_a_training_model(standin):
     recipe = load_recipe(standin, ["accelerator.adapters.cpu_channels_last.enabled=true"], host=HOST)
     training = tiny_detector().train()
@@ -631,9 +665,11 @@ def test_inference_adapters_fold_batchnorm_by_default_and_never_touch_a_training
     runner = AdapterRunner.from_recipe(recipe, "cpu", HOST.registries)
     runner.run(Phase.INFERENCE, _context("cpu", recipe, served))
     assert [(r.name, r.status) for r in runner.records] == [
-        ("cpu_channels_last", Status.APPLIED), ("fold_batchnorm", Status.APPLIED),
+        ("fold_batchnorm", Status.APPLIED),
         ("inference_graph_capture", Status.SKIPPED),  # off by default
     ]
+    runner.run(Phase.MODEL, _context("cpu", recipe, served))  # the layout is a model-phase adapter
+    assert ("cpu_channels_last", Status.APPLIED) in [(r.name, r.status) for r in runner.records]
     assert not any(isinstance(m, nn.BatchNorm2d) for m in served.modules())
     assert served.img_backbone.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():

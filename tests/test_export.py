@@ -24,8 +24,9 @@ from streampetr_plugin.deploy.graph import (
 from streampetr_plugin.deploy.streams import stream_batches
 from streampetr_plugin.deploy.onnx_runner import OnnxStreamRunner
 from streampetr_plugin.models.layers.memory import MEMORY_FIELDS
+from streampetr_plugin import load_recipe
 from streampetr_plugin.host import create_plugin_host
-from tests import deploy_helpers
+from tests import deploy_helpers, trainer_helpers
 
 MEMORY_SHAPES = {
     "embedding": (64,),
@@ -256,3 +257,18 @@ def test_runner_suppresses_duplicates_as_the_eval_decoder_does(exported):
     eager = detector.infer(batch).detections[0]
     for name in ("boxes_3d", "scores_3d", "labels_3d"):
         np.testing.assert_allclose(graph[name], eager[name].numpy(), atol=1e-5, rtol=0)
+
+
+def test_detector_for_export_takes_the_model_layout_but_is_never_compiled(synthetic_nuscenes):
+    # The demo recipe turns cpu_channels_last on; graph_capture would replace the eager forward.
+    overrides = trainer_helpers.demo_overrides(synthetic_nuscenes.root, synthetic_nuscenes.version)
+    recipe = load_recipe(trainer_helpers.DEMO_RECIPE, overrides + [
+        "accelerator.adapters.graph_capture.enabled=true", "accelerator.adapters.graph_capture.backend=aot_eager",
+    ])
+    for exporting in (True, False):
+        detector = load_detector(recipe, HOST, None, exporting=exporting)
+        assert not detector.training
+        stem = next(module for module in detector.img_backbone.modules() if isinstance(module, torch.nn.Conv2d))
+        assert stem.weight.is_contiguous(memory_format=torch.channels_last)
+        compiled = detector.img_backbone._compiled_call_impl is not None
+        assert compiled is not exporting

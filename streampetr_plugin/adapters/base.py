@@ -96,8 +96,8 @@ class AdapterContext:
 
     Inputs: ``device`` (selected kind), ``environ`` (the process environment), ranks, the ``recipe``,
     the component ``registries`` (an adapter may select a registered kernel), from the MODEL phase
-    on, ``model`` (unwrapped, on its device), and ``exporting`` (the INFERENCE phase of an export, which
-    traces the model: nothing may replace its modules' eager forward).
+    on, ``model`` (unwrapped, on its device), and ``exporting`` (the model is built for an export, which
+    traces it: nothing may replace its modules' eager forward).
     Outputs: ``ddp_options`` (extra ``DistributedDataParallel`` keyword arguments),
     ``optimizer_class`` (passed to the optimiser factory as ``optimizer_class``) and
     ``optimizer_options`` (override the recipe's optimiser options, e.g. ``implementation``).

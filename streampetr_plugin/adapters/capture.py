@@ -69,6 +69,8 @@ class _GraphCaptureAdapter(Adapter):
     def precheck(self, context: AdapterContext) -> Tuple[bool, str]:
         if context.model is None:
             return False, "no model in the context"
+        if context.exporting:
+            return False, "the export traces the eager modules"
         if not any(isinstance(getattr(context.model, name, None), torch.nn.Module) for name in self.targets):
             return False, f"the model has none of {', '.join(self.targets)}"
         return True, ""
@@ -173,8 +175,6 @@ class InferenceGraphCapture(GraphCapture):
         self.freezing = freezing
 
     def precheck(self, context: AdapterContext) -> Tuple[bool, str]:
-        if context.exporting:
-            return False, "the export traces the eager modules"
         if context.model is not None and context.model.training:
             return False, "the model is in training mode"
         return super().precheck(context)

@@ -5,9 +5,10 @@
 * ``cpu_foreach_adamw``: ``torch.optim.AdamW(foreach=True)`` through the AdamW factory;
 * ``cpu_glibc_malloc``: glibc's ``mallopt`` at start-up, so freed tensor memory stays in the process
   instead of going back to the OS and faulting in again, page by page, at the next step;
-* ``cpu_channels_last`` (inference phase, off by default): the image backbone's weights, and so its
-  activations, in channels-last layout for oneDNN's convolutions (docs/benchmarks.md has the
-  measurement; compare on your machine with ``streampetr bench --inference --backend torch-cpu-levers``).
+* ``cpu_channels_last`` (model phase, off by default): the image backbone's weights, and so its
+  activations, in channels-last layout for oneDNN's convolutions, in training and evaluation
+  (docs/benchmarks.md has the measurements; compare on your machine with ``streampetr bench --variants
+  channels_last`` and ``streampetr bench --inference --backend torch-cpu-levers``).
 
 gloo is the CPU process-group backend (:data:`streampetr_plugin.adapters.device.DISTRIBUTED_BACKENDS`).
 """
@@ -144,11 +145,12 @@ class CpuGlibcMalloc(Adapter):
 
 
 class CpuChannelsLast(Adapter):
-    """The image backbone in channels-last layout for inference (oneDNN's preferred convolution layout)."""
+    """The image backbone in channels-last layout (oneDNN's preferred convolution layout), for training
+    and inference: a model-phase adapter, so it applies wherever a model is built."""
 
     name: ClassVar[str] = "cpu_channels_last"
     devices: ClassVar[Tuple[str, ...]] = ("cpu",)
-    phase: ClassVar[Phase] = Phase.INFERENCE
+    phase: ClassVar[Phase] = Phase.MODEL
     enabled_by_default: ClassVar[bool] = False
 
     def precheck(self, context: AdapterContext) -> Tuple[bool, str]:

@@ -67,8 +67,8 @@ def load_detector(
 ) -> StreamPETRDetector:
     """The recipe's detector (components of ``host``) in eval mode with ``checkpoint``'s weights (ours or a
     reference ``.pth``; None keeps the initialisation), on the CPU, after the recipe's CPU adapters of the
-    inference phase (BatchNorm folding, ...) unless ``inference_adapters`` is False; ``exporting``: the
-    detector will be traced (adapters that replace the eager forward skip)."""
+    model and inference phases (channels-last, BatchNorm folding, ...) unless ``inference_adapters`` is
+    False; ``exporting``: the detector will be traced (adapters that replace the eager forward skip)."""
     from streampetr_plugin.adapters.base import AdapterContext, AdapterRunner, Phase
     from streampetr_plugin.interop.checkpoint import load_reference_checkpoint
     from streampetr_plugin.models.build import build_model
@@ -95,11 +95,16 @@ def load_detector(
                     "pass the recipe it was trained with",
                 )
             )
-    model.eval()
     if inference_adapters:
+        # As `streampetr eval` builds its model: the model-phase adapters (layout, ...) on the built
+        # detector, then, in eval mode with its weights, the inference-phase ones (BatchNorm folding, ...).
         adapters = AdapterRunner.from_recipe(recipe, "cpu", host.registries)
-        adapters.run(Phase.INFERENCE, AdapterContext(device="cpu", recipe=recipe, model=model, exporting=exporting))
-        logger.info("%s", adapters.summary_table("inference adapters:"))
+        context = AdapterContext(device="cpu", recipe=recipe, model=model, exporting=exporting)
+        adapters.run(Phase.MODEL, context)
+        model.eval()
+        adapters.run(Phase.INFERENCE, context)
+        logger.info("%s", adapters.summary_table("CPU adapters:"))
+    model.eval()
     return model
 
 
