@@ -17,7 +17,8 @@ from streampetr_plugin.data.dataset import (
     NuScenesStreamDataset,
 )
 from streampetr_plugin.data.infos import InfoFileNotFoundError, InfoSet, load_infos
-from streampetr_plugin.data.loader import build_dataloader
+from streampetr_plugin.data.collate import collate_frames
+from streampetr_plugin.data.loader import InlineSmallTensors, build_dataloader
 
 
 @pytest.fixture(scope="module")
@@ -139,12 +140,40 @@ def test_resumed_loader_repeats_the_augmentation_draws(train_dataset):
     assert all(torch.equal(a, b) for a, b in zip(full[2:], tail))
 
 
-def test_worker_processes_deliver_the_same_frames(train_dataset):
+def _leaves(value, path=""):
+    """(path, leaf) pairs of a batch's nested dicts and lists."""
+    if isinstance(value, dict):
+        return [pair for key, item in value.items() for pair in _leaves(item, f"{path}.{key}")]
+    if isinstance(value, list):
+        return [pair for index, item in enumerate(value) for pair in _leaves(item, f"{path}[{index}]")]
+    return [(path, value)]
+
+
+def test_worker_processes_deliver_the_same_batches(train_dataset):
+    # Workers send small tensors as numpy arrays; the batches handed out must not show it.
     kwargs = dict(batch_size=2, rank=0, world_size=1, seed=0, training=True)
-    in_process = [batch["sample_token"] for batch in build_dataloader(train_dataset, num_workers=0, **kwargs)]
-    worker_loader = build_dataloader(train_dataset, num_workers=1, **kwargs)
-    with_worker = [batch["sample_token"] for batch in worker_loader]
-    assert in_process == with_worker
+    in_process = list(build_dataloader(train_dataset, num_workers=0, **kwargs))
+    with_worker = list(build_dataloader(train_dataset, num_workers=1, **kwargs))
+    assert [batch["sample_token"] for batch in in_process] == [batch["sample_token"] for batch in with_worker]
+    for expected, actual in zip(in_process, with_worker):
+        expected_leaves, actual_leaves = _leaves(expected), _leaves(actual)
+        assert [path for path, _ in actual_leaves] == [path for path, _ in expected_leaves]
+        assert len(expected_leaves) > 40  # the per-camera targets are many small tensors
+        for (path, want), (_, got) in zip(expected_leaves, actual_leaves):
+            assert type(got) is type(want), path
+            if isinstance(want, torch.Tensor):
+                assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), path
+            else:
+                assert got == want, path
+
+
+def test_workers_send_small_tensors_inline_and_images_shared(train_dataset):
+    frames = [train_dataset[0], train_dataset[1]]
+    sent = InlineSmallTensors(collate_frames)(frames)
+    assert isinstance(sent["img"], torch.Tensor)  # large: one shared-memory segment
+    small = [leaf for path, leaf in _leaves(sent) if not path.startswith(".img")]
+    assert all(not isinstance(leaf, torch.Tensor) for leaf in small)
+    assert sum(isinstance(leaf, np.ndarray) for leaf in small) > 40
 
 
 def _with_image(infos: InfoSet, index: int, path: str) -> InfoSet:

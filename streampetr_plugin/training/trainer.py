@@ -206,7 +206,7 @@ class Trainer:
         if resume_from is None and recipe.optimization.geometric_warm_start.steps > 0:
             run_geometric_warm_start(
                 self.model, self.train_dataset, recipe=recipe, device=self.device.torch_device, dist_env=env,
-                collate=getattr(self.train_loader, "collate_fn", None) or collate_frames,
+                collate=getattr(self.train_loader, "frame_collate", collate_frames),
             )
         self.context = TrainingContext(
             recipe=recipe, model=self.model, optimizer=self.optimizer, device=self.device, dist_env=env,
