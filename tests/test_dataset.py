@@ -18,7 +18,8 @@ from streampetr_plugin.data.dataset import (
 )
 from streampetr_plugin.data.infos import InfoFileNotFoundError, InfoSet, load_infos
 from streampetr_plugin.data.collate import collate_frames
-from streampetr_plugin.data.loader import InlineSmallTensors, build_dataloader
+from streampetr_plugin.data.loader import build_dataloader
+from streampetr_plugin.data.worker_transfer import InlineSmallTensors
 
 
 @pytest.fixture(scope="module")

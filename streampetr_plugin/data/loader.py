@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, get_worker_info
 
 from .collate import collate_frames
 from .dataset import NuScenesStreamDataset
 from .sampler import StreamingEvalSampler, StreamingTrainSampler
+from .worker_transfer import InlineSmallTensors, tensors_again
 
 __all__ = ["StreamingDataLoader", "build_dataloader", "endless_batches"]
 
@@ -20,48 +20,12 @@ def _seed_worker(worker_id: int) -> None:
     info.dataset.reseed_running(info.seed)
 
 
-# A worker process hands every tensor of a batch to the training process through a shared-memory
-# segment and a file descriptor of its own. A training batch holds about sixty tensors, most of them a
-# few boxes of one camera; sharing them one by one cost the training process 13 ms of CPU a batch on the
-# CPU demo, 2 ms when they travel pickled inside the batch as numpy arrays. Images stay shared.
-INLINE_TENSOR_BYTES = 64 * 1024
-
-
-def _map_leaves(value: Any, convert: Callable[[Any], Any]) -> Any:
-    if isinstance(value, dict):
-        return {key: _map_leaves(item, convert) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_map_leaves(item, convert) for item in value]
-    return convert(value)
-
-
-def _small_tensor_to_array(value: Any) -> Any:
-    if isinstance(value, torch.Tensor) and value.numel() * value.element_size() < INLINE_TENSOR_BYTES:
-        return value.numpy()
-    return value
-
-
-def _array_to_tensor(value: Any) -> Any:
-    return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
-
-
-class InlineSmallTensors:
-    """``collate`` as a worker process runs it: the batch with its small tensors as numpy arrays (see
-    ``INLINE_TENSOR_BYTES``); :class:`StreamingDataLoader` turns them back into tensors."""
-
-    def __init__(self, collate: Callable[[Sequence[Any]], Any]) -> None:
-        self.collate = collate
-
-    def __call__(self, frames: Sequence[Any]) -> Any:
-        return _map_leaves(self.collate(frames), _small_tensor_to_array)
-
-
 class StreamingDataLoader(DataLoader):
     """A DataLoader whose ``state_dict()`` counts the batches actually handed out.
 
     Workers prefetch ahead of the training loop, so the batch sampler's own position runs ahead of
     what was consumed; this loader reports the consumed position, which is what a checkpoint needs.
-    With workers, small tensors cross from them as numpy arrays (:class:`InlineSmallTensors`); the
+    With workers, small tensors cross from them as numpy arrays (:mod:`.worker_transfer`); the
     batches handed out are the same. ``frame_collate`` is the collate function itself.
     """
 
@@ -76,7 +40,7 @@ class StreamingDataLoader(DataLoader):
         self._consumed = self.batch_sampler.iteration
         for batch in super().__iter__():
             self._consumed += 1
-            yield _map_leaves(batch, _array_to_tensor) if self.num_workers > 0 else batch
+            yield tensors_again(batch) if self.num_workers > 0 else batch
 
     def state_dict(self) -> Dict[str, int]:
         """The batch sampler's state at the last batch handed out."""
