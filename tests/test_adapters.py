@@ -625,7 +625,7 @@ def test_cpu_channels_last_trains_the_same_model(standin):
     contiguous, channels_last = tiny_detector().train(), tiny_detector().train()
     runner = AdapterRunner.from_recipe(recipe, "cpu", HOST.registries)
     runner.run(Phase.MODEL, _context("cpu", recipe, channels_last))
-    assert ("cpu_channels_last", Status.APPLIED) in [(r.name, r.status) for r in runner.records]
+    assert runner.status("cpu_channels_last") is Status.APPLIED
     activations = []
     channels_last.img_backbone.stem.register_forward_hook(lambda module, args, out: activations.append(out))
 
@@ -669,7 +669,7 @@ def test_inference_adapters_fold_batchnorm_by_default_and_never_touch_a_training
         ("inference_graph_capture", Status.SKIPPED),  # off by default
     ]
     runner.run(Phase.MODEL, _context("cpu", recipe, served))  # the layout is a model-phase adapter
-    assert ("cpu_channels_last", Status.APPLIED) in [(r.name, r.status) for r in runner.records]
+    assert runner.status("cpu_channels_last") is Status.APPLIED
     assert not any(isinstance(m, nn.BatchNorm2d) for m in served.modules())
     assert served.img_backbone.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
