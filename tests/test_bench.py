@@ -16,6 +16,7 @@ from streampetr_plugin.adapters.device import DeviceHandle
 from streampetr_plugin.bench import VARIANT_GROUPS
 from streampetr_plugin.bench.command import bench_command
 from streampetr_plugin.cli.bench import add_bench_arguments
+from streampetr_plugin.cli.bench import main as bench_main
 from streampetr_plugin.bench.measure import count_flops, counting_setup, reset_peak_memory, time_steps
 from streampetr_plugin.bench.report import StepTimes
 from streampetr_plugin.bench.synthetic_batch import StreamShape, SyntheticStreams, box_corners, stream_shape
@@ -25,6 +26,7 @@ from streampetr_plugin import load_recipe
 from streampetr_plugin.host import create_plugin_host
 from streampetr_plugin.data.batch import CAMERA_KEYS, IMAGE_KEYS, META_KEYS, POSE_KEYS, TARGET_KEYS
 from streampetr_plugin.models.layers.multihead_attention import MultiheadAttentionCore
+from streampetr_plugin.training.precision import cpu_has_native_bf16
 from tests.tiny_demo import TINY_MODEL
 
 # The CPU demo recipe shrunk further (64 x 160 images, 32 channels, 16 queries), with activation
@@ -124,15 +126,22 @@ def test_variants_are_measured_skipped_or_the_baseline_with_reasons(report):
     assert math_run["result"]["inference"] is not None  # the backend matters at inference too
     assert outcomes[("attention", "npu_fusion_attention")]["status"] == "skipped"
     assert outcomes[("amp", "fp32")]["status"] == "baseline"
-    for dtype in ("fp16", "bf16"):
-        skipped = outcomes[("amp", dtype)]
-        assert skipped["status"] == "skipped" and "fp32" in skipped["reason"]
+    fp16 = outcomes[("amp", "fp16")]
+    assert fp16["status"] == "skipped" and "optimization.amp.cpu" in fp16["reason"]
+    bf16 = outcomes[("amp", "bf16")]
+    if cpu_has_native_bf16():
+        assert bf16["status"] == "measured" and bf16["result"]["settings"]["amp"] == "bf16"
+        assert bf16["result"]["inference"] is not None  # precision matters at inference too
+    else:
+        assert bf16["status"] == "skipped" and "native bf16" in bf16["reason"]
     # On the CPU the trainer's adapter picks foreach AdamW; the fused variant really runs fused.
     assert returned["baseline"]["settings"]["fused_optimizer"] == "off"
     fused = outcomes[("fused_optimizer", "on")]
     assert fused["status"] == "measured" and "fused" in fused["result"]["settings"]["optimizer"]
     assert fused["result"]["inference"] is None  # the optimiser does not change inference
-    assert set(returned["winners"]) == {"attention", "fused_optimizer"}  # amp has one runnable option here
+    # amp has two runnable options where the CPU has native bf16, else one (no winner).
+    expected_groups = {"attention", "fused_optimizer"} | ({"amp"} if cpu_has_native_bf16() else set())
+    assert set(returned["winners"]) == expected_groups
     assert returned["winners"]["attention"] in ("sdpa", "math")
 
 
@@ -144,6 +153,32 @@ def test_table_output_names_device_baseline_and_winners(capsys):
     assert "fastest on this device: checkpointing" in text
     assert "per training step: " in text and " host syncs, " in text
     assert "0.615 s/step" in text
+
+
+def test_precision_check_compares_autocast_with_fp32_on_the_same_frame():
+    returned = bench_command(RECIPE, TINY, device="cpu", precision=["bf16", "fp16"], as_json=True)
+    assert returned["mode"] == "precision" and returned["baseline"] is None
+    bf16, fp16 = returned["precision"]
+    assert (bf16["dtype"], fp16["dtype"]) == ("bf16", "fp16")
+    for entry in (bf16, fp16):
+        assert entry["grad_cosine_per_module"].keys() == {"img_backbone", "img_neck", "img_roi_head", "pts_bbox_head"}
+        assert all(-1.0 <= cosine <= 1.0 for cosine in entry["grad_cosine_per_module"].values())
+        assert 0.9 < entry["grad_cosine"] < 1.0  # moved by rounding, not by other random draws
+        assert 0 < entry["total_loss_rel"] < 1e-2
+        # The losses are non-negative, so the total moves relatively no more than its most moved term.
+        assert "loss" in entry["worst_loss_term"] and entry["worst_loss_term_rel"] >= entry["total_loss_rel"]
+    # bf16 keeps 8 significant bits, fp16 11: bf16 moves the features more, and both move them.
+    assert 0 < fp16["feature_rel_l2"] < bf16["feature_rel_l2"] < 0.05
+    with pytest.raises(ValueError, match="--precision"):
+        bench_command(RECIPE, TINY, device="cpu", precision=["bf16"], inference=True)
+
+
+def test_precision_check_command_line_prints_one_line_per_dtype(capsys):
+    assert bench_main([RECIPE, *TINY, "--device", "cpu", "--precision", "bf16"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"streampetr bench {RECIPE} (precision) on ")
+    bf16 = [line for line in lines if line.startswith("bf16: neck features ")]
+    assert len(bf16) == 1 and "gradient cosine 0." in bf16[0] and "img_backbone" in bf16[0]
 
 
 def test_graph_capture_variant_runs_the_adapter_against_eager():
@@ -305,7 +340,9 @@ def test_variant_rules():
     recipe = load_recipe("vov_8p")
     baseline = {"attention": "sdpa", "checkpointing": "on", "amp": "fp32", "channels_last": "off",
                 "fused_optimizer": "off"}
-    assert "fp32" in Variant("amp", "bf16").unavailable_reason(cpu, recipe, baseline, BACKENDS)
+    assert "fp32 or bf16" in Variant("amp", "fp16").unavailable_reason(cpu, recipe, baseline, BACKENDS)
+    bf16_reason = Variant("amp", "bf16").unavailable_reason(cpu, recipe, baseline, BACKENDS)
+    assert (bf16_reason is None) == cpu_has_native_bf16()
     npu_attention = Variant("attention", "npu_fusion_attention")
     assert "torch_npu" in npu_attention.unavailable_reason(cpu, recipe, baseline, BACKENDS)
     assert Variant("channels_last", "on").unavailable_reason(cpu, recipe, baseline, BACKENDS) is None
@@ -314,6 +351,9 @@ def test_variant_rules():
     )
     assert Variant("amp", "bf16").recipe_overrides("cuda") == [
         "optimization.amp.enabled=true", "optimization.amp.dtype=bf16"
+    ]
+    assert Variant("amp", "bf16").recipe_overrides("cpu") == [
+        "optimization.amp.enabled=true", "optimization.amp.cpu=bf16"
     ]
     fused = Variant("fused_optimizer", "on")
     assert fused.recipe_overrides("cuda") == ["optimization.optimizer.implementation=fused"]

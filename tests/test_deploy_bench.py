@@ -13,6 +13,7 @@ from streampetr_plugin.cli.bench import main as bench_main
 from streampetr_plugin.deploy.bench import CPU_LEVERS, time_backends
 from streampetr_plugin.deploy.export import load_detector
 from streampetr_plugin.host import create_plugin_host
+from streampetr_plugin.training.precision import cpu_has_native_bf16
 from tests import deploy_helpers
 
 
@@ -43,8 +44,10 @@ def test_cpu_levers_time_every_frame_of_the_model_as_built_and_of_each_lever(cap
     bench_main(["demo_cpu", "--inference", "--backend", "torch-cpu-levers", "--steps", "2", "--warmup", "1",
                 "--json"])
     timings = json.loads(capsys.readouterr().out)["backends"]["timings"]
-    compiler_found = cpp_compiler()[0] is not None  # the inductor configuration needs one
-    levers = [name for name, _, _, captured in CPU_LEVERS if compiler_found or not captured]
+    compiler_found = cpp_compiler()[0] is not None  # the inductor configurations need one
+    runnable = [lever for lever in CPU_LEVERS
+                if (compiler_found or not lever.capture) and (cpu_has_native_bf16() or not lever.bf16)]
+    levers = [lever.name for lever in runnable]
     assert [timing["name"] for timing in timings] == ["torch as built", *levers]
     assert all(len(timing["step_time_s"]["times"]) == 2 for timing in timings)
     lines = backend_lines({"threads": 1, "export_s": None, "timings": timings})

@@ -11,6 +11,7 @@ Examples::
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -35,6 +36,7 @@ def bench_command(
     as_json: bool = False,
     device: Optional[str] = None,
     backend: str = "torch",
+    precision: Sequence[str] = (),
     host: Optional[PluginHost] = None,
     time_backends: Optional[BackendTimer] = None,
 ) -> Dict[str, Any]:
@@ -55,6 +57,8 @@ def bench_command(
             onnxruntime against PyTorch, alternating frame by frame, instead of the training steps
             (:mod:`streampetr_plugin.deploy.bench`); ``torch-cpu-levers``: the same for PyTorch as built
             against BatchNorm folding and a channels-last backbone.
+        precision: autocast dtypes (``bf16``, ``fp16``) to compare with fp32 on one training frame
+            (:mod:`streampetr_plugin.bench.precision_check`) instead of timing steps.
         host: the plugin host whose components are benchmarked; None: a new one (built-in plugin and
             installed entry points).
         time_backends: ``(recipe, host, *, backend, steps, warmup) -> comparison dict`` for the
@@ -82,6 +86,8 @@ def bench_command(
     groups = expand_groups(tuple(variants))
     if data and (groups or inference):
         raise ValueError("--data times the input pipeline only; run --inference / --variants without --data")
+    if precision and (data or groups or inference or backend != "torch"):
+        raise ValueError("--precision compares one training frame's numerics: use it without other modes")
     if backend != "torch" and (data or groups or not inference):
         raise ValueError(
             f"--backend {backend} compares inference configurations: use it with --inference alone"
@@ -111,6 +117,16 @@ def bench_command(
         from streampetr_plugin.bench.data_pipeline import bench_data_pipeline
 
         report.data = bench_data_pipeline(base, host.registries, steps=steps, warmup=warmup)
+    elif precision:
+        from streampetr_plugin.bench.precision_check import compare_precisions
+        from streampetr_plugin.bench.train_step import BenchRun
+
+        report.mode = "precision"
+        run = BenchRun(recipe=base, device=handle, host=host)
+        run.release_training_state()
+        comparisons = compare_precisions(run.model, base, device=handle.torch_device, dtypes=precision)
+        report.precision = [dataclasses.asdict(comparison) for comparison in comparisons]
+        report.notes.append("inputs: one synthetic training frame of the recipe's shapes; initial weights")
     elif backend != "torch":
         if time_backends is None:
             raise ValueError(f"--backend {backend} needs the deployment's backend timer (time_backends)")

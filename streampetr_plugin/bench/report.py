@@ -142,7 +142,8 @@ class DataPipelineResult:
 
 @dataclass
 class BenchReport:
-    """Everything ``streampetr bench`` measured (``mode`` is ``model``, ``data`` or ``backends``)."""
+    """Everything ``streampetr bench`` measured (``mode`` is ``model``, ``data``, ``backends`` or
+    ``precision``)."""
 
     mode: str
     recipe: str
@@ -159,6 +160,7 @@ class BenchReport:
     winners: Dict[str, str] = field(default_factory=dict)
     data: Optional[DataPipelineResult] = None
     backends: Optional[Dict[str, Any]] = None  # mode "backends": streampetr_plugin.deploy.bench
+    precision: List[Dict[str, Any]] = field(default_factory=list)  # mode "precision": bench/precision_check
     seed_reference: Dict[str, Any] = field(
         default_factory=lambda: {"seconds_per_step": SEED_SECONDS_PER_STEP, "device": SEED_DEVICE}
     )
@@ -181,6 +183,8 @@ class BenchReport:
             lines.extend(_data_lines(self.data))
         elif self.mode == "backends":
             lines.extend(backend_lines(self.backends))
+        elif self.mode == "precision":
+            lines.extend(precision_lines(self.precision))
         else:
             lines.extend(self._model_lines())
         lines.extend(f"note: {note}" for note in self.notes)
@@ -307,5 +311,19 @@ def backend_lines(comparison: Mapping[str, Any]) -> List[str]:
             f"{timing['name']:<{width}}{step['median']:>12.4f}{step['p90']:>8.4f}"
             f"{timing['cpu_s_per_frame']:>8.3f}{timing['frames_per_s']:>10.2f}"
             f"{baseline / step['median']:>9.2f}x"
+        )
+    return lines
+
+
+def precision_lines(comparisons: Sequence[Mapping[str, Any]]) -> List[str]:
+    """One line per autocast dtype against fp32 (``streampetr bench --precision``)."""
+    lines = ["one training frame (batch 1, initial weights, the same random draws), autocast against fp32:"]
+    for entry in comparisons:
+        modules = ", ".join(f"{name} {cosine:.7f}" for name, cosine in entry["grad_cosine_per_module"].items())
+        lines.append(
+            f"{entry['dtype']}: neck features {entry['feature_rel_l2']:.2e} relative L2, total loss "
+            f"{entry['total_loss_rel']:.2e} relative, most moved {entry['worst_loss_term']} "
+            f"{entry['worst_loss_term_rel']:.2e}; gradient cosine {entry['grad_cosine']:.8f} ({modules}); "
+            f"forward + backward {entry['seconds']:.2f} s"
         )
     return lines

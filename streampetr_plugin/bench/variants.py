@@ -6,7 +6,8 @@ Groups and their options:
   once the Ascend adapter registered it), forced on every attention module after the adapters ran;
 * ``checkpointing``: ``on`` / ``off``, activation checkpointing of every module with a ``with_cp``
   switch (backbone blocks, decoder layers);
-* ``amp``: ``fp32`` / ``fp16`` / ``bf16`` through ``optimization.amp`` (the CPU always trains in fp32);
+* ``amp``: ``fp32`` / ``fp16`` / ``bf16`` through ``optimization.amp`` (on the CPU ``bf16`` is
+  ``optimization.amp.cpu=bf16``; there is no fp16 CPU path);
 * ``channels_last``: ``on`` / ``off``, the image backbone's weights (and so its activations) in
   channels-last layout;
 * ``fused_optimizer``: ``on`` / ``off``, AdamW as one fused kernel or as torch's multi-tensor
@@ -31,6 +32,7 @@ from streampetr_plugin.bench import VARIANT_GROUPS
 from streampetr_plugin.bench.train_step import ModelSettings
 from streampetr_plugin.config.schema import Recipe
 from streampetr_plugin.registry import Registry
+from streampetr_plugin.training.precision import cpu_has_native_bf16
 
 BUILTIN_ATTENTION_BACKENDS: Tuple[str, ...] = ("sdpa", "math", NPU_ATTENTION_BACKEND)
 AFFECTS_INFERENCE = {"attention": True, "checkpointing": False, "amp": True, "channels_last": True,
@@ -57,6 +59,8 @@ class Variant:
         if self.group == "amp":
             if self.option == "fp32":
                 return ["optimization.amp.enabled=false"]
+            if device_kind == "cpu":
+                return ["optimization.amp.enabled=true", f"optimization.amp.cpu={self.option}"]
             return ["optimization.amp.enabled=true", f"optimization.amp.dtype={self.option}"]
         if self.group == "fused_optimizer":
             if self.option == "off":
@@ -92,8 +96,10 @@ class Variant:
         if self.group == "attention" and self.option == NPU_ATTENTION_BACKEND and not torch_npu_installed():
             return "needs torch_npu: the npu_fusion_attention kernel runs on NPU"
         if self.group == "amp" and self.option != "fp32":
-            if device.kind == "cpu":
-                return "the CPU always trains in fp32 (training/precision.py ignores optimization.amp there)"
+            if device.kind == "cpu" and self.option == "fp16":
+                return "the CPU runs fp32 or bf16 (optimization.amp.cpu)"
+            if device.kind == "cpu" and not cpu_has_native_bf16():
+                return "this CPU has no native bf16 (AVX512_BF16 or AMX)"
             if device.kind == "cuda" and self.option == "bf16" and not torch.cuda.is_bf16_supported():
                 return "this GPU has no bf16 support"
         if self.group == "fused_optimizer":

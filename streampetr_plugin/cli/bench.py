@@ -43,6 +43,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "PyTorch with BatchNorm folding, a channels-last backbone and inductor with frozen weights (CPU, "
         "inference only)",
     )
+    parser.add_argument(
+        "--precision", nargs="+", default=[], metavar="DTYPE", choices=("bf16", "fp16"),
+        help="compare one training frame's features, losses and gradients under autocast in DTYPE with fp32 "
+        "(the recipe's autocast scope) instead of timing",
+    )
     parser.set_defaults(run=run_bench)
     return parser
 
@@ -63,6 +68,7 @@ def run_bench(args: argparse.Namespace, host: Optional[PluginHost] = None) -> in
             as_json=args.as_json,
             device=args.device,
             backend=args.backend,
+            precision=args.precision,
             host=host,
             time_backends=_time_backends,
         )

@@ -139,8 +139,14 @@ class GradClipConfig(Section):
 
 
 class AmpConfig(Section):
-    enabled: bool = Field(True, description="Mixed precision on NPU/CUDA (always fp32 on CPU).")
-    dtype: Literal["fp16", "bf16"] = Field("fp16", description="Autocast dtype.")
+    enabled: bool = Field(True, description="Mixed precision (on the CPU only with `cpu: bf16`).")
+    dtype: Literal["fp16", "bf16"] = Field("fp16", description="Autocast dtype on NPU and CUDA.")
+    cpu: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="What the CPU runs: fp32 (the reference's CPU arithmetic), or bf16 autocast of the same "
+        "scope, for CPUs with native bf16 dot products (AVX512_BF16, AMX): about twice the convolutions' "
+        "throughput; its numerics in docs/benchmarks.md.",
+    )
     scope: Literal["backbone_neck", "full"] = Field(
         "backbone_neck",
         description="What runs under autocast: the reference autocasts only backbone and neck; 'full' the whole model.",

@@ -35,17 +35,32 @@ from streampetr_plugin.deploy.onnx_runner import ONNX_FILE, OnnxStreamRunner
 from streampetr_plugin.models.batchnorm_folding import fold_batchnorm
 from streampetr_plugin.models.detector import StreamPETRDetector
 from streampetr_plugin.plugins import PluginHost
+from streampetr_plugin.training.precision import cpu_has_native_bf16
 
 DEFAULT_LEVELS = ("disable", "basic", "all")
-# (name, BatchNorm folded, image backbone in channels-last layout, backbone and neck compiled with frozen
-# weights) of the configurations compared with the detector as built by
-# ``streampetr bench --inference --backend torch-cpu-levers``.
+
+
+@dataclass(frozen=True)
+class CpuLever:
+    """One configuration of ``streampetr bench --inference --backend torch-cpu-levers``: BatchNorm folded,
+    the image backbone in channels-last layout, backbone and neck compiled by inductor with frozen weights,
+    backbone and neck under bf16 autocast (the heads stay float32, as ``optimization.amp.cpu=bf16``)."""
+
+    name: str
+    fold: bool = False
+    channels_last: bool = False
+    capture: bool = False
+    bf16: bool = False
+
+
 CPU_LEVERS = (
-    ("torch BN folded", True, False, False),
-    ("torch channels-last", False, True, False),
-    ("torch BN folded + channels-last", True, True, False),
-    ("torch BN folded + inductor, frozen", True, False, True),
-    ("torch BN folded + channels-last + inductor, frozen", True, True, True),
+    CpuLever("torch BN folded", fold=True),
+    CpuLever("torch channels-last", channels_last=True),
+    CpuLever("torch BN folded + channels-last", fold=True, channels_last=True),
+    CpuLever("torch BN folded + inductor, frozen", fold=True, capture=True),
+    CpuLever("torch BN folded + channels-last + inductor, frozen", fold=True, channels_last=True, capture=True),
+    CpuLever("torch BN folded + bf16", fold=True, bf16=True),
+    CpuLever("torch BN folded + channels-last + bf16", fold=True, channels_last=True, bf16=True),
 )
 
 
@@ -117,19 +132,29 @@ def bench_cpu_levers(recipe: Recipe, host: PluginHost, *, steps: int, warmup: in
     built = load_detector(recipe, host, None, inference_adapters=False)
     configurations: Dict[str, Callable[[Mapping[str, Any]], Any]] = {"torch as built": built.infer}
     compiler, _ = cpp_compiler()
-    for name, fold, channels_last, capture in CPU_LEVERS:
-        if capture and compiler is None:
+    for lever in CPU_LEVERS:
+        if (lever.capture and compiler is None) or (lever.bf16 and not cpu_has_native_bf16()):
             continue
         detector = copy.deepcopy(built)
-        if fold:
+        if lever.fold:
             fold_batchnorm(detector)
-        if channels_last:
+        if lever.channels_last:
             detector.img_backbone.to(memory_format=torch.channels_last)
-        if capture:
+        if lever.capture:
             capture_modules(detector, DEFAULT_TARGETS, backend="inductor", options={"freezing": True})
-        configurations[name] = detector.infer
+        configurations[lever.name] = _in_bf16(detector.infer) if lever.bf16 else detector.infer
     timings = alternate(configurations, synthetic_test_frames(recipe, warmup + steps), warmup=warmup)
     return BackendComparison(threads=torch.get_num_threads(), export_s=None, timings=timings)
+
+
+def _in_bf16(infer: Callable[[Mapping[str, Any]], Any]) -> Callable[[Mapping[str, Any]], Any]:
+    """``infer`` under CPU bf16 autocast (the detector keeps its heads in float32 itself)."""
+
+    def infer_in_bf16(batch: Mapping[str, Any]) -> Any:
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            return infer(batch)
+
+    return infer_in_bf16
 
 
 def synthetic_test_frames(recipe: Recipe, count: int) -> List[Dict[str, Any]]:

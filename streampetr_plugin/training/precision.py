@@ -5,7 +5,9 @@ backbone and neck under autocast and everything else in fp32, and scales the los
 ``GradScaler`` (initial scale 2^16, doubled after 2000 finite steps, halved on overflow). The
 detector owns the scope: it disables autocast around its heads unless ``head_autocast`` is set, so
 ``scope: backbone_neck`` autocasts the whole forward and ``scope: full`` also sets ``head_autocast``.
-bf16 needs no loss scale. On the CPU training is always fp32.
+bf16 needs no loss scale. The CPU runs fp32 unless ``amp.cpu`` asks for bf16 (the same scope, no loss
+scale): oneDNN's bf16 convolutions take about half the time of fp32 ones on CPUs with native bf16 dot
+products, and the heads, whose geometry bf16 would coarsen, stay in fp32 as on an accelerator.
 """
 from __future__ import annotations
 
@@ -22,6 +24,11 @@ from streampetr_plugin.config.schema import AmpConfig
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 convolutions and matmuls in hardware on this CPU (AVX512_BF16 or AMX)."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _grad_scaler(device_kind: str, **kwargs: Any) -> Any:
@@ -49,7 +56,16 @@ class MixedPrecision:
         self.dtype: Optional[torch.dtype] = None
         self.scaler: Any = None
         self.fixed_scale: Optional[float] = None
-        if not amp.enabled or device.kind == "cpu":
+        if not amp.enabled:
+            return
+        if device.kind == "cpu":
+            if amp.cpu == "bf16":
+                self.dtype = torch.bfloat16
+                if not cpu_has_native_bf16():
+                    logger.warning(
+                        "optimization.amp.cpu is bf16 but this CPU has no native bf16 (AVX512_BF16 or AMX): "
+                        "oneDNN emulates it, slower than fp32; set optimization.amp.cpu=fp32"
+                    )
             return
         self.dtype = _DTYPES[amp.dtype]
         if self.dtype is not torch.float16:
@@ -94,7 +110,7 @@ class MixedPrecision:
 
     def describe(self) -> str:
         if self.dtype is None:
-            return "fp32" + (" (the CPU always trains in fp32)" if self.device_kind == "cpu" else "")
+            return "fp32" + (" (optimization.amp.cpu=bf16 for bf16 autocast)" if self.device_kind == "cpu" else "")
         scope = "whole model" if self.scope == "full" else "backbone and neck"
         name = "fp16" if self.dtype is torch.float16 else "bf16"
         if self.scaler is None:
