@@ -61,6 +61,8 @@ CPU_LEVERS = (
     CpuLever("torch BN folded + channels-last + inductor, frozen", fold=True, channels_last=True, capture=True),
     CpuLever("torch BN folded + bf16", fold=True, bf16=True),
     CpuLever("torch BN folded + channels-last + bf16", fold=True, channels_last=True, bf16=True),
+    CpuLever("torch BN folded + channels-last + inductor, frozen + bf16", fold=True, channels_last=True,
+             capture=True, bf16=True),
 )
 
 
