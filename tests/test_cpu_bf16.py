@@ -1,7 +1,12 @@
 """bf16 autocast on the CPU (``optimization.amp.cpu: bf16``): the switch, what runs in bf16 and what stays
 float32, and two training steps against float32."""
+import logging
+
 import torch
 from torch import nn
+
+from streampetr_plugin.bench import variants as variants_module
+from streampetr_plugin.training import precision as precision_module
 
 from streampetr_plugin.adapters.device import DeviceHandle
 from streampetr_plugin.config.schema import AmpConfig
@@ -20,6 +25,18 @@ def test_the_cpu_runs_fp32_unless_the_recipe_asks_for_bf16():
     with bf16.autocast():
         product = torch.ones(4, 4) @ torch.ones(4, 4)
     assert product.dtype is torch.bfloat16
+
+
+def test_a_cpu_without_native_bf16_is_warned_and_its_bench_variant_skipped(monkeypatch, caplog):
+    # SIMULATION of a CPU without AVX512_BF16 / AMX (this one may have them).
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(variants_module, "cpu_has_native_bf16", lambda: False)
+    with caplog.at_level(logging.WARNING, logger=precision_module.__name__):
+        assert MixedPrecision(AmpConfig(cpu="bf16"), CPU).dtype is torch.bfloat16  # as asked, but warned
+    assert "no native bf16" in caplog.text and "optimization.amp.cpu=fp32" in caplog.text
+    baseline = {"attention": "sdpa", "checkpointing": "off", "amp": "fp32", "channels_last": "off"}
+    reason = variants_module.Variant("amp", "bf16").unavailable_reason(CPU, None, baseline, {})
+    assert reason == "this CPU has no native bf16 (AVX512_BF16 or AMX)"
 
 
 def _output_dtypes(module: nn.Module, kinds=(nn.Conv2d, nn.Linear)) -> set:
