@@ -22,9 +22,8 @@ from torch import nn
 
 from streampetr_plugin.bench.synthetic_batch import SyntheticStreams, stream_shape
 from streampetr_plugin.config.schema import Recipe
+from streampetr_plugin.training.precision import AUTOCAST_DTYPES
 from streampetr_plugin.training.step import total_loss
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass

@@ -23,7 +23,8 @@ from streampetr_plugin.config.schema import AmpConfig
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# The recipe's names of the autocast dtypes.
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def cpu_has_native_bf16() -> bool:
@@ -67,7 +68,7 @@ class MixedPrecision:
                         "oneDNN emulates it, slower than fp32; set optimization.amp.cpu=fp32"
                     )
             return
-        self.dtype = _DTYPES[amp.dtype]
+        self.dtype = AUTOCAST_DTYPES[amp.dtype]
         if self.dtype is not torch.float16:
             return
         if amp.loss_scale == "dynamic":

@@ -29,11 +29,10 @@ from torch import nn
 from streampetr_plugin.integrations.mindspeed_mm.aliases import store_aliases_once
 from streampetr_plugin.integrations.mindspeed_mm.codec import decode_batch
 from streampetr_plugin.integrations.mindspeed_mm.config import HostModelParams, read_block
+from streampetr_plugin.training.precision import AUTOCAST_DTYPES
 from streampetr_plugin.training.step import total_loss
 
 logger = logging.getLogger(__name__)
-
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -97,7 +96,7 @@ class StreamPETRForMindSpeedMM(nn.Module, BaseModel):
         """The autocast dtype ``model.streampetr.autocast`` asks for (None: no autocast)."""
         if params.autocast == "auto":
             return torch.bfloat16 if recipe.optimization.amp.enabled else None
-        return _AUTOCAST_DTYPES.get(params.autocast)
+        return AUTOCAST_DTYPES.get(params.autocast)
 
     @classmethod
     def adopt(
