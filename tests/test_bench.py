@@ -181,6 +181,15 @@ def test_precision_check_command_line_prints_one_line_per_dtype(capsys):
     assert len(bf16) == 1 and "gradient cosine 0." in bf16[0] and "img_backbone" in bf16[0]
 
 
+def test_options_that_do_not_go_together_end_in_one_line_and_exit_2(capsys):
+    assert bench_main([RECIPE, "--precision", "bf16", "--inference"]) == 2
+    assert bench_main([RECIPE, "--data", "--inference"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: --precision compares one training frame's numerics: use it without other modes",
+        "error: --data times the input pipeline only; run --inference / --variants without --data",
+    ]
+
+
 def test_graph_capture_variant_runs_the_adapter_against_eager():
     # aot_eager: the same Dynamo graphs without code generation (no compiler, no minutes of compiling).
     capture = ["accelerator.adapters.graph_capture.backend=aot_eager", "accelerator.adapters.graph_capture.enabled=false"]

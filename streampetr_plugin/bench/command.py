@@ -17,7 +17,12 @@ import os
 import sys
 from typing import Any, Callable, Dict, Optional, Sequence
 
+from streampetr_plugin.errors import InputError
 from streampetr_plugin.plugins import PluginHost
+
+
+class BenchArgumentError(InputError, ValueError):
+    """Options of ``streampetr bench`` that do not go together (exit 2, like any bad argument)."""
 
 
 DEVICE_CHOICES = ("auto", "npu", "cuda", "cpu")
@@ -82,14 +87,14 @@ def bench_command(
     from streampetr_plugin.training.startup import select_device
 
     if steps < 1 or warmup < 0:
-        raise ValueError(f"need steps >= 1 and warmup >= 0 (got steps={steps}, warmup={warmup})")
+        raise BenchArgumentError(f"need steps >= 1 and warmup >= 0 (got steps={steps}, warmup={warmup})")
     groups = expand_groups(tuple(variants))
     if data and (groups or inference):
-        raise ValueError("--data times the input pipeline only; run --inference / --variants without --data")
+        raise BenchArgumentError("--data times the input pipeline only; run --inference / --variants without --data")
     if precision and (data or groups or inference or backend != "torch"):
-        raise ValueError("--precision compares one training frame's numerics: use it without other modes")
+        raise BenchArgumentError("--precision compares one training frame's numerics: use it without other modes")
     if backend != "torch" and (data or groups or not inference):
-        raise ValueError(
+        raise BenchArgumentError(
             f"--backend {backend} compares inference configurations: use it with --inference alone"
         )
     all_overrides = [*overrides, *([f"accelerator.device={device}"] if device else [])]
@@ -98,7 +103,7 @@ def bench_command(
     selection = select_device(base, host)
     handle, device_records = selection.device, list(selection.adapters.records)
     if backend != "torch" and handle.kind != "cpu":
-        raise ValueError(
+        raise BenchArgumentError(
             f"--backend {backend} compares inference configurations on the CPU: add --device cpu"
         )
     shape = stream_shape(base, training=True)

@@ -8,7 +8,13 @@ from typing import Any, Dict, Optional, Sequence
 
 from streampetr_plugin.bench import VARIANT_GROUPS
 from streampetr_plugin.bench.command import DEVICE_CHOICES
-from streampetr_plugin.cli.common import add_recipe_arguments, exit_on_recipe_error, setup_logging
+from streampetr_plugin.cli.common import (
+    add_output_arguments,
+    add_recipe_arguments,
+    exit_on_recipe_error,
+    run_command,
+    setup_logging,
+)
 from streampetr_plugin.plugins import PluginHost
 
 
@@ -79,10 +85,10 @@ def run_bench(args: argparse.Namespace, host: Optional[PluginHost] = None) -> in
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m streampetr_plugin.cli.bench RECIPE ...`` (the same as ``streampetr bench``)."""
     parser = add_bench_arguments(argparse.ArgumentParser(prog="streampetr bench"))
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    return run_bench(args)
+    return run_command(lambda: run_bench(args), debug=args.debug)
 
 
 if __name__ == "__main__":
